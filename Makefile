@@ -1,0 +1,35 @@
+# make test: set up (venv, torch, build with the CUDA sources when nvcc is present) and run the tests.
+# make bench: set up and run the benchmark on whatever device is present (CPU by default).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN := PYTHONPATH=$(CURDIR) $(PY)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
+BENCH_ARGS ?=
+
+.PHONY: setup build test bench lint clean
+
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# In-place, incremental (ninja) build of tripletloss_cuda/_C*.so.
+build: $(VENV)/.build-done
+$(VENV)/.build-done: $(VENV)/.setup-done $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: build
+	$(RUN) -m pytest -q tests benchmarks/test_bench.py
+
+bench: build
+	$(RUN) benchmarks/bench.py $(BENCH_ARGS)
+
+lint: setup
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check tripletloss_cuda tests benchmarks setup.py
+	$(PY) -m ruff format --check tripletloss_cuda tests benchmarks setup.py
+
+clean:
+	rm -rf build tripletloss_cuda/_C*.so $(VENV)/.build-done

@@ -1,0 +1,303 @@
+// CUDA kernels: one launch forward (distances, hinge and the mean/sum), one launch backward.
+//
+// Thread mapping: a group of `group` threads (a power of 2) owns one row at a time, grid-striding over
+// rows with a grid of one wave of resident blocks. Short rows get small groups (several rows per warp),
+// rows of up to a few thousand elements a warp, and long rows the whole block when there are too few
+// rows to fill the GPU. Rows are read with 16-byte vector loads when every row start is aligned, else
+// element by element. The mean/sum is deterministic: per-block partials in fixed order, then the last
+// block to finish (an atomic ticket) adds the partials in fixed order. No host synchronization.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../tripletloss.h"
+
+#define TL_STR_(x) #x
+#define TL_STR(x) TL_STR_(x)
+
+namespace tripletloss {
+
+const char* cuda_arch_list() {
+#ifdef __CUDA_ARCH_LIST__
+  return TL_STR(__CUDA_ARCH_LIST__);
+#else
+  return "unknown";
+#endif
+}
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T>
+struct Rows {
+  const T* a;
+  const T* p;
+  const T* n;
+  int64_t sa, sp, sn;  // row strides (elements)
+  int64_t rows, cols;
+};
+
+// Sum over the threads of a group; every thread of the group gets the result. A group of more than a
+// warp is the whole block (all its threads call this together); smem holds kThreads / kWarp values.
+template <typename T>
+__device__ T group_sum(T v, int group, T* smem) {
+  const int lane = threadIdx.x % kWarp;
+  const unsigned mask = group >= kWarp ? 0xffffffffu : ((1u << group) - 1u) << (lane & ~(group - 1));
+  for (int offset = min(group, kWarp) / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset);
+  if (group > kWarp) {
+    __syncthreads();  // smem may still be read from the previous call
+    if (lane == 0) smem[threadIdx.x / kWarp] = v;
+    __syncthreads();
+    v = T(0);
+    for (int w = 0; w < blockDim.x / kWarp; ++w) v += smem[w];
+  }
+  return v;
+}
+
+template <typename T, Norm NORM, bool SWAP, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> eps,
+                   int reduction, T* __restrict__ loss, at::opmath_type<T>* __restrict__ dist,
+                   at::opmath_type<T>* __restrict__ partials, unsigned* __restrict__ ticket) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  __shared__ acc_t smem[kThreads / kWarp];
+  __shared__ bool last_block;
+  const int lane = threadIdx.x & (group - 1);
+  const int rows_per_block = blockDim.x / group;
+  const int64_t nvec = in.cols / VEC;
+  acc_t local = 0;  // this thread's share of the mean/sum (lane 0 of each group)
+  for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group; row < in.rows;
+       row += int64_t(gridDim.x) * rows_per_block) {
+    const T* a = in.a + row * in.sa;
+    const T* pos = in.p + row * in.sp;
+    const T* neg = in.n + row * in.sn;
+    acc_t ap = 0, an = 0, pn = 0;
+#pragma unroll 4
+    for (int64_t j = lane; j < nvec; j += group) {
+      const P va = reinterpret_cast<const P*>(a)[j];
+      const P vp = reinterpret_cast<const P*>(pos)[j];
+      const P vn = reinterpret_cast<const P*>(neg)[j];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) accumulate<NORM, SWAP>(acc_t(va.v[k]), acc_t(vp.v[k]), acc_t(vn.v[k]), eps, p, ap, an, pn);
+    }
+    for (int64_t j = nvec * VEC + lane; j < in.cols; j += group) {
+      accumulate<NORM, SWAP>(acc_t(a[j]), acc_t(pos[j]), acc_t(neg[j]), eps, p, ap, an, pn);
+    }
+    ap = group_sum(ap, group, smem);
+    an = group_sum(an, group, smem);
+    if constexpr (SWAP) pn = group_sum(pn, group, smem);
+    if (lane == 0) {
+      const acc_t d_ap = norm_finish<NORM>(ap, p), d_an = norm_finish<NORM>(an, p);
+      const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, p) : acc_t(0);
+      dist[3 * row] = d_ap, dist[3 * row + 1] = d_an, dist[3 * row + 2] = d_pn;
+      const acc_t l = hinge_loss(d_ap, d_an, d_pn, margin, SWAP);
+      if (reduction == 0) loss[row] = T(l);
+      else local += l;
+    }
+  }
+  if (reduction == 0) return;
+  // Deterministic mean/sum: each block's partial, then the last block adds them in fixed order.
+  local = group_sum(local, blockDim.x, smem);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = local;
+    __threadfence();
+    last_block = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  acc_t total = 0;
+  for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(partials + b);
+  total = group_sum(total, blockDim.x, smem);
+  if (threadIdx.x == 0) loss[0] = T(reduction == 1 ? total / acc_t(in.rows) : total);
+}
+
+template <typename T, Norm NORM, bool SWAP, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> eps,
+                    const T* __restrict__ grad, int64_t grad_stride, at::opmath_type<T> grad_scale,
+                    bool grad_at_zero_hinge, const at::opmath_type<T>* __restrict__ dist, T* __restrict__ ga,
+                    T* __restrict__ gp, T* __restrict__ gn) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  const int lane = threadIdx.x & (group - 1);
+  const int rows_per_block = blockDim.x / group;
+  const int64_t nvec = in.cols / VEC;
+  for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group; row < in.rows;
+       row += int64_t(gridDim.x) * rows_per_block) {
+    const RowGrad<acc_t> r = row_grad<NORM>(dist[3 * row], dist[3 * row + 1], dist[3 * row + 2], margin, p, SWAP,
+                                             acc_t(grad[row * grad_stride]) * grad_scale, grad_at_zero_hinge);
+    const T* a = in.a + row * in.sa;
+    const T* pos = in.p + row * in.sp;
+    const T* neg = in.n + row * in.sn;
+    T* oa = ga + row * in.cols;
+    T* op = gp + row * in.cols;
+    T* on = gn + row * in.cols;
+#pragma unroll 2
+    for (int64_t j = lane; j < nvec; j += group) {
+      P va, vp, vn;
+      if (r.zero) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) va.v[k] = vp.v[k] = vn.v[k] = T(0);
+      } else {
+        va = reinterpret_cast<const P*>(a)[j];
+        vp = reinterpret_cast<const P*>(pos)[j];
+        vn = reinterpret_cast<const P*>(neg)[j];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          acc_t x, y, z;
+          element_grad<NORM, SWAP>(acc_t(va.v[k]), acc_t(vp.v[k]), acc_t(vn.v[k]), eps, p, r, x, y, z);
+          va.v[k] = T(x), vp.v[k] = T(y), vn.v[k] = T(z);
+        }
+      }
+      reinterpret_cast<P*>(oa)[j] = va;
+      reinterpret_cast<P*>(op)[j] = vp;
+      reinterpret_cast<P*>(on)[j] = vn;
+    }
+    for (int64_t j = nvec * VEC + lane; j < in.cols; j += group) {
+      acc_t x = 0, y = 0, z = 0;
+      if (!r.zero) element_grad<NORM, SWAP>(acc_t(a[j]), acc_t(pos[j]), acc_t(neg[j]), eps, p, r, x, y, z);
+      oa[j] = T(x), op[j] = T(y), on[j] = T(z);
+    }
+  }
+}
+
+int sm_count(int device) {
+  static int counts[64] = {0};
+  int& c = counts[device % 64];
+  if (c == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
+  return c;
+}
+
+struct Launch {
+  int group;   // threads per row
+  int blocks;  // grid size
+};
+
+Launch launch_config(int64_t rows, int64_t cols, int vec, int device) {
+  const int64_t nvec = (cols + vec - 1) / vec;
+  int group = 1;
+  while (group < kWarp && group < nvec) group *= 2;
+  const int sms = sm_count(device);
+  const int64_t resident_blocks = int64_t(sms) * (2048 / kThreads);
+  // Long rows and too few of them to give every SM a few warps: one row per block.
+  if (group == kWarp && nvec >= 8 * kWarp && rows < resident_blocks * 2) group = kThreads;
+  const int64_t rows_per_block = kThreads / group;
+  const int64_t blocks = std::max<int64_t>(1, std::min((rows + rows_per_block - 1) / rows_per_block, resident_blocks));
+  return {group, int(blocks)};
+}
+
+// 16-byte loads need every row start of every input (and, for the backward's stores, of the contiguous
+// outputs: cols % VEC == 0) aligned.
+template <typename T>
+bool can_vectorize(const Rows<T>& in) {
+  constexpr int vec = 16 / sizeof(T);
+  auto aligned = [](const T* ptr, int64_t stride) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % vec == 0;
+  };
+  return in.cols % vec == 0 && aligned(in.a, in.sa) && aligned(in.p, in.sp) && aligned(in.n, in.sn);
+}
+
+template <typename T>
+Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
+  return {a.const_data_ptr<T>(), p.const_data_ptr<T>(), n.const_data_ptr<T>(), a.stride(0), p.stride(0),
+          n.stride(0), a.size(0), a.size(1)};
+}
+
+// Calls f(vec) with the vector width (a compile-time constant) that the inputs allow.
+template <typename T, typename F>
+void dispatch_vec(const Rows<T>& in, F&& f) {
+  if (can_vectorize(in)) f(std::integral_constant<int, 16 / sizeof(T)>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
+std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& positive, const Tensor& negative,
+                                        double margin, double p, double eps, bool swap, int64_t reduction) {
+  check_inputs(anchor, positive, negative);
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  Tensor loss, dist;
+  std::tie(loss, dist) = empty_forward_outputs(anchor, reduction);
+  if (anchor.size(0) == 0) return {reduction == 0 ? loss : loss.fill_(empty_reduction_value(reduction)), dist};
+  const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
+  const Tensor neg = unit_stride_columns(negative);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
+    dispatch_vec(in, [&](auto vec) {
+      const Launch cfg = launch_config(in.rows, in.cols, decltype(vec)::value, a.get_device());
+      Tensor partials, ticket;
+      if (reduction != 0) {
+        partials = at::empty({cfg.blocks}, dist.options());
+        ticket = at::empty({1}, a.options().dtype(at::kInt));
+        C10_CUDA_CHECK(cudaMemsetAsync(ticket.mutable_data_ptr(), 0, sizeof(int), stream));
+      }
+      dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
+        forward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>
+            <<<cfg.blocks, kThreads, 0, stream>>>(
+                in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps), int(reduction), loss.mutable_data_ptr<scalar_t>(),
+                dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
+                reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {loss, dist};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& anchor, const Tensor& positive,
+                                                 const Tensor& negative, const Tensor& dist, double margin, double p,
+                                                 double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge) {
+  check_inputs(anchor, positive, negative);
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
+  const Tensor neg = unit_stride_columns(negative);
+  Tensor g, dst, ga, gp, gn;
+  std::tie(g, dst) = backward_operands(grad, dist, a, reduction);
+  std::tie(ga, gp, gn) = empty_backward_outputs(a);
+  if (a.numel() == 0) return {ga, gp, gn};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
+    // grad is (N,) for reduction none, else one value for every row (divided by N for mean).
+    const int64_t grad_stride = reduction == 0 ? g.stride(0) : 0;
+    const acc_t grad_scale = reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1);
+    dispatch_vec(in, [&](auto vec) {
+      const Launch cfg = launch_config(in.rows, in.cols, decltype(vec)::value, a.get_device());
+      dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
+        backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>
+            <<<cfg.blocks, kThreads, 0, stream>>>(in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
+                                                  g.const_data_ptr<scalar_t>(), grad_stride, grad_scale,
+                                                  grad_at_zero_hinge, dst.const_data_ptr<acc_t>(),
+                                                  ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
+                                                  gn.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {ga, gp, gn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) {
+  m.impl("triplet_margin_forward", &forward_cuda);
+  m.impl("triplet_margin_backward", &backward_cuda);
+}
+
+}  // namespace tripletloss

@@ -1,0 +1,40 @@
+// Op schemas and the Python module stub. Kernels: cpu/triplet_kernel.cpp, cuda/triplet_kernel.cu;
+// autograd and fake kernels: tripletloss_cuda/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#define TL_STR_(x) #x
+#define TL_STR(x) TL_STR_(x)
+
+namespace tripletloss {
+const char* cuda_arch_list();  // defined in cuda/triplet_kernel.cu, or below for CPU-only builds
+#ifndef TRIPLETLOSS_WITH_CUDA
+const char* cuda_arch_list() { return ""; }
+#endif
+}  // namespace tripletloss
+
+TORCH_LIBRARY(tripletloss_cuda, m) {
+  // reduction: 0 none, 1 mean, 2 sum. dist: (N, 3) d(a,p), d(a,n), d(p,n), saved for the backward.
+  m.def(
+      "triplet_margin_forward(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
+      "float eps, bool swap, int reduction) -> (Tensor loss, Tensor dist)");
+  m.def(
+      "triplet_margin_backward(Tensor grad, Tensor anchor, Tensor positive, Tensor negative, Tensor dist, "
+      "float margin, float p, float eps, bool swap, int reduction, bool grad_at_zero_hinge) "
+      "-> (Tensor grad_anchor, Tensor grad_positive, Tensor grad_negative)");
+}
+
+// `import tripletloss_cuda._C` loads this library, which runs the registrations above.
+static PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:s}", "torch",
+                       TL_STR(TORCH_VERSION_MAJOR) "." TL_STR(TORCH_VERSION_MINOR) "." TL_STR(TORCH_VERSION_PATCH), "cuda_archs", tripletloss::cuda_arch_list());
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Versions and CUDA architectures this library was built for."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

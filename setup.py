@@ -1,0 +1,64 @@
+"""Builds tripletloss_cuda._C: the C++ CPU kernels always, the CUDA kernels when nvcc and a CUDA build of
+torch are present.
+
+TRIPLETLOSS_CUDA=1 forces the CUDA kernels (the build fails if they cannot be built), =0 leaves them out;
+unset, they are built when possible. DEBUG=1 builds with -O0 -g. TORCH_CUDA_ARCH_LIST picks the GPU
+architectures (default here: the visible GPU's, or 9.0 when none is visible).
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+# torch.utils.cpp_extension reads CUDA_HOME at import, and may guess a folder without the toolkit.
+# A wrapper script on PATH (as /usr/local/bin/nvcc) makes it guess /usr/local: look for the toolkit itself.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    nvcc = shutil.which("nvcc")
+    guesses = ["/usr/local/cuda"] + ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else [])
+    for home in guesses:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(os.path.join(home, "include")):
+            os.environ["CUDA_HOME"] = home
+            break
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def use_cuda():
+    want = os.environ.get("TRIPLETLOSS_CUDA", "auto").lower()
+    if want in ("0", "false", "no", "off"):
+        return False
+    nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    possible = nvcc and torch.version.cuda is not None
+    if want in ("1", "true", "yes", "on") and not possible:
+        raise RuntimeError(
+            f"TRIPLETLOSS_CUDA={want} but the CUDA kernels cannot be built: "
+            f"nvcc {'found' if nvcc else 'not found'} (CUDA_HOME={CUDA_HOME}), torch CUDA {torch.version.cuda}"
+        )
+    return possible
+
+
+def extension():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    args = {"cxx": opt + ["-fopenmp"]}  # -fopenmp: at::parallel_for and `omp simd` in the CPU kernels
+    if not use_cuda():
+        return CppExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    args["cxx"].append("-DTRIPLETLOSS_WITH_CUDA")
+    args["nvcc"] = opt + ["-DTRIPLETLOSS_WITH_CUDA", "-lineinfo"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return CUDAExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="tripletloss_cuda",
+    version="0.1.0",
+    packages=["tripletloss_cuda"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,33 @@
+"""Fused triplet margin loss for PyTorch: one kernel launch forward, one backward.
+
+    import tripletloss_cuda as tl
+    loss = tl.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False)
+    criterion = tl.TripletMarginLoss(margin=1.0)
+"""
+
+import torch
+
+from . import naive, ops, reference
+from .functional import triplet_margin_loss
+from .modules import TripletMarginLoss
+
+__version__ = "0.1.0"
+__all__ = ["TripletMarginLoss", "triplet_margin_loss", "info", "naive", "reference", "ops"]
+
+
+def info():
+    """What is compiled and what will run: a dict of versions, kernels and devices."""
+    build = ops._C.build_info() if ops._C is not None else {}
+    cuda_ok = torch.cuda.is_available()
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "built_with_torch": build.get("torch"),
+        "extension_loaded": ops._C is not None,
+        "extension_error": None if ops.EXTENSION_ERROR is None else str(ops.EXTENSION_ERROR),
+        "kernels": sorted(ops.KERNEL_DEVICES),
+        "cuda_architectures": build.get("cuda_archs", ""),
+        "cuda_available": cuda_ok,
+        "cuda_device": torch.cuda.get_device_name() if cuda_ok else None,
+        "default_device": "cuda" if cuda_ok and "cuda" in ops.KERNEL_DEVICES else "cpu",
+    }

@@ -1,0 +1,77 @@
+"""Functional API with the exact signature of torch.nn.functional.triplet_margin_loss."""
+
+import math
+
+import torch
+from torch.nn import _reduction as _Reduction
+
+from . import ops, reference
+
+
+def _fused_inputs(anchor, positive, negative, p):
+    """The three inputs as (N, D) tensors of one floating dtype for the fused op, and the batch shape
+    of the per-row loss; None when the inputs are outside the fused path (the reference then gives
+    PyTorch's result or raises PyTorch's error)."""
+    tensors = (anchor, positive, negative)
+    if not all(isinstance(x, torch.Tensor) for x in tensors):
+        return None
+    if not (0 < p < math.inf) or anchor.dim() == 0 or not (anchor.dim() == positive.dim() == negative.dim()):
+        return None
+    device = anchor.device
+    if device.type not in ops.KERNEL_DEVICES or positive.device != device or negative.device != device:
+        return None
+    if any(x.dtype == torch.bool or x.is_complex() for x in tensors):
+        return None
+    # PyTorch's promotion: x1 - x2 + eps, so integers become the default float dtype.
+    dtype = torch.promote_types(torch.promote_types(anchor.dtype, positive.dtype), negative.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    if dtype not in ops.FLOAT_DTYPES:
+        return None
+    shapes = [x.shape for x in tensors]
+    if not shapes[0] == shapes[1] == shapes[2]:
+        try:
+            shape = torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            return None
+        tensors = [x.expand(shape) for x in tensors]  # a view: stride-0 rows need no copy
+    d = tensors[0].shape[-1]
+    batch = tensors[0].shape[:-1]
+    rows = [x.to(dtype).reshape(-1, d) if x.dim() != 2 else x.to(dtype) for x in tensors]
+    return rows, batch
+
+
+def triplet_margin_loss(
+    anchor,
+    positive,
+    negative,
+    margin=1.0,
+    p=2,
+    eps=1e-6,
+    swap=False,
+    size_average=None,
+    reduce=None,
+    reduction="mean",
+):
+    """Drop-in for torch.nn.functional.triplet_margin_loss, fused into one kernel each way.
+
+    loss_i = max(d(a_i, p_i) - d(a_i, n_i) + margin, 0) with d(x, y) = ||x - y + eps||_p over the last
+    dimension; with ``swap``, d(a_i, n_i) is replaced by min(d(a_i, n_i), d(p_i, n_i)). ``reduction`` is
+    'none' (loss per row, shape of the inputs without the last dimension), 'mean' or 'sum'.
+
+    Float32/float64/float16/bfloat16 inputs (16-bit accumulated in float32) with 0 < p < inf, on CPU or
+    on CUDA where the CUDA kernels are compiled, run the fused kernels; everything else (p = 0,
+    negative or infinite p, unsupported devices, errors) runs through the PyTorch reference.
+    """
+    if size_average is not None or reduce is not None:
+        reduction_enum = _Reduction.legacy_get_enum(size_average, reduce)
+    else:
+        reduction_enum = _Reduction.get_enum(reduction)
+    if margin <= 0:
+        raise ValueError(f"margin must be greater than 0, got {margin}")
+    fused = _fused_inputs(anchor, positive, negative, float(p))
+    if fused is None:
+        return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction_enum)
+    (a, pos, neg), batch = fused
+    loss = ops.fused_triplet_margin_loss(a, pos, neg, float(margin), float(p), float(eps), bool(swap), reduction_enum)
+    return loss.reshape(batch) if reduction_enum == 0 else loss
