@@ -12,10 +12,24 @@ def _fused_inputs(anchor, positive, negative, p):
     """The three inputs as (N, D) tensors of one floating dtype for the fused op, and the batch shape
     of the per-row loss; None when the inputs are outside the fused path (the reference then gives
     PyTorch's result or raises PyTorch's error)."""
+    if not (0 < p < math.inf):
+        return None
+    # The common case first, in as few Python steps as possible: it is most of a small call's cost.
+    dtype = getattr(anchor, "dtype", None)
+    if (
+        dtype in ops.FLOAT_DTYPES
+        and anchor.dim() == 2
+        and getattr(positive, "dtype", None) is dtype
+        and getattr(negative, "dtype", None) is dtype
+        and anchor.shape == positive.shape == negative.shape
+        and anchor.device == positive.device == negative.device
+        and anchor.device.type in ops.KERNEL_DEVICES
+    ):
+        return (anchor, positive, negative), None
     tensors = (anchor, positive, negative)
     if not all(isinstance(x, torch.Tensor) for x in tensors):
         return None
-    if not (0 < p < math.inf) or anchor.dim() == 0 or not (anchor.dim() == positive.dim() == negative.dim()):
+    if anchor.dim() == 0 or not (anchor.dim() == positive.dim() == negative.dim()):
         return None
     device = anchor.device
     if device.type not in ops.KERNEL_DEVICES or positive.device != device or negative.device != device:
@@ -74,4 +88,4 @@ def triplet_margin_loss(
         return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction_enum)
     (a, pos, neg), batch = fused
     loss = ops.fused_triplet_margin_loss(a, pos, neg, float(margin), float(p), float(eps), bool(swap), reduction_enum)
-    return loss.reshape(batch) if reduction_enum == 0 else loss
+    return loss.reshape(batch) if reduction_enum == 0 and batch is not None else loss
