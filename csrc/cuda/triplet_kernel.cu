@@ -176,25 +176,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count(int device) {
-  static int counts[64] = {0};
-  int& c = counts[device % 64];
-  if (c == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
-  return c;
-}
-
 struct Launch {
   int group;   // threads per row
   int blocks;  // grid size
 };
 
+// One wave of resident blocks of Kernel, each row to a group of threads.
+template <auto Kernel>
 Launch launch_config(int64_t rows, int64_t cols, int vec, int device) {
+  static const int blocks_per_sm = [] {  // once per kernel
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, 0));
+    return std::max(n, 1);
+  }();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t resident_blocks = int64_t(sms) * blocks_per_sm;
   const int64_t nvec = (cols + vec - 1) / vec;
   int group = 1;
   while (group < kWarp && group < nvec) group *= 2;
-  const int sms = sm_count(device);
-  const int64_t resident_blocks = int64_t(sms) * (2048 / kThreads);
-  // Long rows and too few of them to give every SM a few warps: one row per block.
+  // Long rows, and too few of them to give every SM several warps: one row per block.
   if (group == kWarp && nvec >= 8 * kWarp && rows < resident_blocks * 2) group = kThreads;
   const int64_t rows_per_block = kThreads / group;
   const int64_t blocks = std::max<int64_t>(1, std::min((rows + rows_per_block - 1) / rows_per_block, resident_blocks));
@@ -239,19 +240,19 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
     dispatch_vec(in, [&](auto vec) {
-      const Launch cfg = launch_config(in.rows, in.cols, decltype(vec)::value, a.get_device());
-      Tensor partials, ticket;
-      if (reduction != 0) {
-        partials = at::empty({cfg.blocks}, dist.options());
-        ticket = at::empty({1}, a.options().dtype(at::kInt));
-        C10_CUDA_CHECK(cudaMemsetAsync(ticket.mutable_data_ptr(), 0, sizeof(int), stream));
-      }
       dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
-        forward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>
-            <<<cfg.blocks, kThreads, 0, stream>>>(
-                in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps), int(reduction), loss.mutable_data_ptr<scalar_t>(),
-                dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
-                reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
+        constexpr auto kernel = forward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
+        const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
+        Tensor partials, ticket;
+        if (reduction != 0) {
+          partials = at::empty({cfg.blocks}, dist.options());
+          ticket = at::empty({1}, a.options().dtype(at::kInt));
+          C10_CUDA_CHECK(cudaMemsetAsync(ticket.mutable_data_ptr(), 0, sizeof(int), stream));
+        }
+        kernel<<<cfg.blocks, kThreads, 0, stream>>>(
+            in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps), int(reduction), loss.mutable_data_ptr<scalar_t>(),
+            dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
+            reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -278,14 +279,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     const int64_t grad_stride = reduction == 0 ? g.stride(0) : 0;
     const acc_t grad_scale = reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1);
     dispatch_vec(in, [&](auto vec) {
-      const Launch cfg = launch_config(in.rows, in.cols, decltype(vec)::value, a.get_device());
       dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
-        backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>
-            <<<cfg.blocks, kThreads, 0, stream>>>(in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
-                                                  g.const_data_ptr<scalar_t>(), grad_stride, grad_scale,
-                                                  grad_at_zero_hinge, dst.const_data_ptr<acc_t>(),
-                                                  ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
-                                                  gn.mutable_data_ptr<scalar_t>());
+        constexpr auto kernel = backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
+        const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
+        kernel<<<cfg.blocks, kThreads, 0, stream>>>(in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
+                                                    g.const_data_ptr<scalar_t>(), grad_stride, grad_scale,
+                                                    grad_at_zero_hinge, dst.const_data_ptr<acc_t>(),
+                                                    ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
+                                                    gn.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
