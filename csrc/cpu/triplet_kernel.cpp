@@ -94,14 +94,15 @@ TL_CPU_CLONES void backward_range(const Rows<scalar_t>& in, int64_t i0, int64_t 
   }
 }
 
-// A fresh gradient buffer of tens of MB costs a page fault per 4 KiB page at its first write, more time
-// than the backward's arithmetic. Large ones are mapped here with transparent huge pages (where the
-// system grants them on madvise): 512 times fewer faults. Elsewhere, or when that fails, at::empty.
+// A fresh gradient buffer above glibc's largest mmap threshold (32 MiB; smaller ones come back from the
+// heap warm) is a fresh mapping, which costs a page fault per 4 KiB page at its first write: more time
+// than the backward's arithmetic. Those are mapped here with transparent huge pages (where the system
+// grants them on madvise): 512 times fewer faults. Elsewhere, or when that fails, at::empty.
 Tensor empty_grad(const Tensor& like) {
   const size_t bytes = size_t(like.numel()) * like.element_size();
 #ifdef __linux__
   constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes >= 4 * kHuge) {
+  if (bytes > 16 * kHuge) {
     const size_t total = bytes + kHuge;
     void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base != MAP_FAILED) {
