@@ -9,11 +9,12 @@
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "../tripletloss.h"
 
@@ -26,6 +27,30 @@ namespace {
 #else
 #define TL_CPU_CLONES
 #endif
+
+// Element loads and stores of the row loops. c10's 16-bit conversions do not vectorize (a NaN branch,
+// or a call); these give the same values (round to nearest even, NaN kept) and do.
+template <typename T>
+inline at::opmath_type<T> load(T x) {
+  return x;
+}
+inline float load(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
+inline float load(c10::Half x) { return float(std::bit_cast<_Float16>(x.x)); }
+
+template <typename T>
+inline T store(at::opmath_type<T> v) {
+  return T(v);
+}
+template <>
+inline c10::BFloat16 store<c10::BFloat16>(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint16_t bits = v != v ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+template <>
+inline c10::Half store<c10::Half>(float v) {
+  return c10::Half(std::bit_cast<uint16_t>(_Float16(v)), c10::Half::from_bits());
+}
 
 constexpr int64_t kBlockElems = 1 << 15;  // elements of one input per parallel task
 
@@ -58,7 +83,7 @@ TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t
     acc_t ap = 0, an = 0, pn = 0;
 #pragma omp simd reduction(+ : ap, an, pn)
     for (int64_t j = 0; j < in.cols; ++j) {
-      accumulate<NORM, SWAP>(acc_t(a[j]), acc_t(p[j]), acc_t(n[j]), k.eps, k.p, ap, an, pn);
+      accumulate<NORM, SWAP>(load(a[j]), load(p[j]), load(n[j]), k.eps, k.p, ap, an, pn);
     }
     const acc_t d_ap = norm_finish<NORM>(ap, k.p), d_an = norm_finish<NORM>(an, k.p);
     const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, k.p) : acc_t(0);
@@ -88,33 +113,64 @@ TL_CPU_CLONES void backward_range(const Rows<scalar_t>& in, int64_t i0, int64_t 
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
       acc_t x, y, z;
-      element_grad<NORM, SWAP>(acc_t(a[j]), acc_t(p[j]), acc_t(n[j]), k.eps, k.p, r, x, y, z);
-      gai[j] = scalar_t(x), gpi[j] = scalar_t(y), gni[j] = scalar_t(z);
+      element_grad<NORM, SWAP>(load(a[j]), load(p[j]), load(n[j]), k.eps, k.p, r, x, y, z);
+      gai[j] = store<scalar_t>(x), gpi[j] = store<scalar_t>(y), gni[j] = store<scalar_t>(z);
     }
   }
 }
 
-// A fresh gradient buffer above glibc's largest mmap threshold (32 MiB; smaller ones come back from the
-// heap warm) is a fresh mapping, which costs a page fault per 4 KiB page at its first write: more time
-// than the backward's arithmetic. Those are mapped here with transparent huge pages (where the system
-// grants them on madvise): 512 times fewer faults. Elsewhere, or when that fails, at::empty.
-Tensor empty_grad(const Tensor& like) {
-  const size_t bytes = size_t(like.numel()) * like.element_size();
-#ifdef __linux__
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes > 16 * kHuge) {
-    const size_t total = bytes + kHuge;
-    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      char* data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(kHuge - 1));
-      madvise(data, bytes, MADV_HUGEPAGE);
-      return at::from_blob(
-          data, like.sizes(), [base, total](void*) { munmap(base, total); }, like.options());
-    }
+// A large fresh gradient buffer is a fresh mapping (glibc maps anything from 32 MiB, and smaller sizes
+// until a free raises its threshold): a page fault per 4 KiB page at its first write, which costs more
+// than the backward's arithmetic (and huge pages on madvise can stall in compaction). So freed buffers
+// of 4 MiB and more are kept, up to TRIPLETLOSS_GRAD_CACHE_MB (default 1024; 0 turns it off), and
+// the next backward of the same shape writes into pages that are already there.
+class GradBufferCache {
+ public:
+  static GradBufferCache& get() {
+    static auto* cache = new GradBufferCache();  // never destroyed: buffers may be freed at exit
+    return *cache;
   }
-#endif
-  return at::empty(like.sizes(), like.options());
-}
+
+  Tensor empty(const Tensor& like) {
+    const size_t bytes = size_t(like.numel()) * like.element_size();
+    if (bytes < kMinBytes || limit_ == 0) return at::empty(like.sizes(), like.options());
+    void* data = take(bytes);
+    if (data == nullptr) data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    TORCH_CHECK(data != nullptr, "out of memory allocating a ", bytes, "-byte gradient");
+    return at::from_blob(data, like.sizes(), [this, bytes](void* p) { give(p, bytes); }, like.options());
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(4) << 20;
+  GradBufferCache() {
+    const char* env = std::getenv("TRIPLETLOSS_GRAD_CACHE_MB");
+    limit_ = size_t(env ? std::max(0L, std::atol(env)) : 1024) << 20;
+  }
+  void* take(size_t bytes) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    held_ -= bytes;
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + bytes <= limit_) {
+        free_.emplace(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;  // by size
+  size_t held_ = 0, limit_ = 0;
+};
 
 template <typename scalar_t, Norm NORM, bool SWAP>
 void forward_rows(const Rows<scalar_t>& in, Params<at::opmath_type<scalar_t>> k, int64_t reduction, Tensor& loss,
@@ -178,7 +234,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
   const auto [g, dst] = backward_operands(grad, dist, a, reduction);
-  Tensor ga = empty_grad(a), gp = empty_grad(a), gn = empty_grad(a);
+  auto& cache = GradBufferCache::get();
+  Tensor ga = cache.empty(a), gp = cache.empty(a), gn = cache.empty(a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
