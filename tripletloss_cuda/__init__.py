@@ -1,8 +1,8 @@
 """Fused triplet margin loss for PyTorch: one kernel launch forward, one backward.
 
-    import tripletloss_cuda as tl
-    loss = tl.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False)
-    criterion = tl.TripletMarginLoss(margin=1.0)
+import tripletloss_cuda as tl
+loss = tl.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False)
+criterion = tl.TripletMarginLoss(margin=1.0)
 """
 
 import torch
@@ -12,7 +12,7 @@ from .functional import triplet_margin_loss
 from .modules import TripletMarginLoss
 
 __version__ = "0.1.0"
-__all__ = ["TripletMarginLoss", "triplet_margin_loss", "info", "naive", "reference", "ops"]
+__all__ = ["TripletMarginLoss", "info", "naive", "ops", "reference", "triplet_margin_loss"]
 
 
 def info():

@@ -34,12 +34,12 @@ def _fused_inputs(anchor, positive, negative, p):
     device = anchor.device
     if device.type not in ops.KERNEL_DEVICES or positive.device != device or negative.device != device:
         return None
-    if any(x.dtype == torch.bool or x.is_complex() for x in tensors):
+    # PyTorch computes x1 - x2 in the inputs' own dtype before adding eps: two integer inputs subtract
+    # with wraparound (uint8 and int8 differ), which the float kernels cannot reproduce. Any non-floating
+    # input (integer, bool, complex) therefore goes to the reference, which gives PyTorch's result or error.
+    if not all(x.dtype.is_floating_point for x in tensors):
         return None
-    # PyTorch's promotion: x1 - x2 + eps, so integers become the default float dtype.
     dtype = torch.promote_types(torch.promote_types(anchor.dtype, positive.dtype), negative.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
     if dtype not in ops.FLOAT_DTYPES:
         return None
     shapes = [x.shape for x in tensors]
@@ -73,9 +73,10 @@ def triplet_margin_loss(
     dimension; with ``swap``, d(a_i, n_i) is replaced by min(d(a_i, n_i), d(p_i, n_i)). ``reduction`` is
     'none' (loss per row, shape of the inputs without the last dimension), 'mean' or 'sum'.
 
-    Float32/float64/float16/bfloat16 inputs (16-bit accumulated in float32) with 0 < p < inf, on CPU or
-    on CUDA where the CUDA kernels are compiled, run the fused kernels; everything else (p = 0,
-    negative or infinite p, unsupported devices, errors) runs through the PyTorch reference.
+    Float32/float64/float16/bfloat16 inputs (mixed floating dtypes promoted as PyTorch does; 16-bit
+    accumulated in float32) with 0 < p < inf, on CPU or on CUDA where the CUDA kernels are compiled, run
+    the fused kernels; everything else (integer inputs, p = 0, negative or infinite p, unsupported
+    devices, errors) runs through the PyTorch reference.
     """
     if size_average is not None or reduce is not None:
         reduction_enum = _Reduction.legacy_get_enum(size_average, reduce)

@@ -5,8 +5,8 @@ Kept as it was written, with its two bugs fixed (the missing ``import torch`` an
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class TripletLoss(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from . import reference
 
 try:
-    from . import _C  # noqa: F401  (loading the library runs the TORCH_LIBRARY registrations)
+    from . import _C
 
     EXTENSION_ERROR = None
 except ImportError as e:  # not built: everything runs through the reference
@@ -50,21 +50,18 @@ def _dist_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_like_anchor(name, x, anchor):
+    shape, dtype, device = tuple(anchor.shape), anchor.dtype, anchor.device
+    torch._check(x.shape == shape, lambda: f"{name} should have the shape of anchor {shape}, got {tuple(x.shape)}")
+    torch._check(x.dtype == dtype, lambda: f"{name} should have the dtype of anchor {dtype}, got {x.dtype}")
+    torch._check(x.device == device, lambda: f"{name} should be on the device of anchor {device}, got {x.device}")
+
+
 def _check_op_inputs(anchor, positive, negative):
     # The same messages as csrc/tripletloss.cpp `check_inputs`.
     torch._check(anchor.dim() == 2, lambda: f"anchor should be a 2D tensor, got {anchor.dim()}D")
     for name, x in (("positive", positive), ("negative", negative)):
-        torch._check(
-            x.shape == anchor.shape,
-            lambda: f"{name} should have the shape of anchor {tuple(anchor.shape)}, got {tuple(x.shape)}",
-        )
-        torch._check(
-            x.dtype == anchor.dtype, lambda: f"{name} should have the dtype of anchor {anchor.dtype}, got {x.dtype}"
-        )
-        torch._check(
-            x.device == anchor.device,
-            lambda: f"{name} should be on the device of anchor {anchor.device}, got {x.device}",
-        )
+        _check_like_anchor(name, x, anchor)
     torch._check(anchor.dtype in FLOAT_DTYPES, lambda: f"anchor should be a floating tensor, got {anchor.dtype}")
 
 

@@ -1,0 +1,73 @@
+"""Forward + backward of tripletloss_cuda on small cases, for compute-sanitizer (memcheck, racecheck).
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py
+
+Every dtype × D × N once (54 cases), with p, swap, reduction and the row layout (contiguous, a strided row
+view x.view(N, 3, D)[:, 0], rows at storage offset 1) cycling so that every pair of values occurs. float64
+results are compared with the PyTorch reference; the others are checked for shape and finiteness (rounding
+makes hinge ties possible; the tests compare them). Exit status 1 on a mismatch, 2 when there is no kernel.
+"""
+
+import argparse
+import itertools
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import tripletloss_cuda as tl
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+DIMS = (1, 3, 64, 130, 1000, 4100)
+ROWS = (1, 7, 300)
+LAYOUTS = ("contiguous", "strided", "offset")
+
+
+def make_input(n, d, dtype, device, layout, gen):
+    """A leaf tensor that requires grad, and the (n, d) view of it that goes into the loss."""
+    size = {"contiguous": n * d, "strided": n * 3 * d, "offset": n * d + 1}[layout]
+    leaf = torch.randn(size, dtype=dtype, device=device, generator=gen).requires_grad_()
+    if layout == "strided":
+        return leaf, leaf.view(n, 3, d)[:, 0]
+    return leaf, leaf[size - n * d :].view(n, d)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    device = parser.parse_args(argv).device
+    if device not in tl.info()["kernels"]:
+        print(f"no compiled {device} kernel: {tl.info()}")
+        return 2
+    gen = torch.Generator(device).manual_seed(0)
+    failures = []
+    cases = list(itertools.product(DTYPES, DIMS, ROWS))
+    for i, (dtype, d, n) in enumerate(cases):
+        # Cycled so that every pair of values of any two parameters occurs in some case.
+        p, reduction = (1.0, 2.0, 3.0)[(i + i // 3) % 3], ("none", "mean", "sum")[(i + 2 * (i // 3) + i // 18) % 3]
+        swap, layout = bool((i + i // 3 + i // 18) % 2), LAYOUTS[(i + i // 9) % 3]
+        leaves, rows = zip(*(make_input(n, d, dtype, device, layout, gen) for _ in range(3)))
+        args = {"p": p, "swap": swap, "reduction": reduction}
+        loss = tl.triplet_margin_loss(*rows, **args)
+        grad_out = torch.randn(loss.shape, dtype=dtype, device=device, generator=gen)
+        grads = torch.autograd.grad(loss, leaves, grad_out)
+        name = f"{str(dtype).removeprefix('torch.')} N={n} D={d} p={p:g} swap={swap} {reduction} {layout}"
+        try:
+            assert all(g.shape == x.shape and g.isfinite().all() for g, x in zip(grads, leaves))
+            assert loss.isfinite().all()
+            if dtype == torch.float64:
+                expected = tl.reference.triplet_margin_loss(*rows, **args)
+                torch.testing.assert_close(loss, expected)
+                torch.testing.assert_close(grads, torch.autograd.grad(expected, leaves, grad_out))
+        except AssertionError as err:
+            failures.append(name)
+            print(f"FAIL {name}: {str(err).strip().splitlines()[0] if str(err) else 'not finite or wrong shape'}")
+    if device == "cuda":
+        torch.cuda.synchronize()  # an asynchronous kernel error surfaces here at the latest
+    print(f"{len(cases) - len(failures)}/{len(cases)} cases ok on {device}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

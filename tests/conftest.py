@@ -1,0 +1,44 @@
+"""pytest configuration: the ``cuda`` marker (CUDA cases; skipped without a GPU) and the fixtures that
+require the compiled kernels.
+
+    pytest tests             # everything; CUDA cases are skipped where torch.cuda.is_available() is False
+    pytest -m cuda tests     # only the CUDA cases (the GPU machine)
+"""
+
+import pytest
+import torch
+
+import tripletloss_cuda as tl
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped where none is available)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Queried here, not at import: collection works on machines without a GPU or a CUDA driver.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CUDA is not available")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """The device of a test; tests parametrized with helpers.cpu_and_cuda() override it."""
+    return "cpu"
+
+
+@pytest.fixture
+def kernel(device):
+    """Requires the compiled kernel for ``device``: the test fails (it does not skip) when the extension
+    is missing, since it would otherwise silently test the reference fallback."""
+    device_type = torch.device(device).type
+    if device_type not in tl.ops.KERNEL_DEVICES:
+        pytest.fail(
+            f"no compiled {device_type} kernel (compiled: {sorted(tl.ops.KERNEL_DEVICES)}; "
+            f"extension error: {tl.ops.EXTENSION_ERROR}); build it with `make build`"
+        )
+    return device
