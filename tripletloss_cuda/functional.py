@@ -55,6 +55,19 @@ def _fused_inputs(anchor, positive, negative, p):
     return rows, batch
 
 
+def _autocast_inputs(*tensors):
+    """The inputs as autocast's float32 policy passes them to PyTorch's triplet_margin_loss: 16-bit floating
+    tensors cast to float32 where autocast is enabled for their device, everything else as it is."""
+    return tuple(
+        x.float()
+        if isinstance(x, torch.Tensor)
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_autocast_enabled(x.device.type)
+        else x
+        for x in tensors
+    )
+
+
 def triplet_margin_loss(
     anchor,
     positive,
@@ -86,7 +99,14 @@ def triplet_margin_loss(
         raise ValueError(f"margin must be greater than 0, got {margin}")
     fused = _fused_inputs(anchor, positive, negative, float(p))
     if fused is None:
+        anchor, positive, negative = _autocast_inputs(anchor, positive, negative)
         return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction_enum)
     (a, pos, neg), batch = fused
-    loss = ops.fused_triplet_margin_loss(a, pos, neg, float(margin), float(p), float(eps), bool(swap), reduction_enum)
+    # Autocast lists triplet_margin_loss as float32 (ATen autocast_mode.h AT_FORALL_FP32, CPU and CUDA alike): it
+    # casts 16-bit inputs to float32 and returns a float32 loss. The fused kernels read 16-bit inputs as they are
+    # and accumulate in float32; only the loss is float32 (the gradients come back in the inputs' dtype, as the
+    # cast's backward gives them). Checked for 16-bit inputs only: float32/float64 calls pay nothing.
+    float32_loss = a.dtype.itemsize == 2 and torch.is_autocast_enabled(a.device.type)
+    args = (float(margin), float(p), float(eps), bool(swap), reduction_enum, float32_loss)
+    loss = ops.fused_triplet_margin_loss(a, pos, neg, *args)
     return loss.reshape(batch) if reduction_enum == 0 and batch is not None else loss

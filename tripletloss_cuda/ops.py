@@ -82,38 +82,125 @@ if _C is not None:
         return anchor.new_empty(shape), anchor.new_empty(shape), anchor.new_empty(shape)
 
 
+def loss_from_dist(dist, margin, swap, reduction):
+    """The loss in the dtype of ``dist`` (float32 for 16-bit inputs) from the (..., 3) distances, as the kernels
+    form it: max(d(a,p) - d_neg + margin, 0), d_neg = min(d(a,n), d(p,n)) with swap, NaN propagated; reduced
+    over the last batch dimension (mean of no rows is nan, sum 0, as PyTorch gives them)."""
+    d_neg = torch.minimum(dist[..., 1], dist[..., 2]) if swap else dist[..., 1]
+    loss = torch.clamp_min(margin + dist[..., 0] - d_neg, 0)
+    if reduction == 1:
+        return loss.mean(-1)
+    if reduction == 2:
+        return loss.sum(-1)
+    return loss
+
+
+def _backward(ctx, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction):
+    """The gradients of the three inputs (None where not needed), shared by both autograd.Functions."""
+    need = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+        # create_graph=True: differentiate the reference instead, so that higher orders work.
+        inputs = [x for x, n in zip((anchor, positive, negative), need) if n]
+        loss = reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
+        grads = iter(torch.autograd.grad(loss, inputs, grad.to(loss.dtype), create_graph=True))
+        return tuple(next(grads) if n else None for n in need)
+    ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(
+        grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, GRAD_AT_ZERO_HINGE
+    )
+    return (ga if need[0] else None, gp if need[1] else None, gn if need[2] else None)
+
+
 class TripletMarginLossFunction(torch.autograd.Function):
     """Fused forward and backward on (N, D) inputs; saves the inputs and the (N, 3) distances only.
 
     forward(ctx, ...) rather than setup_context: the latter binds the arguments with inspect.signature
-    on every call, about 8 us, more than the whole op at small sizes."""
+    on every call, about 8 us, more than the whole op at small sizes. Under torch.func transforms, which
+    require setup_context, TransformableTripletMarginLossFunction runs instead.
+
+    float32_loss (autocast): 16-bit inputs are read as they are, and the loss is formed in float32 from the
+    float32 distances, as PyTorch's autocast (which casts the inputs to float32 first) returns it."""
 
     @staticmethod
-    def forward(ctx, anchor, positive, negative, margin, p, eps, swap, reduction):
+    def forward(ctx, anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss):
         loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(
             anchor, positive, negative, margin, p, eps, swap, reduction
         )
         ctx.save_for_backward(anchor, positive, negative, dist)
         ctx.args = (margin, p, eps, swap, reduction)
-        return loss
+        return loss_from_dist(dist, margin, swap, reduction) if float32_loss else loss
 
     @staticmethod
     def backward(ctx, grad):
-        anchor, positive, negative, dist = ctx.saved_tensors
-        margin, p, eps, swap, reduction = ctx.args
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference instead, so that higher orders work.
-            inputs = [x for x, need in zip((anchor, positive, negative), ctx.needs_input_grad) if need]
-            loss = reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
-            grads = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),) + (None,) * 5
-        ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(
-            grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, GRAD_AT_ZERO_HINGE
+        return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
+
+
+class TransformableTripletMarginLossFunction(torch.autograd.Function):
+    """The same op for torch.func transforms (grad, vjp, vmap, jacrev, hessian of the fused op's first order):
+    setup_context, and vmap through the ops' own vmap rules (registered below), so that vmap over the
+    backward (jacrev) runs the fused backward too. Forward-mode AD (jvp, jacfwd) is not supported."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss):
+        loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(
+            anchor, positive, negative, margin, p, eps, swap, reduction
         )
-        need = ctx.needs_input_grad
-        return (ga if need[0] else None, gp if need[1] else None, gn if need[2] else None) + (None,) * 5
+        return (loss_from_dist(dist, margin, swap, reduction) if float32_loss else loss), dist
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        anchor, positive, negative, margin, p, eps, swap, reduction, _ = inputs
+        ctx.save_for_backward(anchor, positive, negative, output[1])
+        ctx.args = (margin, p, eps, swap, reduction)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_dist):
+        return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
 
 
-def fused_triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction):
-    """The fused op with autograd on (N, D) inputs of one dtype and device (see module docstring)."""
-    return TripletMarginLossFunction.apply(anchor, positive, negative, margin, p, eps, swap, reduction)
+def _fold(x, bdim, size):
+    """A vmapped tensor with the vmapped dimension first, (size, *x's example shape), as rows of 2-D inputs."""
+    x = x.movedim(bdim, 0) if bdim is not None else x.expand(size, *x.shape)
+    return x.reshape(size * x.shape[1], *x.shape[2:]) if x.dim() > 1 else x
+
+
+if _C is not None:
+
+    @torch.library.register_vmap("tripletloss_cuda::triplet_margin_forward")
+    def _forward_vmap(info, in_dims, anchor, positive, negative, margin, p, eps, swap, reduction):
+        # The vmapped dimension becomes more rows: one call with reduction 'none', then the loss is formed
+        # and reduced per example from the distances in their own (float32 or float64) precision.
+        size = info.batch_size
+        n = anchor.shape[1 if in_dims[0] is not None else 0]
+        a, pos, neg = (_fold(x, d, size) for x, d in zip((anchor, positive, negative), in_dims))
+        loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(a, pos, neg, margin, p, eps, swap, 0)
+        dist = dist.view(size, n, 3)
+        loss = loss.view(size, n) if reduction == 0 else loss_from_dist(dist, margin, swap, reduction).to(a.dtype)
+        return (loss, dist), (0, 0)
+
+    @torch.library.register_vmap("tripletloss_cuda::triplet_margin_backward")
+    def _backward_vmap(info, in_dims, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, gz):
+        size = info.batch_size
+        n = dist.shape[1 if in_dims[4] is not None else 0]
+        if reduction != 0:  # one upstream gradient per example: spread it over the example's rows
+            grad = grad.movedim(in_dims[0], 0) if in_dims[0] is not None else grad.expand(size)
+            grad = grad.reshape(size, 1).expand(size, n)
+            grad = grad.to(_dist_dtype(grad.dtype)) / n if reduction == 1 else grad
+            in_dims = (0, *in_dims[1:])
+        tensors = (grad, anchor, positive, negative, dist)
+        g, a, pos, neg, dst = (_fold(x, d, size) for x, d in zip(tensors, in_dims))
+        grads = torch.ops.tripletloss_cuda.triplet_margin_backward(
+            g.reshape(-1), a, pos, neg, dst, margin, p, eps, swap, 0, gz
+        )
+        return tuple(x.view(size, n, *x.shape[1:]) for x in grads), (0, 0, 0)
+
+
+def fused_triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss=False):
+    """The fused op with autograd on (N, D) inputs of one dtype and device (see module docstring); with
+    ``float32_loss`` (autocast, 16-bit inputs) the loss is float32 and the gradients stay in the inputs' dtype."""
+    if torch._C._are_functorch_transforms_active():
+        args = (anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss)
+        return TransformableTripletMarginLossFunction.apply(*args)[0]
+    return TripletMarginLossFunction.apply(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss)
