@@ -98,15 +98,18 @@ def loss_from_dist(dist, margin, swap, reduction):
 def _backward(ctx, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction):
     """The gradients of the three inputs (None where not needed), shared by both autograd.Functions."""
     need = ctx.needs_input_grad[:3]
+    args = (margin, p, eps, swap, reduction, GRAD_AT_ZERO_HINGE)
     if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
         # create_graph=True: differentiate the reference instead, so that higher orders work.
         inputs = [x for x, n in zip((anchor, positive, negative), need) if n]
         loss = reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
         grads = iter(torch.autograd.grad(loss, inputs, grad.to(loss.dtype), create_graph=True))
         return tuple(next(grads) if n else None for n in need)
-    ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(
-        grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, GRAD_AT_ZERO_HINGE
-    )
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.grad always differentiates with create_graph=True: a differentiable fused backward.
+        ga, gp, gn = TransformableBackwardFunction.apply(grad, anchor, positive, negative, dist, *args)
+    else:
+        ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(grad, anchor, positive, negative, dist, *args)
     return (ga if need[0] else None, gp if need[1] else None, gn if need[2] else None)
 
 
@@ -137,7 +140,8 @@ class TripletMarginLossFunction(torch.autograd.Function):
 class TransformableTripletMarginLossFunction(torch.autograd.Function):
     """The same op for torch.func transforms (grad, vjp, vmap, jacrev, hessian of the fused op's first order):
     setup_context, and vmap through the ops' own vmap rules (registered below), so that vmap over the
-    backward (jacrev) runs the fused backward too. Forward-mode AD (jvp, jacfwd) is not supported."""
+    backward (jacrev) runs the fused backward too. Forward-mode AD (jvp, jacfwd, hessian) and orders above the
+    first differentiate the reference."""
 
     generate_vmap_rule = True
 
@@ -150,20 +154,83 @@ class TransformableTripletMarginLossFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        anchor, positive, negative, margin, p, eps, swap, reduction, _ = inputs
+        anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss = inputs
         ctx.save_for_backward(anchor, positive, negative, output[1])
+        ctx.save_for_forward(anchor, positive, negative, output[1])
         ctx.args = (margin, p, eps, swap, reduction)
-        ctx.mark_non_differentiable(output[1])
+        ctx.float32_loss = float32_loss
 
     @staticmethod
     def backward(ctx, grad, _grad_dist):
         return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # Forward-mode AD (jvp, jacfwd, hessian) through the reference: PyTorch's tangents.
+        tangent = _reference_jvp(_reference_loss(*ctx.args), ctx.saved_tensors[:3], tangents[:3])
+        # dist (only used by the backward) gets a zero tangent, not None: the vmap rule generated for this jvp
+        # needs a tensor, and a tensor tangent needs dist to be a differentiable output (its gradient is ignored).
+        return (tangent.float() if ctx.float32_loss else tangent), torch.zeros_like(ctx.saved_tensors[3])
 
-def _fold(x, bdim, size):
-    """A vmapped tensor with the vmapped dimension first, (size, *x's example shape), as rows of 2-D inputs."""
-    x = x.movedim(bdim, 0) if bdim is not None else x.expand(size, *x.shape)
-    return x.reshape(size * x.shape[1], *x.shape[2:]) if x.dim() > 1 else x
+
+class TransformableBackwardFunction(torch.autograd.Function):
+    """The fused backward as a differentiable function for torch.func (grad of grad, jacrev of jacrev): its own
+    backward is the vector-Jacobian product of the reference's first-order gradients (and its jvp the reference's
+    too), so every higher order is PyTorch's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero_hinge):
+        return torch.ops.tripletloss_cuda.triplet_margin_backward(
+            grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero_hinge
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.save_for_forward(*inputs[:4])
+        ctx.args = inputs[5:10]
+
+    @staticmethod
+    def backward(ctx, grad_ga, grad_gp, grad_gn):
+        first_order = _reference_first_order(*ctx.args)
+        _, vjp_fn = torch.func.vjp(first_order, *ctx.saved_tensors)
+        return (*vjp_fn((grad_ga, grad_gp, grad_gn)),) + (None,) * 7
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _reference_jvp(_reference_first_order(*ctx.args), ctx.saved_tensors, tangents[:4])
+
+
+def _reference_first_order(margin, p, eps, swap, reduction):
+    """(grad, anchor, positive, negative) -> the reference's gradients of the three inputs, differentiable."""
+
+    def first_order(grad, anchor, positive, negative):
+        loss, vjp_fn = torch.func.vjp(_reference_loss(margin, p, eps, swap, reduction), anchor, positive, negative)
+        return vjp_fn(grad.to(loss.dtype))
+
+    return first_order
+
+
+def _reference_loss(margin, p, eps, swap, reduction):
+    return lambda a, pos, neg: reference.triplet_margin_loss(a, pos, neg, margin, p, eps, swap, reduction)
+
+
+def _reference_jvp(fn, primals, tangents):
+    """Forward-mode AD through the reference (None tangents are zeros)."""
+    tangents = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(primals, tangents))
+    return torch.func.jvp(fn, tuple(primals), tangents)[1]
+
+
+def _batch_first(x, bdim, size):
+    """A vmapped operand with the vmapped dimension first: (size, *the example's shape)."""
+    return x.movedim(bdim, 0) if bdim is not None else x.expand(size, *x.shape)
+
+
+def _fold(x):
+    """(size, N, ...) as (size * N, ...): the examples' rows one after the other (a copy unless viewable)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 if _C is not None:
@@ -173,8 +240,9 @@ if _C is not None:
         # The vmapped dimension becomes more rows: one call with reduction 'none', then the loss is formed
         # and reduced per example from the distances in their own (float32 or float64) precision.
         size = info.batch_size
-        n = anchor.shape[1 if in_dims[0] is not None else 0]
-        a, pos, neg = (_fold(x, d, size) for x, d in zip((anchor, positive, negative), in_dims))
+        a, pos, neg = (_batch_first(x, d, size) for x, d in zip((anchor, positive, negative), in_dims))
+        n = a.shape[1]
+        a, pos, neg = _fold(a), _fold(pos), _fold(neg)
         loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(a, pos, neg, margin, p, eps, swap, 0)
         dist = dist.view(size, n, 3)
         loss = loss.view(size, n) if reduction == 0 else loss_from_dist(dist, margin, swap, reduction).to(a.dtype)
@@ -183,17 +251,14 @@ if _C is not None:
     @torch.library.register_vmap("tripletloss_cuda::triplet_margin_backward")
     def _backward_vmap(info, in_dims, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, gz):
         size = info.batch_size
-        n = dist.shape[1 if in_dims[4] is not None else 0]
-        if reduction != 0:  # one upstream gradient per example: spread it over the example's rows
-            grad = grad.movedim(in_dims[0], 0) if in_dims[0] is not None else grad.expand(size)
-            grad = grad.reshape(size, 1).expand(size, n)
-            grad = grad.to(_dist_dtype(grad.dtype)) / n if reduction == 1 else grad
-            in_dims = (0, *in_dims[1:])
         tensors = (grad, anchor, positive, negative, dist)
-        g, a, pos, neg, dst = (_fold(x, d, size) for x, d in zip(tensors, in_dims))
-        grads = torch.ops.tripletloss_cuda.triplet_margin_backward(
-            g.reshape(-1), a, pos, neg, dst, margin, p, eps, swap, 0, gz
-        )
+        g, a, pos, neg, dst = (_batch_first(x, d, size) for x, d in zip(tensors, in_dims))
+        n = dst.shape[1]
+        if reduction != 0:  # one upstream gradient per example: spread it over the example's rows
+            g = g.reshape(size, 1).expand(size, n)
+            g = g.to(_dist_dtype(g.dtype)) / n if reduction == 1 else g
+        g, a, pos, neg, dst = (_fold(x) for x in (g, a, pos, neg, dst))
+        grads = torch.ops.tripletloss_cuda.triplet_margin_backward(g, a, pos, neg, dst, margin, p, eps, swap, 0, gz)
         return tuple(x.view(size, n, *x.shape[1:]) for x in grads), (0, 0, 0)
 
 
