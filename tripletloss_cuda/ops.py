@@ -218,9 +218,10 @@ def _reference_loss(margin, p, eps, swap, reduction):
 
 
 def _reference_jvp(fn, primals, tangents):
-    """Forward-mode AD through the reference (None tangents are zeros)."""
-    tangents = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(primals, tangents))
-    return torch.func.jvp(fn, tuple(primals), tangents)[1]
+    """Forward-mode AD through the reference (None tangents are zeros). Dual tensors cannot be made from
+    expanded (self-overlapping) tensors, which jacrev's basis vectors and vmap's unbatched operands can be."""
+    tangents = tuple(torch.zeros_like(x) if t is None else t.contiguous() for x, t in zip(primals, tangents))
+    return torch.func.jvp(fn, tuple(x.contiguous() for x in primals), tangents)[1]
 
 
 def _batch_first(x, bdim, size):
