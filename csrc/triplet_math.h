@@ -56,12 +56,13 @@ TL_HD T norm_grad_scale(T d, T p, T w) {
   else return d == T(0) ? T(0) : w * tl_pow(d, T(1) - p);
 }
 
-// w * dd/ds for one component, given scale = norm_grad_scale(d, p, w).
+// w * dd/ds for one component, given scale = norm_grad_scale(d, p, w). A zero component's factor is 0 (|s|^(p-1)
+// is inf there for p < 1), still multiplied by scale: a NaN scale (a NaN distance) gives NaN, as in PyTorch.
 template <Norm N, typename T>
 TL_HD T norm_grad(T s, T p, T scale) {
   if constexpr (N == Norm::L1) return tl_sgn(s) * scale;
   else if constexpr (N == Norm::L2) return s * scale;
-  else return s == T(0) ? T(0) : tl_sgn(s) * tl_pow(tl_abs(s), p - T(1)) * scale;
+  else return (s == T(0) ? T(0) : tl_sgn(s) * tl_pow(tl_abs(s), p - T(1))) * scale;
 }
 
 // Accumulates the three distance sums of one component (d(p,n) only with swap).

@@ -107,6 +107,9 @@ def triplet_margin_loss(
     # and accumulate in float32; only the loss is float32 (the gradients come back in the inputs' dtype, as the
     # cast's backward gives them). Checked for 16-bit inputs only: float32/float64 calls pay nothing.
     float32_loss = a.dtype.itemsize == 2 and torch.is_autocast_enabled(a.device.type)
-    args = (float(margin), float(p), float(eps), bool(swap), reduction_enum, float32_loss)
+    # One component: PyTorch's norm over a dimension of size 1 is |x| for every p (no power, so no overflow of
+    # |x|^p), and every p's gradient formula reduces to sgn(x); p = 1 computes exactly that.
+    p = 1.0 if a.shape[1] == 1 else float(p)
+    args = (float(margin), p, float(eps), bool(swap), reduction_enum, float32_loss)
     loss = ops.fused_triplet_margin_loss(a, pos, neg, *args)
     return loss.reshape(batch) if reduction_enum == 0 and batch is not None else loss
