@@ -278,7 +278,7 @@ def _thread_cases(device):
     cases = []
     for i, (shape, dtype, kwargs) in enumerate(
         [
-            ((4096, 256), torch.float32, {}),  # large enough for the kernels' own parallel loop
+            ((2048, 128), torch.float32, {}),  # large enough for the kernels' own parallel loop
             ((300, 129), torch.bfloat16, {"swap": True, "reduction": "sum"}),
             ((1000, 64), torch.float64, {"p": 1.0, "reduction": "none"}),
             ((17, 3), torch.float16, {"p": 3.0}),
@@ -321,7 +321,7 @@ def test_threads_match_serial_calls(kernel):
     results = {}
 
     def work(k):
-        results[k] = [_run_case(*cases[(i + k) % len(cases)]) for i in range(3 * len(cases))]
+        results[k] = [_run_case(*cases[(i + k) % len(cases)]) for i in range(2 * len(cases))]
 
     _run_in_threads(work)
     for k, got in results.items():
@@ -340,7 +340,7 @@ def test_cuda_streams_match_serial_calls(kernel):
 
     def work(k):
         with torch.cuda.stream(streams[k]):
-            results[k] = [_run_case(*cases[(i + k) % len(cases)]) for i in range(3 * len(cases))]
+            results[k] = [_run_case(*cases[(i + k) % len(cases)]) for i in range(2 * len(cases))]
         streams[k].synchronize()
 
     _run_in_threads(work)

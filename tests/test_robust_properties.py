@@ -274,3 +274,170 @@ def test_property_check_catches_a_wrong_gradient(kernel):
         pytest.raises(AssertionError, match="grad anchor"),
     ):
         check_case(case)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mining losses (tl.batch_hard_triplet_loss, tl.batch_all_triplet_loss, tl.semi_hard_triplet_loss): against a
+# brute-force O(N^3) float64 oracle written from the API contract. Skipped until the mining API is merged.
+
+MINING = ("batch_hard", "batch_all", "semi_hard")
+
+
+def _oracle_distances(x, normalize):
+    x = x.double()
+    if normalize:
+        x = F.normalize(x, dim=1)
+    d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    positive = d2 > 0
+    return torch.where(positive, torch.where(positive, d2, 1).sqrt(), 0)  # gradient 0 at distance 0
+
+
+def mining_oracle(kind, embeddings, labels, margin=1.0, normalize=False, soft=False, reduction="mean_nonzero"):
+    """The loss by brute force over every (anchor, positive, negative) triplet, in float64, differentiable."""
+    d = _oracle_distances(embeddings, normalize)
+    n = d.shape[0]
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool)
+    neg = ~same
+    valid = pos[:, :, None] & neg[:, None, :]  # (i, j, k)
+    zero = d.sum() * 0
+    if kind == "batch_all":
+        terms = torch.where(valid, torch.relu(margin + d[:, :, None] - d[:, None, :]), 0)
+        if reduction == "sum":
+            return terms.sum()
+        count = valid.sum() if reduction == "mean" else (terms > 0).sum()
+        return terms.sum() / count if count > 0 else zero
+    losses = []
+    for i in range(n):
+        if not (pos[i].any() and neg[i].any()):
+            continue
+        if kind == "batch_hard":
+            x = d[i][pos[i]].max() - d[i][neg[i]].min()
+            losses.append(F.softplus(x) if soft else torch.relu(margin + x))
+            continue
+        for j in pos[i].nonzero().flatten().tolist():  # semi-hard: the closest negative farther than j, else farthest
+            d_neg = d[i][neg[i]]
+            farther = d_neg[d_neg > d[i, j]]
+            chosen = farther.min() if len(farther) else d_neg.max()
+            losses.append(torch.relu(margin + d[i, j] - chosen))
+    return torch.stack(losses).mean() if losses else zero
+
+
+def _mining_call(kind, embeddings, labels, margin, normalize, soft, reduction, return_stats=False):
+    fn = getattr(tl, f"{kind}_triplet_loss")
+    kwargs = {"margin": margin, "normalize": normalize, "return_stats": return_stats}
+    if kind == "batch_hard":
+        kwargs["soft"] = soft
+    if kind == "batch_all":
+        kwargs["reduction"] = reduction
+    return fn(embeddings, labels, **kwargs)
+
+
+@st.composite
+def mining_cases(draw):
+    n = draw(st.integers(0, 24))
+    return {
+        "kind": draw(st.sampled_from(MINING)),
+        "dtype": draw(st.sampled_from((torch.float32, torch.float64))),
+        "n": n,
+        "d": draw(st.sampled_from((1, 2, 3, 8, 17))),
+        "classes": draw(st.integers(1, max(1, n))),
+        "specials": draw(st.lists(st.sampled_from(("zeros", "duplicate", "huge", "tiny")), max_size=2, unique=True)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "margin": draw(st.sampled_from((1.0, 0.2, 5.0))),
+        "normalize": draw(st.booleans()),
+        "soft": draw(st.booleans()),
+        "reduction": draw(st.sampled_from(("mean_nonzero", "mean", "sum"))),
+    }
+
+
+def _mining_inputs(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    n, d = case["n"], case["d"]
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, case["classes"], (n,), generator=gen)
+    if n:
+        rows = torch.randint(0, n, (max(1, n // 4),), generator=gen)
+        for special in case["specials"]:
+            if special == "zeros":
+                x[rows] = 0
+            elif special == "duplicate":
+                x[rows] = x[rows[:1]]
+            else:  # moderate, so that squared distances stay far from overflow and underflow in float32
+                x[rows] *= 1e3 if special == "huge" else 1e-3
+    return x.to(case["dtype"]), labels
+
+
+def _near_discontinuity(case, x, labels, tol):
+    if case["n"] == 0 or not (case["kind"] == "semi_hard" or case["reduction"] == "mean_nonzero"):
+        return False
+    d = _oracle_distances(x, case["normalize"])
+    same = labels[:, None] == labels[None, :]
+    valid = (same & ~torch.eye(case["n"], dtype=torch.bool))[:, :, None] & ~same[:, None, :]
+    gap = d[:, :, None] - d[:, None, :]  # d_ij - d_ik
+    if case["kind"] == "batch_all":
+        gap = gap + case["margin"]
+    elif case["kind"] == "batch_hard":
+        return False
+    return bool((valid & (gap.abs() < tol)).any())
+
+
+def _has_near_ties(d, labels, tol):
+    """Whether the choice of the mined positive/negative (or a hinge) is decided by rounding somewhere."""
+    flat = d.flatten().sort().values
+    return bool((flat.diff() < tol).sum() > d.shape[0] + 1) if flat.numel() > 1 else False
+
+
+@PROPERTY_SETTINGS
+@hyp.given(case=mining_cases())
+def test_mining_matches_brute_force(case):
+    if not hasattr(tl, "batch_hard_triplet_loss"):
+        pytest.skip("the mining API (tl.batch_hard_triplet_loss, ...) is not in this build")
+    x, labels = _mining_inputs(case)
+    args = (case["margin"], case["normalize"], case["soft"], case["reduction"])
+    leaf = x.detach().requires_grad_()
+    loss, stats = _mining_call(case["kind"], leaf, labels, *args, return_stats=True)
+    expected_leaf = x.detach().double().requires_grad_()
+    expected = mining_oracle(case["kind"], expected_leaf, labels, *args)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # Distances from a Gram matrix in float32 lose ~sqrt(eps) |x| near zero: a scale-aware tolerance.
+    magnitude = 1.0 + float(x.double().abs().max()) if x.numel() and not case["normalize"] else 2.0
+    tol = 1e-6 if case["dtype"] == torch.float64 else 2e-3
+    # Where the value jumps, rounding decides: the count of batch-all's mean_nonzero (a hinge at 0) and
+    # semi-hard's choice of negative (d_ik vs d_ij). Such examples are left out.
+    hyp.assume(not _near_discontinuity(case, x, labels, (1e-7 if case["dtype"] == torch.float64 else 1e-3) * magnitude))
+    count = max(1, case["n"] ** 3) if case["reduction"] == "sum" and case["kind"] == "batch_all" else 1
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=tol, atol=tol * magnitude * count)
+    # Stats: 0-d tensors; valid_triplets by brute force.
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(case["n"], dtype=torch.bool)
+    assert int(stats.valid_triplets) == int((pos.sum(1) * (~same).sum(1)).sum())
+    assert all(torch.as_tensor(s).dim() == 0 for s in stats)
+    assert 0 <= float(stats.active_anchor_fraction) <= 1
+    # Gradients, where no near tie or kink makes the mined triplets depend on rounding (float64 only).
+    if case["dtype"] != torch.float64 or case["specials"] or not expected.requires_grad:
+        return
+    d = _oracle_distances(x, case["normalize"]).detach()
+    hyp.assume(not _has_near_ties(d, labels, 1e-7))
+    (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    (g_expected,) = torch.autograd.grad(expected, expected_leaf, allow_unused=True)
+    g = torch.zeros_like(leaf) if g is None else g
+    g_expected = torch.zeros_like(expected_leaf) if g_expected is None else g_expected
+    torch.testing.assert_close(g.double(), g_expected, rtol=1e-5, atol=1e-5 * magnitude * count)
+
+
+@PROPERTY_SETTINGS
+@hyp.given(case=mining_cases(), special=st.sampled_from(("nan", "inf", "-inf")))
+def test_mining_non_finite_inputs_do_not_crash(case, special):
+    """NaN/Inf embeddings: a 0-d loss and gradients come back (no crash, no hang); their values are not
+    specified by the contract."""
+    if not hasattr(tl, "batch_hard_triplet_loss"):
+        pytest.skip("the mining API (tl.batch_hard_triplet_loss, ...) is not in this build")
+    hyp.assume(case["n"] > 0)
+    x, labels = _mining_inputs(case)
+    x[0, 0] = float(special)
+    leaf = x.requires_grad_()
+    loss = _mining_call(case["kind"], leaf, labels, case["margin"], case["normalize"], case["soft"], case["reduction"])
+    assert loss.dim() == 0
+    if loss.requires_grad:
+        loss.backward()
