@@ -5,7 +5,8 @@
 #
 # Steps: system (nvidia-smi, versions); build (setup.py build_ext --inplace, CUDA kernels forced, sm_90);
 # info (tl.info() has the CUDA kernels); tests (pytest -m cuda, skipped without pytest); memcheck and racecheck
-# (compute-sanitizer on benchmarks/sanitize_cases.py); bench (benchmarks/bench.py --device cuda). Each step is
+# (compute-sanitizer on benchmarks/sanitize_cases.py); leak (benchmarks/leak_check.py, 3,000 steps); bench
+# (benchmarks/bench.py --device cuda). Each step is
 # timed and logged, and the next steps run after a failure, except those that need what failed.
 # OUTDIR gets: gpu_check.log (everything), gpu_check_summary.json (per step: status pass/fail/skipped, seconds,
 # exit code; rewritten after every step), bench_cuda.json, and the benchmark's cuda-<date>.json and .md.
@@ -120,6 +121,12 @@ main() {
             step "$tool" 120 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$sanitizer' --tool $tool $flags $cases"
         fi
     done
+
+    if ((kernels)); then  # memory over many training steps (CUDA allocated memory and RSS stay flat)
+        step leak 60 'python3 benchmarks/leak_check.py --device cuda --steps 3000 --json "$OUT/leak_cuda.json"'
+    else
+        skip leak "no CUDA kernel"
+    fi
 
     if ((kernels)); then
         step bench 240 'python3 benchmarks/bench.py --device cuda --json "$OUT/bench_cuda.json"'

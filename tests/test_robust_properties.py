@@ -109,7 +109,7 @@ def _values(case, gen):
 def make_inputs(case):
     """anchor, positive, negative in the case's dtype and memory layout."""
     gen = torch.Generator().manual_seed(case["seed"])
-    x = _values(case, gen).to(case["dtype"])
+    x = _values(case, gen).to(case["dtype"]).to(case.get("device", "cpu"))
     a, p, n = x.unbind(0)
     layout = case["layout"]
     if layout == "contiguous":
@@ -146,7 +146,8 @@ def _expected(inputs, case):
         kwargs["p"] = 1.0
     leaves = _compute_inputs(inputs, dtype)
     loss = F.triplet_margin_loss(*leaves, **kwargs)
-    grad = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    grad = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad = grad.to(dtype).to(loss.device)
     grads = torch.autograd.grad(loss, leaves, grad.to(loss.dtype), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
     return loss.detach().to(dtype), [g.to(dtype) for g in grads], grad
@@ -247,6 +248,14 @@ def check_case(case):
 @hyp.given(case=triplet_cases())
 def test_fused_matches_pytorch_on_any_input(kernel, case):
     check_case(case)
+
+
+@pytest.mark.cuda
+@PROPERTY_SETTINGS
+@hyp.given(case=triplet_cases())
+def test_fused_matches_pytorch_on_any_input_cuda(case):
+    """The same on CUDA, against PyTorch on CUDA (benchmarks/gpu_check.sh runs the CUDA-marked tests)."""
+    check_case({**case, "device": "cuda"})
 
 
 def test_property_check_catches_a_wrong_gradient(kernel):
