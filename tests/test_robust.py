@@ -411,3 +411,15 @@ def test_whole_model_save_and_load(criterion_type):
     buffer.seek(0)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.load(buffer, weights_only=True)
+
+
+def test_torch_compile_under_autocast(kernel):
+    """torch.compile(fullgraph=True) traces the autocast path (the dtype test and the float32 loss)."""
+    inputs = [x.requires_grad_() for x in make_triplet((16, 8), torch.bfloat16, seed=6)]
+    compiled = torch.compile(tl.triplet_margin_loss, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = compiled(*inputs, swap=True), F.triplet_margin_loss(*inputs, swap=True)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    assert all(x.grad.dtype == torch.bfloat16 for x in inputs)

@@ -99,14 +99,15 @@ def _backward(ctx, grad, anchor, positive, negative, dist, margin, p, eps, swap,
     """The gradients of the three inputs (None where not needed), shared by both autograd.Functions."""
     need = ctx.needs_input_grad[:3]
     args = (margin, p, eps, swap, reduction, GRAD_AT_ZERO_HINGE)
-    if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+    transformed = torch._C._are_functorch_transforms_active()
+    if torch.is_grad_enabled() and not transformed:
         # create_graph=True: differentiate the reference instead, so that higher orders work.
         inputs = [x for x, n in zip((anchor, positive, negative), need) if n]
         loss = reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
         grads = iter(torch.autograd.grad(loss, inputs, grad.to(loss.dtype), create_graph=True))
         return tuple(next(grads) if n else None for n in need)
-    if torch._C._are_functorch_transforms_active():
-        # torch.func.grad always differentiates with create_graph=True: a differentiable fused backward.
+    if transformed:
+        # torch.func.grad always differentiates with create_graph=True: the fused backward, made differentiable.
         ga, gp, gn = TransformableBackwardFunction.apply(grad, anchor, positive, negative, dist, *args)
     else:
         ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(grad, anchor, positive, negative, dist, *args)
@@ -138,10 +139,10 @@ class TripletMarginLossFunction(torch.autograd.Function):
 
 
 class TransformableTripletMarginLossFunction(torch.autograd.Function):
-    """The same op for torch.func transforms (grad, vjp, vmap, jacrev, hessian of the fused op's first order):
-    setup_context, and vmap through the ops' own vmap rules (registered below), so that vmap over the
-    backward (jacrev) runs the fused backward too. Forward-mode AD (jvp, jacfwd, hessian) and orders above the
-    first differentiate the reference."""
+    """The same op for torch.func transforms (grad, vjp, vmap, jacrev): setup_context (which the transforms
+    require), and vmap through the ops' own vmap rules (registered below), so that vmap over the backward
+    (jacrev) runs the fused backward too. Forward-mode AD (jvp, jacfwd, hessian) and orders above the first
+    differentiate the reference."""
 
     generate_vmap_rule = True
 
