@@ -7,11 +7,22 @@ from torch.nn import _reduction as _Reduction
 
 from . import ops, reference
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def _fused_inputs(anchor, positive, negative, p):
-    """The three inputs as (N, D) tensors of one floating dtype for the fused op, and the batch shape
-    of the per-row loss; None when the inputs are outside the fused path (the reference then gives
-    PyTorch's result or raises PyTorch's error)."""
+    """(rows, batch, p, float32_loss) for the fused op: the three inputs as (N, D) tensors of one floating
+    dtype, the batch shape of the per-row loss (None: (N,)), the p to compute with (1 for D = 1, see below) and
+    whether the loss is float32 for 16-bit inputs (autocast, see below); None when the inputs are outside the
+    fused path (the reference then gives PyTorch's result or raises PyTorch's error).
+
+    Autocast lists triplet_margin_loss as float32 (ATen autocast_mode.h AT_FORALL_FP32, CPU and CUDA alike): it
+    casts 16-bit inputs to float32 and returns a float32 loss. The fused kernels read 16-bit inputs as they are
+    and accumulate in float32; only the loss is float32 (the gradients come back in the inputs' dtype, as the
+    cast's backward gives them).
+
+    D = 1: PyTorch's norm over a dimension of size 1 is |s| for every p (no power, so no overflow of |s|^p), and
+    every p's gradient formula reduces to sgn(s); p = 1 computes exactly that."""
     if not (0 < p < math.inf):
         return None
     # The common case first, in as few Python steps as possible: it is most of a small call's cost.
@@ -21,11 +32,13 @@ def _fused_inputs(anchor, positive, negative, p):
         and anchor.dim() == 2
         and getattr(positive, "dtype", None) is dtype
         and getattr(negative, "dtype", None) is dtype
-        and anchor.shape == positive.shape == negative.shape
+        and (shape := anchor.shape) == positive.shape == negative.shape
+        and shape[1] != 1
         and anchor.device == positive.device == negative.device
         and anchor.device.type in ops.KERNEL_DEVICES
     ):
-        return (anchor, positive, negative), None
+        float32_loss = dtype in _LOW_PRECISION and torch.is_autocast_enabled(anchor.device.type)
+        return (anchor, positive, negative), None, p, float32_loss
     tensors = (anchor, positive, negative)
     if not all(isinstance(x, torch.Tensor) for x in tensors):
         return None
@@ -52,7 +65,8 @@ def _fused_inputs(anchor, positive, negative, p):
     d = tensors[0].shape[-1]
     batch = tensors[0].shape[:-1]
     rows = [x.to(dtype).reshape(-1, d) if x.dim() != 2 else x.to(dtype) for x in tensors]
-    return rows, batch
+    float32_loss = dtype in _LOW_PRECISION and torch.is_autocast_enabled(device.type)
+    return rows, batch, 1.0 if d == 1 else p, float32_loss
 
 
 def _autocast_inputs(*tensors):
@@ -101,15 +115,8 @@ def triplet_margin_loss(
     if fused is None:
         anchor, positive, negative = _autocast_inputs(anchor, positive, negative)
         return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction_enum)
-    (a, pos, neg), batch = fused
-    # Autocast lists triplet_margin_loss as float32 (ATen autocast_mode.h AT_FORALL_FP32, CPU and CUDA alike): it
-    # casts 16-bit inputs to float32 and returns a float32 loss. The fused kernels read 16-bit inputs as they are
-    # and accumulate in float32; only the loss is float32 (the gradients come back in the inputs' dtype, as the
-    # cast's backward gives them). Checked for 16-bit inputs only: float32/float64 calls pay nothing.
-    float32_loss = a.dtype.itemsize == 2 and torch.is_autocast_enabled(a.device.type)
-    # One component: PyTorch's norm over a dimension of size 1 is |x| for every p (no power, so no overflow of
-    # |x|^p), and every p's gradient formula reduces to sgn(x); p = 1 computes exactly that.
-    p = 1.0 if a.shape[1] == 1 else float(p)
-    args = (float(margin), p, float(eps), bool(swap), reduction_enum, float32_loss)
-    loss = ops.fused_triplet_margin_loss(a, pos, neg, *args)
+    (a, pos, neg), batch, p, float32_loss = fused
+    loss = ops.fused_triplet_margin_loss(
+        a, pos, neg, float(margin), p, float(eps), bool(swap), reduction_enum, float32_loss
+    )
     return loss.reshape(batch) if reduction_enum == 0 and batch is not None else loss

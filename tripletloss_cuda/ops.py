@@ -135,7 +135,14 @@ class TripletMarginLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True (or a transform): the general path
+            return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
+        # The common case inline: every Python call counts at small sizes.
+        ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(
+            grad, *ctx.saved_tensors, *ctx.args, GRAD_AT_ZERO_HINGE
+        )
+        need = ctx.needs_input_grad
+        return (ga if need[0] else None, gp if need[1] else None, gn if need[2] else None) + (None,) * 6
 
 
 class TransformableTripletMarginLossFunction(torch.autograd.Function):
