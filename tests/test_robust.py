@@ -89,13 +89,14 @@ class _RecordOps(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=ids)
-def test_autocast_reads_16bit_inputs_without_a_float32_copy(kernel, dtype):
+def test_autocast_reads_16bit_inputs_without_a_float32_copy(kernel, device, dtype):
     """The fused ops receive the 16-bit tensors themselves: no float32 (N, D) tensor is made, forward or
     backward (PyTorch's autocast copies the three inputs to float32)."""
     shape = (64, 48)
-    inputs = [x.requires_grad_() for x in make_triplet(shape, dtype, seed=5)]
-    with _RecordOps() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+    inputs = [x.requires_grad_() for x in make_triplet(shape, dtype, device, seed=5)]
+    with _RecordOps() as ops, torch.autocast(device, dtype=torch.bfloat16):
         loss = tl.triplet_margin_loss(*inputs)
     loss.backward()
     assert loss.dtype == torch.float32
@@ -106,7 +107,7 @@ def test_autocast_reads_16bit_inputs_without_a_float32_copy(kernel, dtype):
             assert arg_dtypes[-3:] == [dtype] * 3 or arg_dtypes[:3] == [dtype] * 3, (name, arg_dtypes)
         assert (torch.float32, shape) not in outs, f"{name} made a float32 copy of an input: {outs}"
     # The check itself sees PyTorch's copies.
-    with _RecordOps() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+    with _RecordOps() as ops, torch.autocast(device, dtype=torch.bfloat16):
         F.triplet_margin_loss(*inputs)
     assert any((torch.float32, shape) in outs for _, _, outs in ops.calls)
 

@@ -27,7 +27,7 @@ import tripletloss_cuda as tl
 hyp = pytest.importorskip("hypothesis")
 st = hyp.strategies
 
-EXAMPLES = int(os.environ.get("TRIPLETLOSS_HYPOTHESIS_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("TRIPLETLOSS_HYPOTHESIS_EXAMPLES", "150"))
 PROPERTY_SETTINGS = hyp.settings(
     max_examples=EXAMPLES,
     derandomize=True,  # the same examples on every run: CI is deterministic
@@ -53,7 +53,7 @@ SPECIALS = ("zeros", "duplicate", "huge", "tiny", "nan", "inf")
 @st.composite
 def triplet_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    d = draw(st.one_of(st.just(1), st.integers(1, 9), st.integers(10, 300)))
+    d = draw(st.one_of(st.integers(1, 9), st.integers(10, 300)))
     n = draw(st.one_of(st.integers(0, 8), st.integers(9, max(9, min(3000, 200_000 // d)))))
     return {
         "dtype": dtype,
@@ -251,7 +251,7 @@ def test_fused_matches_pytorch_on_any_input(kernel, case):
 
 
 @pytest.mark.cuda
-@PROPERTY_SETTINGS
+@hyp.settings(PROPERTY_SETTINGS, max_examples=max(1, EXAMPLES // 2))  # the GPU check's time is short
 @hyp.given(case=triplet_cases())
 def test_fused_matches_pytorch_on_any_input_cuda(case):
     """The same on CUDA, against PyTorch on CUDA (benchmarks/gpu_check.sh runs the CUDA-marked tests)."""
