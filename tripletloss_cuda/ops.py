@@ -9,6 +9,9 @@ Ops (schemas in csrc/tripletloss.cpp), reduction 0/1/2 = none/mean/sum:
         -> (grad_anchor, grad_positive, grad_negative)
 Inputs are (N, D) tensors of one floating dtype on one device; rows may be strided (any row stride,
 0 included), columns must be unit-stride or they are copied.
+
+Both ops have vmap rules (torch.library.register_vmap: the vmapped dimension becomes more rows), used by the
+torch.func path (TransformableTripletMarginLossFunction); plain eager calls use TripletMarginLossFunction.
 """
 
 import torch
