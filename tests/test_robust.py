@@ -424,3 +424,49 @@ def test_torch_compile_under_autocast(kernel):
     torch.testing.assert_close(ours, theirs)
     ours.backward()
     assert all(x.grad.dtype == torch.bfloat16 for x in inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite values (the property tests cover them broadly; these are the cases they found)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("p", (1.5, 3.0, 0.5), ids=lambda p: f"p{p:g}")
+def test_nan_gradient_of_a_zero_component(kernel, device, p):
+    """A component with zero difference (eps = 0) in a row whose distance is NaN: PyTorch's gradient is
+    0 * NaN = NaN there, not 0."""
+    nan = float("nan")
+    a = torch.tensor([[nan, 2.0], [1.0, 2.0]], device=device)
+    pos = torch.tensor([[nan, 0.5], [0.5, 0.5]], device=device)
+    neg = torch.tensor([[nan, 2.0], [1.0, 2.0]], device=device)  # d(a, n) has a zero component
+    inputs = (a, pos, neg)
+    theirs = torch.autograd.grad(F.triplet_margin_loss(*[x.requires_grad_() for x in inputs], p=p, eps=0.0), inputs)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    with fused_only():
+        ours = torch.autograd.grad(tl.triplet_margin_loss(*leaves, p=p, eps=0.0), leaves)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("p", (2.0, 3.0, 7.0), ids=lambda p: f"p{p:g}")
+def test_one_component_does_not_overflow(kernel, p):
+    """D = 1: PyTorch's distance is |s| for every p; |s|^p would overflow float32 for |s| > 3e38^(1/p). (PyTorch's
+    gradient formula for p > 2, s |s|^(p-2) / n^(p-1), overflows to NaN for such rows; ours is the exact sgn(s):
+    compared where PyTorch's is finite.)"""
+    a = torch.tensor([[1e30], [3e5], [-2.0]])
+    pos, neg = torch.zeros_like(a), torch.full_like(a, 5.0)
+    kwargs = {"p": p, "reduction": "none"}
+    theirs = loss_and_grads_simple(F.triplet_margin_loss, (a, pos, neg), **kwargs)
+    with fused_only():
+        ours = loss_and_grads_simple(tl.triplet_margin_loss, (a, pos, neg), **kwargs)
+    assert all(torch.isfinite(x).all() for x in (ours[0], *ours[1]))
+    torch.testing.assert_close(ours[0], theirs[0])
+    for g, g_theirs in zip(ours[1], theirs[1]):
+        finite = torch.isfinite(g_theirs)
+        torch.testing.assert_close(g[finite], g_theirs[finite])
+        assert (g.abs() <= 1).all()  # sgn(s) times the upstream gradient 1
+
+
+def loss_and_grads_simple(fn, inputs, **kwargs):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    loss = fn(*leaves, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss.sum(), leaves)
