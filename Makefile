@@ -24,7 +24,7 @@ test: build
 	$(RUN) -m pytest -q tests benchmarks/test_bench.py
 
 bench: build
-	$(RUN) benchmarks/bench.py $(BENCH_ARGS)
+	$(RUN) -m tripletloss_cuda bench $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m pip install -q ruff
