@@ -6,12 +6,12 @@
 # Steps: system (nvidia-smi, versions); build (setup.py build_ext --inplace, CUDA kernels forced, sm_90);
 # info (tl.info() has the CUDA kernels); check (`python3 -m tripletloss_cuda check`: gradcheck, values and
 # gradients on CPU and CUDA); demo (the training demo on CUDA, when scikit-learn is there); tests (pytest -m
-# cuda, skipped without pytest); memcheck and racecheck (compute-sanitizer on benchmarks/sanitize_cases.py); bench (`python3 -m tripletloss_cuda bench --device cuda`,
-# with --plot when matplotlib is there). Each step is timed and logged, and the next steps run after a failure,
-# except those that need what failed.
+# cuda, skipped without pytest); memcheck and racecheck (compute-sanitizer on benchmarks/sanitize_cases.py);
+# bench (`python3 -m tripletloss_cuda bench --device cuda`, with --plot when matplotlib is there). Each step is
+# timed and logged, and the next steps run after a failure, except those that need what failed.
 # OUTDIR gets: gpu_check.log (everything), gpu_check_summary.json (per step: status pass/fail/skipped, seconds,
-# exit code; rewritten after every step), demo_cuda.json, bench_cuda.json (and bench_cuda.png), and the benchmark's
-# cuda-<date>.json and .md.
+# exit code; rewritten after every step), demo_cuda.json, bench_cuda.json (and bench_cuda.png), and the
+# benchmark's cuda-<date>.json and .md.
 #
 # Environment: GPU_CHECK_BUDGET (seconds for all the steps, default 540: a step's timeout is cut to what is
 # left), GIT_COMMIT (recorded as the commit where the copy has no .git), CUDA_HOME (default: /usr/local/cuda
