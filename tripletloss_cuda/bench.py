@@ -190,11 +190,12 @@ def run(device="cpu", shapes=None, dtypes=DTYPES, modes=MODES, impls=tuple(IMPLS
 
 
 class _Progress:
-    """A tqdm bar on stderr when asked for and tqdm is installed; else one log line per row."""
+    """A tqdm bar on stderr when asked for, stderr is a terminal and tqdm is installed; else a log line per row
+    (a log file gets readable lines, not a bar's carriage returns)."""
 
     def __init__(self, total, bar):
         self.bar = None
-        if bar:
+        if bar and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 

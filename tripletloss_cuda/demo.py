@@ -147,7 +147,8 @@ def _progress(iterable, total, desc, enabled):
         from tqdm import tqdm
     except ImportError:
         raise missing("tqdm", "the demo's progress bar (or --no-progress)") from None
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a log file)
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
 
 
 def _sync(device):
