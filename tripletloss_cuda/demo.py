@@ -141,14 +141,13 @@ def make_loss(impl, margin, batch_hard, distributed):
 
 
 def _progress(iterable, total, desc, enabled):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # no bar in a log file
         return iterable
     try:
         from tqdm import tqdm
     except ImportError:
         raise missing("tqdm", "the demo's progress bar (or --no-progress)") from None
-    # disable=None: no bar when stderr is not a terminal (a log file)
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _sync(device):
