@@ -3,6 +3,8 @@ or 1 (a failure while running), never a traceback."""
 
 import importlib.machinery
 import json
+import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -12,6 +14,10 @@ import torch
 
 import tripletloss_cuda as tl
 from tripletloss_cuda import cli, demo
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Subprocesses import this checkout's package wherever pytest was started from.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run_cli(argv, capsys):
@@ -26,7 +32,12 @@ def run_cli(argv, capsys):
 
 def test_python_m_info():
     out = subprocess.run(
-        [sys.executable, "-m", "tripletloss_cuda", "info"], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "tripletloss_cuda", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "compiled kernels" in out.stdout and "device that runs" in out.stdout
@@ -106,6 +117,7 @@ def test_bad_arguments_in_a_subprocess():
         capture_output=True,
         text=True,
         timeout=120,
+        env=ENV,
         check=False,
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

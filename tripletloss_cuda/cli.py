@@ -46,10 +46,11 @@ def missing(package, what):
 def _format_info(info):
     kernels = ", ".join(info["kernels"]) or "none (everything runs through the PyTorch reference)"
     lines = [
-        f"tripletloss_cuda   {info['version']}",
+        f"tripletloss_cuda   {info['version']} (Python {info['python']})",
         f"torch              {info['torch']} (extension built with {info['built_with_torch'] or 'n/a'})",
         f"compiled kernels   {kernels}",
         f"CUDA architectures {info['cuda_architectures'] or 'none'}",
+        f"CPU capability     {info['cpu_capability']} (what torch dispatches to on this CPU)",
         f"CUDA available     {info['cuda_available']}" + (f" ({info['cuda_device']})" if info["cuda_device"] else ""),
         f"device that runs   {info['default_device']}",
         f"mining losses      {'available' if info['mining'] else 'not in this build'}",
@@ -63,9 +64,12 @@ def info_main(argv=None):
     parser = ArgumentParser(prog=f"{PROG} info", description="What is compiled and what will run.")
     parser.add_argument("--json", action="store_true", help="print the information as JSON")
     args = parser.parse_args(argv)
+    import torch
+
     import tripletloss_cuda as tl
 
     info = dict(tl.info(), python=sys.version.split()[0], mining=hasattr(tl, "batch_hard_triplet_loss"))
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print(json.dumps(info, indent=1) if args.json else _format_info(info))
     return 0
 
