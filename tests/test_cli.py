@@ -66,6 +66,16 @@ def test_check_fails_with_status_1(capsys, monkeypatch):
     assert "value vs PyTorch" in out and "FAIL" in out and "FAILED" in err
 
 
+def test_check_reports_a_crash_as_a_failure(capsys, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(tl, "triplet_margin_loss", crash)
+    code, out, _ = run_cli(["check", "--quick", "--device", "cpu", "--dtypes", "float32,float64"], capsys)
+    assert code == 1
+    assert "FAIL (RuntimeError: kernel exploded" in out and "gradcheck" in out  # the other checks still ran
+
+
 def test_bench_quick(capsys, tmp_path):
     args = ["bench", "--quick", "--shapes", "8x4", "--dtypes", "float32", "--modes", "fwd", "--impls", "torch,tl"]
     code, out, _ = run_cli(args + ["--repeats", "1", "--json", str(tmp_path / "b.json")], capsys)

@@ -170,7 +170,8 @@ def devices():
 
 
 def run(device_list=None, dtypes=DTYPES, quick=False, seeds=(0, 1)):
-    """Rows of the table: dicts device, dtype, check, cases, worst (error / allowed error), ok."""
+    """Rows of the table: dicts device, dtype, check, cases, worst (error / allowed error), ok, and error (the
+    first exception of a comparison that crashed)."""
     rows = []
     cases = _cases(quick)
     shapes = [(33, 8), (17, 133)]  # short rows (several rows per thread group) and long, odd-length rows
@@ -180,9 +181,15 @@ def run(device_list=None, dtypes=DTYPES, quick=False, seeds=(0, 1)):
             worst = dict.fromkeys(CHECKS, 0.0)
             if device not in tl.info()["kernels"]:
                 worst["kernel compiled"] = float("inf")
-            count = 0
+            count, error = 0, None
             for (p, swap, reduction), shape, seed in itertools.product(cases, shapes, seeds):
-                _compare_case(device, dtype, p, swap, reduction, shape, seed, worst)
+                try:
+                    _compare_case(device, dtype, p, swap, reduction, shape, seed, worst)
+                except Exception as err:  # noqa: BLE001  (a crash fails the comparisons; the other rows go on)
+                    first_line = (str(err).strip().splitlines() or [""])[0]
+                    error = error or f"{type(err).__name__}: {first_line[:200]} (p={p}, swap={swap}, {reduction})"
+                    for check in CHECKS[1:5]:
+                        worst[check] = float("inf")
                 count += 1
             checks = CHECKS[:5]
             grad_cases = [c for c in cases if c[2] != "sum"]  # sum differs from mean by a constant factor
@@ -193,6 +200,8 @@ def run(device_list=None, dtypes=DTYPES, quick=False, seeds=(0, 1)):
                 n = 1 if check == "kernel compiled" else count if "vs" in check else len(grad_cases)
                 ok = worst[check] <= 1.0
                 row = {"device": device, "dtype": dtype_name, "check": check, "cases": n, "worst": worst[check]}
+                if error and check in CHECKS[1:5]:
+                    row["error"] = error
                 rows.append(dict(row, ok=ok))
     return rows
 
@@ -201,7 +210,7 @@ def table(rows):
     lines = [f"{'device':6}  {'dtype':8}  {'check':18}  {'cases':>5}  {'worst':>8}  result"]
     for r in rows:
         worst = "-" if r["check"] in ("kernel compiled", "gradcheck", "gradgradcheck") else f"{r['worst']:.3g}"
-        result = "pass" if r["ok"] else "FAIL"
+        result = "pass" if r["ok"] else "FAIL" + (f" ({r['error']})" if "error" in r else "")
         lines.append(f"{r['device']:6}  {r['dtype']:8}  {r['check']:18}  {r['cases']:>5}  {worst:>8}  {result}")
     return "\n".join(lines)
 
