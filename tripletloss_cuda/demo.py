@@ -21,7 +21,7 @@ untrained network and the raw pixels.
 
 Under torchrun (RANK and WORLD_SIZE set): one process per rank, each on its own shard of the training set,
 the model wrapped in DistributedDataParallel, mining across ranks (`distributed=True`) when the mining
-losses have it; rank 0 prints and writes the files; at the end the ranks' parameters are compared and the
+losses have it (for "tl"; "naive" and "torch" mine within each rank's batch); rank 0 prints and writes the files; at the end the ranks' parameters are compared and the
 demo exits 1 if they differ.
 """
 
@@ -312,7 +312,9 @@ def main(argv=None):
 def _run(args, data, rank, world, device):
     x_train, y_train, x_test, y_test = data
     batch_hard = mining_available() and not args.random_triplets
-    triplets = "batch-hard" + (" (across ranks)" if world > 1 else "") if batch_hard else "random per batch"
+    # Only the mining loss mines across ranks; the torch-op mining of naive/torch sees this rank's batch.
+    across = " (tl: across ranks; naive, torch: within each rank)" if world > 1 else ""
+    triplets = "batch-hard" + across if batch_hard else "random per batch"
     if rank == 0:
         print(
             f"digits: {len(y_train)} training images ({world} rank(s)), {len(y_test)} held out; device {device}; "
