@@ -1,12 +1,14 @@
 # make test: set up (venv, torch, build with the CUDA sources when nvcc is present) and run the tests.
 # make bench: set up and run the benchmark on whatever device is present (CPU by default).
+# make demo: set up and run the training demo (scikit-learn's digits; DEMO_ARGS="--epochs 40 --plot demo.png").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup build test bench lint clean
+.PHONY: setup build test bench demo lint clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: requirements-dev.txt
@@ -24,7 +26,10 @@ test: build
 	$(RUN) -m pytest -q tests benchmarks/test_bench.py
 
 bench: build
-	$(RUN) benchmarks/bench.py $(BENCH_ARGS)
+	$(RUN) -m tripletloss_cuda bench $(BENCH_ARGS)
+
+demo: build
+	$(RUN) -m tripletloss_cuda demo $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m pip install -q ruff

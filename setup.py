@@ -61,4 +61,7 @@ setup(
     packages=["tripletloss_cuda"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["tripletloss-cuda = tripletloss_cuda.cli:main"]},
+    # `tripletloss-cuda demo` and `bench --plot` need these; the package itself does not.
+    extras_require={"demo": ["matplotlib", "tqdm", "scikit-learn"]},
 )

@@ -4,12 +4,15 @@
 #   bash benchmarks/gpu_check.sh OUTDIR        # from the repository root; about 5 to 7 minutes on an H200
 #
 # Steps: system (nvidia-smi, versions); build (setup.py build_ext --inplace, CUDA kernels forced, sm_90);
-# info (tl.info() has the CUDA kernels); tests (pytest -m cuda, skipped without pytest); memcheck and racecheck
-# (compute-sanitizer on benchmarks/sanitize_cases.py); leak (benchmarks/leak_check.py, 3,000 steps); bench
-# (benchmarks/bench.py --device cuda). Each step is
+# info (tl.info() has the CUDA kernels); check (`python3 -m tripletloss_cuda check`: gradcheck, values and
+# gradients on CPU and CUDA); demo (the training demo on CUDA, when scikit-learn is there); tests (pytest -m
+# cuda, skipped without pytest); memcheck and racecheck (compute-sanitizer on benchmarks/sanitize_cases.py);
+# leak (benchmarks/leak_check.py, 3,000 steps); bench (`python3 -m tripletloss_cuda bench --device cuda`, with
+# --plot when matplotlib is there). Each step is
 # timed and logged, and the next steps run after a failure, except those that need what failed.
 # OUTDIR gets: gpu_check.log (everything), gpu_check_summary.json (per step: status pass/fail/skipped, seconds,
-# exit code; rewritten after every step), bench_cuda.json, and the benchmark's cuda-<date>.json and .md.
+# exit code; rewritten after every step), demo_cuda.json, bench_cuda.json (and bench_cuda.png), and the
+# benchmark's cuda-<date>.json and .md.
 #
 # Environment: GPU_CHECK_BUDGET (seconds for all the steps, default 540: a step's timeout is cut to what is
 # left), GIT_COMMIT (recorded as the commit where the copy has no .git), CUDA_HOME (default: /usr/local/cuda
@@ -96,12 +99,18 @@ main() {
 
     if ! step build 300 'python3 setup.py build_ext --inplace'; then
         local name
-        for name in info tests memcheck racecheck bench; do skip "$name" "build failed"; done
+        for name in info check demo tests memcheck racecheck leak bench; do skip "$name" "build failed"; done
         return 1
     fi
     local kernels=1
     step info 60 'python3 -c "import tripletloss_cuda as tl; i = tl.info(); print(i); assert i[\"cuda_device\"] and \
         \"cuda\" in i[\"kernels\"], \"no CUDA device or kernel\""' || kernels=0
+    step check 120 'python3 -m tripletloss_cuda check'
+    if python3 -c "import sklearn" 2>/dev/null; then
+        step demo 120 'python3 -m tripletloss_cuda demo --device cuda --no-progress --json "$OUT/demo_cuda.json"'
+    else
+        skip demo "scikit-learn is not installed"
+    fi
 
     if python3 -c "import pytest" 2>/dev/null; then
         python3 -c "import hypothesis" 2>/dev/null || log "note: hypothesis is not installed"
@@ -129,7 +138,8 @@ main() {
     fi
 
     if ((kernels)); then
-        step bench 240 'python3 benchmarks/bench.py --device cuda --json "$OUT/bench_cuda.json"'
+        step bench 240 'plot=(); python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/bench_cuda.png")
+            python3 -m tripletloss_cuda bench --device cuda --no-progress --json "$OUT/bench_cuda.json" "${plot[@]}"'
         find benchmarks/results -name 'cuda-*' -newer "$STARTED" -exec cp {} "$OUT/" \;
     else
         skip bench "no CUDA kernel"

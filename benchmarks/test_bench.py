@@ -1,16 +1,19 @@
-"""pytest-benchmark timings at a small CPU shape (nothing asserted about them), and smoke tests of bench.py.
+"""pytest-benchmark timings at a small CPU shape (nothing asserted about them), and smoke tests of the benchmark
+program (tripletloss_cuda/bench.py; benchmarks/bench.py is a shim that runs it).
 
 pytest benchmarks/test_bench.py                       # timings in pytest-benchmark's table
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tripletloss_cuda as tl
-from benchmarks import bench
+from tripletloss_cuda import bench
 
 ROW_KEYS = {"device", "dtype", "n", "d", "mode", "impl", "status", "min_bytes", "median_s", "p20_s", "p80_s", "gbps"}
 
@@ -56,3 +59,22 @@ def test_error_rows_do_not_stop_the_run(monkeypatch):
     rows = bench.run("cpu", shapes=[(8, 4)], dtypes=["float32"], modes=["fwd"], impls=["tl", "compile", "torch"])
     assert [r["status"] for r in rows] == ["oom", "n/a", "error"]
     assert "n/a" in bench.markdown(bench.metadata("cpu"), bench.annotate(rows))
+
+
+def test_plot_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = bench.run(
+        "cpu", shapes=[(16, 8), (32, 8)], dtypes=["float32"], modes=["fwd"], impls=["torch", "tl"], quick=True
+    )
+    rows.append(dict(rows[-1], impl="compile", status="n/a"))  # failed rows are left out of the plot
+    meta = dict(bench.metadata("cpu"), copy_gbps=10.0)
+    path = bench.plot(meta, bench.annotate(rows, 10.0), tmp_path / "bench.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_shim_runs_the_package_program(tmp_path):
+    script = bench.ROOT / "benchmarks" / "bench.py"
+    args = ["--quick", "--shapes", "8x4", "--dtypes", "float32", "--modes", "fwd", "--impls", "tl", "--repeats", "1"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "| float32 | 8×4 | fwd |" in out.stdout

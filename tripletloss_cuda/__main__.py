@@ -1,0 +1,7 @@
+"""`python -m tripletloss_cuda COMMAND ...`: the same as the `tripletloss-cuda` script (see cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
