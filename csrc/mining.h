@@ -1,0 +1,37 @@
+// Host side of the mining ops (csrc/mining.cpp): the per-device row launchers each backend provides
+// (cpu/mining_kernel.cpp, cuda/mining_kernel.cu). The ops themselves are device-generic ATen code around
+// them: label masks, per-anchor sorts (at::sort), and the final fixed-order reductions.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace tripletloss {
+namespace mining {
+
+using at::Tensor;
+
+// Row launchers: run the row functions of mining_math.h for every anchor. Inputs are contiguous; dist
+// is float32 or float64 (N, N), labels int64 (N,); the sorted operands are (N, N) with each row's
+// positives or negatives first (ascending, +inf after) and their int64 columns; n_pos, n_neg int64 (N,);
+// loss (N,) float64 and counts (N, 3) int64 are written per anchor; scale is a 0-d float64 tensor (read
+// on the device: no host synchronization).
+struct Backend {
+  void (*batch_hard)(const Tensor& dist, const Tensor& labels, double margin, bool soft, Tensor& loss,
+                     Tensor& counts, Tensor& mined);
+  void (*batch_hard_grad)(const Tensor& dist, const Tensor& mined, double margin, bool soft, const Tensor& scale,
+                          Tensor& grad);
+  void (*batch_all)(const Tensor& pos_sorted, const Tensor& n_pos, const Tensor& neg_sorted, const Tensor& n_neg,
+                    double margin, Tensor& loss, Tensor& counts);
+  void (*batch_all_grad)(const Tensor& pos_sorted, const Tensor& pos_index, const Tensor& n_pos,
+                         const Tensor& neg_sorted, const Tensor& neg_index, const Tensor& n_neg, double margin,
+                         const Tensor& scale, Tensor& grad);
+  void (*semi_hard)(const Tensor& dist, const Tensor& labels, const Tensor& neg_sorted, const Tensor& neg_index,
+                    const Tensor& n_neg, double margin, Tensor& loss, Tensor& counts, Tensor& mined);
+  void (*semi_hard_grad)(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad);
+};
+
+const Backend& cpu_backend();
+const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA builds only)
+
+}  // namespace mining
+}  // namespace tripletloss

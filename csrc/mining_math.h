@@ -1,0 +1,174 @@
+// The per-anchor math of the mining losses, written once for the CPU and CUDA kernels, which only map
+// anchors (rows of the (N, N) distance matrix d) onto threads around it. T is float or double.
+//
+// Anchor i, positives j (y_j == y_i, j != i), negatives k (y_k != y_i). Each forward row function writes
+// the anchor's loss sum (double) and its counts {valid triplets, active triplets, mined triplets}; the
+// backward row functions write row i of dL/dd, scaled by `scale` (the upstream gradient over the loss's
+// denominator). Ties go to the lowest index. The hinge tests are written alike forward and backward, so
+// that a triplet counted as active in one is active in the other.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "triplet_math.h"  // TL_HD
+
+namespace tripletloss {
+namespace mining {
+
+constexpr int kValid = 0, kActive = 1, kMined = 2, kCounts = 3;  // columns of the per-anchor counts
+
+TL_HD float tl_exp(float x) { return expf(x); }
+TL_HD double tl_exp(double x) { return exp(x); }
+TL_HD float tl_log1p(float x) { return log1pf(x); }
+TL_HD double tl_log1p(double x) { return log1p(x); }
+
+// log(1 + e^x) without overflow, and its derivative.
+template <typename T>
+TL_HD T softplus(T x) {
+  return x > T(0) ? x + tl_log1p(tl_exp(-x)) : tl_log1p(tl_exp(x));
+}
+template <typename T>
+TL_HD T sigmoid(T x) {
+  return T(1) / (T(1) + tl_exp(-x));
+}
+
+// The number of leading elements of the ascending s[0, n) with s < v (v <= s: with_equal = true).
+template <typename T>
+TL_HD int64_t count_below(const T* s, int64_t n, T v, bool with_equal) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (s[mid] < v || (with_equal && s[mid] == v)) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Batch-hard: the hardest positive (largest d_ij) and negative (smallest d_ik), lowest index among ties.
+// mined[0..1] = {j, k}, or {-1, -1} for an anchor without a positive or a negative.
+template <typename T>
+TL_HD void batch_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, T margin, bool soft, double* loss,
+                          int64_t* counts, int64_t* mined) {
+  int64_t p = -1, q = -1, n_pos = 0, n_neg = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == i) continue;
+    if (labels[j] == labels[i]) {
+      ++n_pos;
+      if (p < 0 || d[j] > d[p]) p = j;
+    } else {
+      ++n_neg;
+      if (q < 0 || d[j] < d[q]) q = j;
+    }
+  }
+  const bool valid = n_pos > 0 && n_neg > 0;
+  T l = 0;
+  if (valid) {
+    const T x = d[p] - d[q];
+    l = soft ? softplus(x) : (margin + x > T(0) ? margin + x : T(0));
+  }
+  *loss = l;
+  counts[kValid] = n_pos * n_neg;
+  counts[kActive] = valid && l > T(0);
+  counts[kMined] = valid;
+  mined[0] = valid ? p : -1;
+  mined[1] = valid ? q : -1;
+}
+
+template <typename T>
+TL_HD void batch_hard_grad_row(const T* d, int64_t n, const int64_t* mined, T margin, bool soft, T scale, T* grad) {
+  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+  const int64_t p = mined[0], q = mined[1];
+  if (p < 0) return;
+  const T x = d[p] - d[q];
+  const T w = soft ? sigmoid(x) : (margin + x > T(0) ? T(1) : T(0));
+  grad[p] = scale * w;
+  grad[q] = -scale * w;
+}
+
+// Batch-all. ps[0, n_pos) and ns[0, n_neg): the anchor's positive and negative distances sorted ascending.
+// Triplet (j, k) is active when d_ik < margin + d_ij: for ascending positives the active negatives are a
+// growing prefix of ns, so one merge pass gives each positive's count c_j and the prefix sum:
+// sum_k [margin + d_ij - d_ik]_+ = c_j (margin + d_ij) - sum_{k < c_j} ns[k].
+template <typename T>
+TL_HD void batch_all_row(const T* ps, int64_t n_pos, const T* ns, int64_t n_neg, T margin, double* loss,
+                         int64_t* counts) {
+  int64_t k = 0, active = 0;
+  double prefix = 0, l = 0;
+  for (int64_t t = 0; t < n_pos; ++t) {
+    const T threshold = margin + ps[t];
+    for (; k < n_neg && ns[k] < threshold; ++k) prefix += double(ns[k]);
+    l += double(k) * double(threshold) - prefix;
+    active += k;
+  }
+  *loss = l;
+  counts[kValid] = n_pos * n_neg;
+  counts[kActive] = active;
+  counts[kMined] = n_pos * n_neg;
+}
+
+// dL/dd_ij = c_j (active negatives of j); dL/dd_ik = -(number of positives j with d_ik < margin + d_ij),
+// a suffix of the ascending positives that shrinks as d_ik grows. pi, ni: the original column of ps, ns.
+template <typename T>
+TL_HD void batch_all_grad_row(int64_t n, const T* ps, const int64_t* pi, int64_t n_pos, const T* ns,
+                              const int64_t* ni, int64_t n_neg, T margin, T scale, T* grad) {
+  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+  int64_t k = 0;
+  for (int64_t t = 0; t < n_pos; ++t) {
+    const T threshold = margin + ps[t];
+    for (; k < n_neg && ns[k] < threshold; ++k) {
+    }
+    grad[pi[t]] = scale * T(k);
+  }
+  int64_t t = 0;
+  for (k = 0; k < n_neg; ++k) {
+    for (; t < n_pos && !(ns[k] < margin + ps[t]); ++t) {
+    }
+    grad[ni[k]] = -scale * T(n_pos - t);
+  }
+}
+
+// Semi-hard (TensorFlow Addons' TripletSemiHardLoss): for each positive j, the negative with the smallest
+// d_ik > d_ij, else the one with the largest d_ik. ns/ni: the negatives sorted ascending (stable, so the
+// lowest index comes first among ties) and their columns. mined[j]: the chosen k, -1 if j is no positive
+// or the anchor has no negative.
+template <typename T>
+TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ns, const int64_t* ni,
+                         int64_t n_neg, T margin, double* loss, int64_t* counts, int32_t* mined) {
+  int64_t n_pos = 0, active = 0;
+  double l = 0;
+  const int64_t first_largest = n_neg > 0 ? count_below(ns, n_neg, ns[n_neg - 1], false) : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    mined[j] = -1;
+    if (j == i || labels[j] != labels[i]) continue;
+    ++n_pos;
+    if (n_neg == 0) continue;
+    const int64_t outside = count_below(ns, n_neg, d[j], true);  // first sorted negative > d_ij
+    const int64_t at = outside < n_neg ? outside : first_largest;
+    const T h = margin + d[j] - ns[at];
+    mined[j] = int32_t(ni[at]);
+    if (h > T(0)) {
+      l += double(h);
+      ++active;
+    }
+  }
+  *loss = l;
+  counts[kValid] = n_pos * n_neg;
+  counts[kActive] = active;
+  counts[kMined] = n_neg > 0 ? n_pos : 0;
+}
+
+template <typename T>
+TL_HD void semi_hard_grad_row(const T* d, int64_t n, const int32_t* mined, T margin, T scale, T* grad) {
+  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+  // In column order, so that negatives mined by several positives add up in a fixed order.
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t k = mined[j];
+    if (k < 0 || !(margin + d[j] - d[k] > T(0))) continue;
+    grad[j] += scale;
+    grad[k] -= scale;
+  }
+}
+
+}  // namespace mining
+}  // namespace tripletloss
