@@ -75,6 +75,8 @@ def batch_hard(dist, labels, margin=1.0, soft=False):
     _, pos, neg = masks(labels)
     n_pos, n_neg = pos.sum(1), neg.sum(1)
     valid = (n_pos > 0) & (n_neg > 0)
+    if dist.shape[0] == 0:  # argmax has no empty reduction
+        return dist.sum(), _stats(n_pos, n_pos, n_pos, valid)
     hardest_pos = dist.masked_fill(~pos, -torch.inf).argmax(1, keepdim=True)  # first index among ties
     hardest_neg = dist.masked_fill(~neg, torch.inf).argmin(1, keepdim=True)
     x = dist.gather(1, hardest_pos).squeeze(1) - dist.gather(1, hardest_neg).squeeze(1)
