@@ -2,7 +2,7 @@
 // mining.h. Autograd and fake kernels: tripletloss_cuda/mining_ops.py. Semantics: mining_math.h and
 // tripletloss_cuda/mining.py.
 //
-// Every op is O(N^2) memory: label masks, per-anchor sorted distances, and per-anchor partial results,
+// Every op is O(N^2) memory: label masks, sorted rows of the distances, and per-anchor partial results,
 // reduced in a fixed order (no float atomics), so results are deterministic.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -37,23 +37,11 @@ const Backend& backend_for(const Tensor& dist) {
   return cpu_backend();
 }
 
-struct Masks {
-  Tensor not_pos, not_neg, n_pos, n_neg;  // (N, N) bool masks of what is not a positive / negative; counts (N,)
-};
-
-Masks masks(const Tensor& labels) {
+// The anchors' negatives sorted ascending (then +inf), their columns, and their numbers (N,).
+std::tuple<Tensor, Tensor, Tensor> sorted_negatives(const Tensor& dist, const Tensor& labels) {
   const Tensor same = labels.unsqueeze(1).eq(labels.unsqueeze(0));
-  const Tensor eye = at::eye(labels.size(0), labels.options().dtype(at::kBool));
-  const Tensor not_pos = same.logical_not().logical_or(eye);
-  return {not_pos, same, not_pos.logical_not().sum(1), same.logical_not().sum(1)};
-}
-
-// Each row's entries outside `excluded`, ascending (std::optional: a plain `true` would bind to the
-// overload sort(self, dim, descending)) (stable: the lowest index first among ties), then +inf.
-std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& excluded) {
-  auto [values, index] = at::sort(dist.masked_fill(excluded, INFINITY), /*stable=*/std::optional<bool>(true), /*dim=*/1,
-                                 /*descending=*/false);
-  return {values.contiguous(), index.contiguous()};
+  auto [values, index] = sorted_rows(dist, same);
+  return {values, index, same.logical_not().sum(1)};
 }
 
 struct Rows {  // the per-anchor outputs of a forward launcher
@@ -121,12 +109,7 @@ std::tuple<Tensor, Tensor> batch_all_forward(const Tensor& dist_, const Tensor& 
   const int64_t denominator = batch_all_denominator(reduction);
   const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
   Rows rows = empty_rows(dist);
-  if (dist.numel() > 0) {
-    const Masks m = masks(labels);
-    const auto [pos, pos_index] = sorted_rows(dist, m.not_pos);
-    const auto [neg, neg_index] = sorted_rows(dist, m.not_neg);
-    backend_for(dist).batch_all(pos, m.n_pos, neg, m.n_neg, margin, rows.loss, rows.counts);
-  }
+  if (dist.numel() > 0) backend_for(dist).batch_all(dist, labels, margin, rows.loss, rows.counts);
   return finish(rows, denominator, dist.scalar_type());
 }
 
@@ -136,13 +119,8 @@ Tensor batch_all_backward(const Tensor& grad, const Tensor& dist_, const Tensor&
   const int64_t denominator = batch_all_denominator(reduction);
   const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
   Tensor grad_dist = at::empty_like(dist);
-  if (dist.numel() > 0) {
-    const Masks m = masks(labels);
-    const auto [pos, pos_index] = sorted_rows(dist, m.not_pos);
-    const auto [neg, neg_index] = sorted_rows(dist, m.not_neg);
-    backend_for(dist).batch_all_grad(pos, pos_index, m.n_pos, neg, neg_index, m.n_neg, margin,
-                                     grad_scale(grad, stats, denominator), grad_dist);
-  }
+  if (dist.numel() > 0)
+    backend_for(dist).batch_all_grad(dist, labels, margin, grad_scale(grad, stats, denominator), grad_dist);
   return grad_dist;
 }
 
@@ -152,9 +130,8 @@ std::tuple<Tensor, Tensor, Tensor> semi_hard_forward(const Tensor& dist_, const 
   Rows rows = empty_rows(dist);
   Tensor mined = at::full(dist.sizes(), -1, dist.options().dtype(at::kInt));
   if (dist.numel() > 0) {
-    const Masks m = masks(labels);
-    const auto [neg, neg_index] = sorted_rows(dist, m.not_neg);
-    backend_for(dist).semi_hard(dist, labels, neg, neg_index, m.n_neg, margin, rows.loss, rows.counts, mined);
+    const auto [neg, neg_index, n_neg] = sorted_negatives(dist, labels);
+    backend_for(dist).semi_hard(dist, labels, neg, neg_index, n_neg, margin, rows.loss, rows.counts, mined);
   }
   auto [loss, stats] = finish(rows, kMined, dist.scalar_type());
   return {loss, stats, mined};
@@ -173,6 +150,19 @@ Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor&
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& excluded) {
+  // std::optional: a plain `true` would bind to the overload sort(self, dim, descending).
+  auto [values, index] = at::sort(dist.masked_fill(excluded, INFINITY), /*stable=*/std::optional<bool>(true),
+                                  /*dim=*/1, /*descending=*/false);
+  return {values.contiguous(), index.contiguous()};
+}
+
+Tensor not_positive(const Tensor& labels) {
+  const Tensor eye = at::eye(labels.size(0), labels.options().dtype(at::kBool));
+  return labels.unsqueeze(1).ne(labels.unsqueeze(0)).logical_or(eye);
+}
+
 }  // namespace mining
 }  // namespace tripletloss
 

@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 namespace tripletloss {
 namespace mining {
 
@@ -12,7 +14,8 @@ using at::Tensor;
 
 // Row launchers: run the row functions of mining_math.h for every anchor. Inputs are contiguous; dist
 // is float32 or float64 (N, N), labels int64 (N,); the sorted operands are (N, N) with each row's
-// positives or negatives first (ascending, +inf after) and their int64 columns; n_pos, n_neg int64 (N,);
+// negatives first (ascending, +inf after) and their int64 columns; n_neg int64 (N,); batch-all sorts
+// each anchor's positives itself (the CPU in per-thread buffers, CUDA with sorted_rows below);
 // loss (N,) float64 and counts (N, 3) int64 are written per anchor; scale is a 0-d float64 tensor (read
 // on the device: no host synchronization).
 struct Backend {
@@ -20,17 +23,22 @@ struct Backend {
                      Tensor& counts, Tensor& mined);
   void (*batch_hard_grad)(const Tensor& dist, const Tensor& mined, double margin, bool soft, const Tensor& scale,
                           Tensor& grad);
-  void (*batch_all)(const Tensor& pos_sorted, const Tensor& n_pos, const Tensor& neg_sorted, const Tensor& n_neg,
-                    double margin, Tensor& loss, Tensor& counts);
-  void (*batch_all_grad)(const Tensor& pos_sorted, const Tensor& pos_index, const Tensor& n_pos,
-                         const Tensor& neg_sorted, const Tensor& neg_index, const Tensor& n_neg, double margin,
-                         const Tensor& scale, Tensor& grad);
+  void (*batch_all)(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts);
+  void (*batch_all_grad)(const Tensor& dist, const Tensor& labels, double margin, const Tensor& scale,
+                         Tensor& grad);
   void (*semi_hard)(const Tensor& dist, const Tensor& labels, const Tensor& neg_sorted, const Tensor& neg_index,
                     const Tensor& n_neg, double margin, Tensor& loss, Tensor& counts, Tensor& mined);
   void (*semi_hard_grad)(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad);
 };
 
 const Backend& cpu_backend();
+
+// Each row's entries where `excluded` is false, ascending (stable: the lowest index first among ties),
+// then +inf: (values, int64 columns), both (N, N) contiguous.
+std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& excluded);
+// (N, N) bool: true where column j is not a positive of anchor i (other label, or j == i).
+Tensor not_positive(const Tensor& labels);
+
 const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA builds only)
 
 }  // namespace mining

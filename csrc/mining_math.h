@@ -86,20 +86,37 @@ TL_HD void batch_hard_grad_row(const T* d, int64_t n, const int64_t* mined, T ma
   grad[q] = -scale * w;
 }
 
-// Batch-all. ps[0, n_pos) and ns[0, n_neg): the anchor's positive and negative distances sorted ascending.
-// Triplet (j, k) is active when d_ik < margin + d_ij: for ascending positives the active negatives are a
-// growing prefix of ns, so one merge pass gives each positive's count c_j and the prefix sum:
-// sum_k [margin + d_ij - d_ik]_+ = c_j (margin + d_ij) - sum_{k < c_j} ns[k].
+// Batch-all. ps[0, n_pos): the anchor's positive distances sorted ascending, pi: their columns. Triplet
+// (j, k) is active when d_ik < margin + d_ij; for a negative k the active positives are a suffix of ps,
+// from t_k = first_active(k) on (binary search). So, with a_k = n_pos - t_k active positives of k,
+//   sum_{j,k} [margin + d_ij - d_ik]_+ = sum_k (sum_{t >= t_k} (margin + ps[t]) - a_k d_ik),
+//   dL/dd_ik = -a_k,   dL/dd_ij = c_j = #{k : t_k <= position of j}  (a prefix sum of the t_k histogram):
+// O(n_neg log n_pos) per anchor after sorting its positives, without sorting the negatives.
 template <typename T>
-TL_HD void batch_all_row(const T* ps, int64_t n_pos, const T* ns, int64_t n_neg, T margin, double* loss,
-                         int64_t* counts) {
-  int64_t k = 0, active = 0;
-  double prefix = 0, l = 0;
-  for (int64_t t = 0; t < n_pos; ++t) {
-    const T threshold = margin + ps[t];
-    for (; k < n_neg && ns[k] < threshold; ++k) prefix += double(ns[k]);
-    l += double(k) * double(threshold) - prefix;
-    active += k;
+TL_HD int64_t first_active(const T* ps, int64_t n_pos, T margin, T d_neg) {
+  int64_t lo = 0, hi = n_pos;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (d_neg < margin + ps[mid]) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t].
+template <typename T>
+TL_HD void batch_all_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, int64_t n_pos,
+                         T margin, double* suffix, double* loss, int64_t* counts) {
+  suffix[n_pos] = 0;
+  for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
+  int64_t n_neg = 0, active = 0;
+  double l = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    if (labels[k] == labels[i]) continue;
+    ++n_neg;
+    const int64_t t = first_active(ps, n_pos, margin, d[k]);
+    active += n_pos - t;
+    l += suffix[t] - double(n_pos - t) * double(d[k]);
   }
   *loss = l;
   counts[kValid] = n_pos * n_neg;
@@ -107,24 +124,21 @@ TL_HD void batch_all_row(const T* ps, int64_t n_pos, const T* ns, int64_t n_neg,
   counts[kMined] = n_pos * n_neg;
 }
 
-// dL/dd_ij = c_j (active negatives of j); dL/dd_ik = -(number of positives j with d_ik < margin + d_ij),
-// a suffix of the ascending positives that shrinks as d_ik grows. pi, ni: the original column of ps, ns.
+// The histogram of t_k is kept in the positives' own gradient slots (counts below 2^24 are exact in float).
 template <typename T>
-TL_HD void batch_all_grad_row(int64_t n, const T* ps, const int64_t* pi, int64_t n_pos, const T* ns,
-                              const int64_t* ni, int64_t n_neg, T margin, T scale, T* grad) {
+TL_HD void batch_all_grad_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, const int64_t* pi,
+                              int64_t n_pos, T margin, T scale, T* grad) {
   for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
-  int64_t k = 0;
-  for (int64_t t = 0; t < n_pos; ++t) {
-    const T threshold = margin + ps[t];
-    for (; k < n_neg && ns[k] < threshold; ++k) {
-    }
-    grad[pi[t]] = scale * T(k);
+  for (int64_t k = 0; k < n; ++k) {
+    if (labels[k] == labels[i]) continue;
+    const int64_t t = first_active(ps, n_pos, margin, d[k]);
+    grad[k] = -scale * T(n_pos - t);
+    if (t < n_pos) grad[pi[t]] += T(1);
   }
-  int64_t t = 0;
-  for (k = 0; k < n_neg; ++k) {
-    for (; t < n_pos && !(ns[k] < margin + ps[t]); ++t) {
-    }
-    grad[ni[k]] = -scale * T(n_pos - t);
+  T active = 0;
+  for (int64_t t = 0; t < n_pos; ++t) {
+    active += grad[pi[t]];
+    grad[pi[t]] = scale * active;
   }
 }
 

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "../mining.h"
 #include "../mining_math.h"
@@ -52,37 +55,63 @@ void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, boo
   });
 }
 
-void batch_all(const Tensor& pos_sorted, const Tensor& n_pos, const Tensor& neg_sorted, const Tensor& n_neg,
-               double margin, Tensor& loss, Tensor& counts) {
-  AT_DISPATCH_FLOATING_TYPES(pos_sorted.scalar_type(), "batch_all_forward", [&] {
-    const scalar_t* ps = pos_sorted.const_data_ptr<scalar_t>();
-    const scalar_t* ns = neg_sorted.const_data_ptr<scalar_t>();
-    const int64_t* np = n_pos.const_data_ptr<int64_t>();
-    const int64_t* nn = n_neg.const_data_ptr<int64_t>();
+// Anchor i's positives sorted ascending into ps, their columns into pi: by (distance, column), NaN last
+// (a strict weak order even with NaN distances, which std::sort requires).
+template <typename T>
+void sort_positives(const T* d, const int64_t* y, int64_t n, int64_t i, std::vector<std::pair<T, int64_t>>& pairs,
+                    std::vector<T>& ps, std::vector<int64_t>& pi) {
+  pairs.clear();
+  for (int64_t j = 0; j < n; ++j)
+    if (j != i && y[j] == y[i]) pairs.emplace_back(d[j], j);
+  std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) {
+    const bool a_nan = a.first != a.first, b_nan = b.first != b.first;
+    if (a_nan != b_nan) return b_nan;
+    if (!a_nan && a.first != b.first) return a.first < b.first;
+    return a.second < b.second;
+  });
+  ps.resize(pairs.size());
+  pi.resize(pairs.size());
+  for (size_t t = 0; t < pairs.size(); ++t) std::tie(ps[t], pi[t]) = pairs[t];
+}
+
+void batch_all(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts) {
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_forward", [&] {
+    const scalar_t* d = dist.const_data_ptr<scalar_t>();
+    const int64_t* y = labels.const_data_ptr<int64_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
-    const int64_t n = pos_sorted.size(0);
-    for_each_anchor(n, [&](int64_t i) {
-      batch_all_row<scalar_t>(ps + i * n, np[i], ns + i * n, nn[i], scalar_t(margin), l + i, c + i * kCounts);
+    const int64_t n = dist.size(0);
+    at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+      std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
+      std::vector<scalar_t> ps;
+      std::vector<int64_t> pi;
+      std::vector<double> suffix;
+      for (int64_t i = i0; i < i1; ++i) {
+        sort_positives(d + i * n, y, n, i, pairs, ps, pi);
+        suffix.resize(ps.size() + 1);
+        batch_all_row<scalar_t>(d + i * n, y, n, i, ps.data(), int64_t(ps.size()), scalar_t(margin), suffix.data(),
+                                l + i, c + i * kCounts);
+      }
     });
   });
 }
 
-void batch_all_grad(const Tensor& pos_sorted, const Tensor& pos_index, const Tensor& n_pos, const Tensor& neg_sorted,
-                    const Tensor& neg_index, const Tensor& n_neg, double margin, const Tensor& scale, Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(pos_sorted.scalar_type(), "batch_all_backward", [&] {
-    const scalar_t* ps = pos_sorted.const_data_ptr<scalar_t>();
-    const scalar_t* ns = neg_sorted.const_data_ptr<scalar_t>();
-    const int64_t* pi = pos_index.const_data_ptr<int64_t>();
-    const int64_t* ni = neg_index.const_data_ptr<int64_t>();
-    const int64_t* np = n_pos.const_data_ptr<int64_t>();
-    const int64_t* nn = n_neg.const_data_ptr<int64_t>();
+void batch_all_grad(const Tensor& dist, const Tensor& labels, double margin, const Tensor& scale, Tensor& grad) {
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_backward", [&] {
+    const scalar_t* d = dist.const_data_ptr<scalar_t>();
+    const int64_t* y = labels.const_data_ptr<int64_t>();
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    const int64_t n = pos_sorted.size(0);
-    for_each_anchor(n, [&](int64_t i) {
-      const int64_t o = i * n;
-      batch_all_grad_row<scalar_t>(n, ps + o, pi + o, np[i], ns + o, ni + o, nn[i], scalar_t(margin), s, g + o);
+    const int64_t n = dist.size(0);
+    at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+      std::vector<std::pair<scalar_t, int64_t>> pairs;
+      std::vector<scalar_t> ps;
+      std::vector<int64_t> pi;
+      for (int64_t i = i0; i < i1; ++i) {
+        sort_positives(d + i * n, y, n, i, pairs, ps, pi);
+        batch_all_grad_row<scalar_t>(d + i * n, y, n, i, ps.data(), pi.data(), int64_t(ps.size()), scalar_t(margin),
+                                     s, g + i * n);
+      }
     });
   });
 }

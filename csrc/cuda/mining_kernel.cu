@@ -1,12 +1,16 @@
 // CUDA row launchers of the mining ops (mining.h): one thread per anchor runs the row functions of
 // mining_math.h, exactly as the CPU does. Simple rather than fast: the per-anchor work is a few passes over
-// one row of the (N, N) matrices (the sorts are at::sort in mining.cpp), each anchor writes only its own
+// one row of the (N, N) matrices (the sorts are at::sort, sorted_rows in mining.cpp), each anchor writes only its own
 // outputs (no atomics), so results are deterministic. Launched on the current stream; the scale of the
 // backward is read on the device (no host synchronization, CUDA-graph safe).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <ATen/ops/empty.h>
+
+#include <tuple>
 
 #include "../mining.h"
 #include "../mining_math.h"
@@ -38,20 +42,17 @@ __global__ void batch_hard_grad_kernel(const T* d, const int64_t* m, int64_t n, 
 }
 
 template <typename T>
-__global__ void batch_all_kernel(const T* ps, const int64_t* np, const T* ns, const int64_t* nn, int64_t n, T margin,
-                                 double* l, int64_t* c) {
+__global__ void batch_all_kernel(const T* d, const int64_t* y, const T* ps, const int64_t* np, int64_t n, T margin,
+                                 double* suffix, double* l, int64_t* c) {
   const int64_t i = anchor(n);
-  if (i >= 0) batch_all_row<T>(ps + i * n, np[i], ns + i * n, nn[i], margin, l + i, c + i * kCounts);
+  if (i >= 0) batch_all_row<T>(d + i * n, y, n, i, ps + i * n, np[i], margin, suffix + i * (n + 1), l + i, c + i * kCounts);
 }
 
 template <typename T>
-__global__ void batch_all_grad_kernel(const T* ps, const int64_t* pi, const int64_t* np, const T* ns,
-                                      const int64_t* ni, const int64_t* nn, int64_t n, T margin, const double* scale,
-                                      T* g) {
+__global__ void batch_all_grad_kernel(const T* d, const int64_t* y, const T* ps, const int64_t* pi, const int64_t* np,
+                                      int64_t n, T margin, const double* scale, T* g) {
   const int64_t i = anchor(n);
-  if (i < 0) return;
-  const int64_t o = i * n;
-  batch_all_grad_row<T>(n, ps + o, pi + o, np[i], ns + o, ni + o, nn[i], margin, T(*scale), g + o);
+  if (i >= 0) batch_all_grad_row<T>(d + i * n, y, n, i, ps + i * n, pi + i * n, np[i], margin, T(*scale), g + i * n);
 }
 
 template <typename T>
@@ -101,26 +102,35 @@ void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, boo
   });
 }
 
-void batch_all(const Tensor& pos_sorted, const Tensor& n_pos, const Tensor& neg_sorted, const Tensor& n_neg,
-               double margin, Tensor& loss, Tensor& counts) {
-  AT_DISPATCH_FLOATING_TYPES(pos_sorted.scalar_type(), "batch_all_forward", [&] {
-    launch_rows(pos_sorted, [&](unsigned blocks, cudaStream_t stream) {
+// Each anchor's positives sorted ascending (at::sort of the masked rows), their columns and numbers.
+std::tuple<Tensor, Tensor, Tensor> sorted_positives(const Tensor& dist, const Tensor& labels) {
+  const Tensor excluded = not_positive(labels);
+  auto [values, index] = sorted_rows(dist, excluded);
+  return {values, index, excluded.logical_not().sum(1)};
+}
+
+void batch_all(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts) {
+  const auto [ps, pi, np] = sorted_positives(dist, labels);
+  const int64_t n = dist.size(0);
+  Tensor suffix = at::empty({n, n + 1}, dist.options().dtype(at::kDouble));  // per-anchor scratch
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_forward", [&] {
+    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
       batch_all_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          pos_sorted.const_data_ptr<scalar_t>(), n_pos.const_data_ptr<int64_t>(), neg_sorted.const_data_ptr<scalar_t>(),
-          n_neg.const_data_ptr<int64_t>(), pos_sorted.size(0), scalar_t(margin), loss.mutable_data_ptr<double>(),
-          counts.mutable_data_ptr<int64_t>());
+          dist.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), ps.const_data_ptr<scalar_t>(),
+          np.const_data_ptr<int64_t>(), n, scalar_t(margin), suffix.mutable_data_ptr<double>(),
+          loss.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>());
     });
   });
 }
 
-void batch_all_grad(const Tensor& pos_sorted, const Tensor& pos_index, const Tensor& n_pos, const Tensor& neg_sorted,
-                    const Tensor& neg_index, const Tensor& n_neg, double margin, const Tensor& scale, Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(pos_sorted.scalar_type(), "batch_all_backward", [&] {
-    launch_rows(pos_sorted, [&](unsigned blocks, cudaStream_t stream) {
+void batch_all_grad(const Tensor& dist, const Tensor& labels, double margin, const Tensor& scale, Tensor& grad) {
+  const auto [ps, pi, np] = sorted_positives(dist, labels);
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_backward", [&] {
+    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
       batch_all_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          pos_sorted.const_data_ptr<scalar_t>(), pos_index.const_data_ptr<int64_t>(), n_pos.const_data_ptr<int64_t>(),
-          neg_sorted.const_data_ptr<scalar_t>(), neg_index.const_data_ptr<int64_t>(), n_neg.const_data_ptr<int64_t>(),
-          pos_sorted.size(0), scalar_t(margin), scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
+          dist.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), ps.const_data_ptr<scalar_t>(),
+          pi.const_data_ptr<int64_t>(), np.const_data_ptr<int64_t>(), dist.size(0), scalar_t(margin),
+          scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
     });
   });
 }
