@@ -2,7 +2,7 @@
 // mining.h. Autograd and fake kernels: tripletloss_cuda/mining_ops.py. Semantics: mining_math.h and
 // tripletloss_cuda/mining.py.
 //
-// Every op is O(N^2) memory: label masks, sorted rows of the distances, and per-anchor partial results,
+// Every op is O(N^2) memory: per-anchor sorted positives and partial results,
 // reduced in a fixed order (no float atomics), so results are deterministic.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -37,13 +37,6 @@ const Backend& backend_for(const Tensor& dist) {
   return cpu_backend();
 }
 
-// The anchors' negatives sorted ascending (then +inf), their columns, and their numbers (N,).
-std::tuple<Tensor, Tensor, Tensor> sorted_negatives(const Tensor& dist, const Tensor& labels) {
-  const Tensor same = labels.unsqueeze(1).eq(labels.unsqueeze(0));
-  auto [values, index] = sorted_rows(dist, same);
-  return {values, index, same.logical_not().sum(1)};
-}
-
 struct Rows {  // the per-anchor outputs of a forward launcher
   Tensor loss, counts;
 };
@@ -56,7 +49,8 @@ Rows empty_rows(const Tensor& dist) {
 // (loss, stats): the loss sum over anchors, divided by the stat `denominator` (clamped to 1: an empty
 // batch gives 0, not NaN) unless it is -1; stats = {valid, active, mined triplets, valid, active anchors}.
 std::tuple<Tensor, Tensor> finish(const Rows& rows, int64_t denominator, at::ScalarType dtype) {
-  const Tensor anchors = at::stack({rows.counts.select(1, kValid).gt(0).sum(), rows.counts.select(1, kActive).gt(0).sum()});
+  const Tensor anchors =
+      at::stack({rows.counts.select(1, kValid).gt(0).sum(), rows.counts.select(1, kActive).gt(0).sum()});
   const Tensor stats = at::cat({rows.counts.sum(0), anchors});
   Tensor loss = rows.loss.sum();
   if (denominator >= 0) loss = loss / stats.select(0, denominator).clamp_min(1).to(at::kDouble);
@@ -129,10 +123,7 @@ std::tuple<Tensor, Tensor, Tensor> semi_hard_forward(const Tensor& dist_, const 
   const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
   Rows rows = empty_rows(dist);
   Tensor mined = at::full(dist.sizes(), -1, dist.options().dtype(at::kInt));
-  if (dist.numel() > 0) {
-    const auto [neg, neg_index, n_neg] = sorted_negatives(dist, labels);
-    backend_for(dist).semi_hard(dist, labels, neg, neg_index, n_neg, margin, rows.loss, rows.counts, mined);
-  }
+  if (dist.numel() > 0) backend_for(dist).semi_hard(dist, labels, margin, rows.loss, rows.counts, mined);
   auto [loss, stats] = finish(rows, kMined, dist.scalar_type());
   return {loss, stats, mined};
 }

@@ -13,9 +13,8 @@ namespace mining {
 using at::Tensor;
 
 // Row launchers: run the row functions of mining_math.h for every anchor. Inputs are contiguous; dist
-// is float32 or float64 (N, N), labels int64 (N,); the sorted operands are (N, N) with each row's
-// negatives first (ascending, +inf after) and their int64 columns; n_neg int64 (N,); batch-all sorts
-// each anchor's positives itself (the CPU in per-thread buffers, CUDA with sorted_rows below);
+// is float32 or float64 (N, N), labels int64 (N,); batch-all and semi-hard sort each anchor's positives
+// (the CPU in per-task buffers, CUDA with sorted_rows below);
 // loss (N,) float64 and counts (N, 3) int64 are written per anchor; scale is a 0-d float64 tensor (read
 // on the device: no host synchronization).
 struct Backend {
@@ -26,8 +25,8 @@ struct Backend {
   void (*batch_all)(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts);
   void (*batch_all_grad)(const Tensor& dist, const Tensor& labels, double margin, const Tensor& scale,
                          Tensor& grad);
-  void (*semi_hard)(const Tensor& dist, const Tensor& labels, const Tensor& neg_sorted, const Tensor& neg_index,
-                    const Tensor& n_neg, double margin, Tensor& loss, Tensor& counts, Tensor& mined);
+  void (*semi_hard)(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts,
+                    Tensor& mined);
   void (*semi_hard_grad)(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad);
 };
 

@@ -143,24 +143,36 @@ TL_HD void batch_all_grad_row(const T* d, const int64_t* labels, int64_t n, int6
 }
 
 // Semi-hard (TensorFlow Addons' TripletSemiHardLoss): for each positive j, the negative with the smallest
-// d_ik > d_ij, else the one with the largest d_ik. ns/ni: the negatives sorted ascending (stable, so the
-// lowest index comes first among ties) and their columns. mined[j]: the chosen k, -1 if j is no positive
-// or the anchor has no negative.
+// d_ik > d_ij, else the one with the largest d_ik; lowest index among ties. ps/pi: the anchor's positives
+// sorted ascending and their columns. A negative k lies above the positives before b_k = #{t : ps[t] < d_ik}
+// (binary search); keeping the nearest negative of each b in best_d/best_k[0, n_pos], the candidates of the
+// positive at sorted position p are the negatives with b_k > p: a running minimum from the top. O(n log n_pos)
+// per anchor, the negatives unsorted. mined[j]: the chosen k; -1 if j is no positive or there is no negative.
 template <typename T>
-TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ns, const int64_t* ni,
-                         int64_t n_neg, T margin, double* loss, int64_t* counts, int32_t* mined) {
-  int64_t n_pos = 0, active = 0;
+TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, const int64_t* pi,
+                         int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss, int64_t* counts,
+                         int32_t* mined) {
+  for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
+  int64_t n_neg = 0, largest = -1;
+  for (int64_t k = 0; k < n; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
+    mined[k] = -1;
+    if (labels[k] == labels[i]) continue;
+    ++n_neg;
+    if (largest < 0 || d[k] > d[largest]) largest = k;
+    const int64_t b = count_below(ps, n_pos, d[k], false);
+    if (best_k[b] < 0 || d[k] < best_d[b]) {
+      best_d[b] = d[k];
+      best_k[b] = k;
+    }
+  }
+  int64_t active = 0, nearest = -1;
   double l = 0;
-  const int64_t first_largest = n_neg > 0 ? count_below(ns, n_neg, ns[n_neg - 1], false) : 0;
-  for (int64_t j = 0; j < n; ++j) {
-    mined[j] = -1;
-    if (j == i || labels[j] != labels[i]) continue;
-    ++n_pos;
-    if (n_neg == 0) continue;
-    const int64_t outside = count_below(ns, n_neg, d[j], true);  // first sorted negative > d_ij
-    const int64_t at = outside < n_neg ? outside : first_largest;
-    const T h = margin + d[j] - ns[at];
-    mined[j] = int32_t(ni[at]);
+  for (int64_t p = n_pos - 1; p >= 0 && n_neg > 0; --p) {
+    const int64_t k = best_k[p + 1];
+    if (k >= 0 && (nearest < 0 || d[k] < d[nearest] || (d[k] == d[nearest] && k < nearest))) nearest = k;
+    const int64_t chosen = nearest >= 0 ? nearest : largest;
+    const T h = margin + ps[p] - d[chosen];
+    mined[pi[p]] = int32_t(chosen);
     if (h > T(0)) {
       l += double(h);
       ++active;

@@ -116,21 +116,26 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, double margin, con
   });
 }
 
-void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& neg_sorted, const Tensor& neg_index,
-               const Tensor& n_neg, double margin, Tensor& loss, Tensor& counts, Tensor& mined) {
+void semi_hard(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts,
+               Tensor& mined) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
-    const scalar_t* ns = neg_sorted.const_data_ptr<scalar_t>();
-    const int64_t* ni = neg_index.const_data_ptr<int64_t>();
-    const int64_t* nn = n_neg.const_data_ptr<int64_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
     int32_t* m = mined.mutable_data_ptr<int32_t>();
     const int64_t n = dist.size(0);
-    for_each_anchor(n, [&](int64_t i) {
-      const int64_t o = i * n;
-      semi_hard_row<scalar_t>(d + o, y, n, i, ns + o, ni + o, nn[i], scalar_t(margin), l + i, c + i * kCounts, m + o);
+    at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+      std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
+      std::vector<scalar_t> ps, best_d;
+      std::vector<int64_t> pi, best_k;
+      for (int64_t i = i0; i < i1; ++i) {
+        sort_positives(d + i * n, y, n, i, pairs, ps, pi);
+        best_d.resize(ps.size() + 1);
+        best_k.resize(ps.size() + 1);
+        semi_hard_row<scalar_t>(d + i * n, y, n, i, ps.data(), pi.data(), int64_t(ps.size()), scalar_t(margin),
+                                best_d.data(), best_k.data(), l + i, c + i * kCounts, m + i * n);
+      }
     });
   });
 }

@@ -1,7 +1,7 @@
 // CUDA row launchers of the mining ops (mining.h): one thread per anchor runs the row functions of
 // mining_math.h, exactly as the CPU does. Simple rather than fast: the per-anchor work is a few passes over
-// one row of the (N, N) matrices (the sorts are at::sort, sorted_rows in mining.cpp), each anchor writes only its own
-// outputs (no atomics), so results are deterministic. Launched on the current stream; the scale of the
+// one row of the (N, N) matrices (the sorts are at::sort: sorted_rows in mining.cpp), each anchor writes
+// only its own outputs (no atomics), so results are deterministic. Launched on the current stream; the scale of the
 // backward is read on the device (no host synchronization, CUDA-graph safe).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -45,7 +45,8 @@ template <typename T>
 __global__ void batch_all_kernel(const T* d, const int64_t* y, const T* ps, const int64_t* np, int64_t n, T margin,
                                  double* suffix, double* l, int64_t* c) {
   const int64_t i = anchor(n);
-  if (i >= 0) batch_all_row<T>(d + i * n, y, n, i, ps + i * n, np[i], margin, suffix + i * (n + 1), l + i, c + i * kCounts);
+  if (i < 0) return;
+  batch_all_row<T>(d + i * n, y, n, i, ps + i * n, np[i], margin, suffix + i * (n + 1), l + i, c + i * kCounts);
 }
 
 template <typename T>
@@ -56,12 +57,13 @@ __global__ void batch_all_grad_kernel(const T* d, const int64_t* y, const T* ps,
 }
 
 template <typename T>
-__global__ void semi_hard_kernel(const T* d, const int64_t* y, const T* ns, const int64_t* ni, const int64_t* nn,
-                                 int64_t n, T margin, double* l, int64_t* c, int32_t* m) {
+__global__ void semi_hard_kernel(const T* d, const int64_t* y, const T* ps, const int64_t* pi, const int64_t* np,
+                                 int64_t n, T margin, T* best_d, int64_t* best_k, double* l, int64_t* c, int32_t* m) {
   const int64_t i = anchor(n);
   if (i < 0) return;
-  const int64_t o = i * n;
-  semi_hard_row<T>(d + o, y, n, i, ns + o, ni + o, nn[i], margin, l + i, c + i * kCounts, m + o);
+  const int64_t o = i * n, s = i * (n + 1);
+  semi_hard_row<T>(d + o, y, n, i, ps + o, pi + o, np[i], margin, best_d + s, best_k + s, l + i, c + i * kCounts,
+                   m + o);
 }
 
 template <typename T>
@@ -135,14 +137,19 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, double margin, con
   });
 }
 
-void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& neg_sorted, const Tensor& neg_index,
-               const Tensor& n_neg, double margin, Tensor& loss, Tensor& counts, Tensor& mined) {
+void semi_hard(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts,
+               Tensor& mined) {
+  const auto [ps, pi, np] = sorted_positives(dist, labels);
+  const int64_t n = dist.size(0);
+  Tensor best_d = at::empty({n, n + 1}, dist.options());  // per-anchor scratch
+  Tensor best_k = at::empty({n, n + 1}, dist.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
     launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
       semi_hard_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          dist.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), neg_sorted.const_data_ptr<scalar_t>(),
-          neg_index.const_data_ptr<int64_t>(), n_neg.const_data_ptr<int64_t>(), dist.size(0), scalar_t(margin),
-          loss.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>(), mined.mutable_data_ptr<int32_t>());
+          dist.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), ps.const_data_ptr<scalar_t>(),
+          pi.const_data_ptr<int64_t>(), np.const_data_ptr<int64_t>(), n, scalar_t(margin),
+          best_d.mutable_data_ptr<scalar_t>(), best_k.mutable_data_ptr<int64_t>(), loss.mutable_data_ptr<double>(),
+          counts.mutable_data_ptr<int64_t>(), mined.mutable_data_ptr<int32_t>());
     });
   });
 }
