@@ -33,13 +33,13 @@ TL_HD T sigmoid(T x) {
   return T(1) / (T(1) + tl_exp(-x));
 }
 
-// The number of leading elements of the ascending s[0, n) with s < v (v <= s: with_equal = true).
+// The number of leading elements of the ascending s[0, n) that are < v.
 template <typename T>
-TL_HD int64_t count_below(const T* s, int64_t n, T v, bool with_equal) {
+TL_HD int64_t count_below(const T* s, int64_t n, T v) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (s[mid] < v || (with_equal && s[mid] == v)) lo = mid + 1;
+    if (s[mid] < v) lo = mid + 1;
     else hi = mid;
   }
   return lo;
@@ -159,7 +159,7 @@ TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i
     if (labels[k] == labels[i]) continue;
     ++n_neg;
     if (largest < 0 || d[k] > d[largest]) largest = k;
-    const int64_t b = count_below(ps, n_pos, d[k], false);
+    const int64_t b = count_below(ps, n_pos, d[k]);
     if (best_k[b] < 0 || d[k] < best_d[b]) {
       best_d[b] = d[k];
       best_k[b] = k;
