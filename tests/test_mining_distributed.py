@@ -62,6 +62,17 @@ def _worker(rank, store_path, out_path):
         gathered, gathered_labels = tl_distributed.gather(local, local_labels)
         (gathered * torch.arange(gathered.shape[0], dtype=gathered.dtype)[:, None]).sum().backward()
         results["gather"] = (gathered.detach(), gathered_labels, local.grad)
+        # dtypes gloo cannot all_gather itself (bfloat16, uint16 labels) travel as bytes
+        local16 = _shard(embeddings, rank).to(torch.bfloat16)
+        results["gather16"] = tl_distributed.gather(local16, local_labels.to(torch.uint16))
+        # a rank with no rows (the padding's extreme case)
+        empty = embeddings[:0] if rank == 0 else _shard(embeddings, rank)
+        results["gather_empty"] = tl_distributed.gather(empty, labels[: empty.shape[0]])
+        # ranks that disagree on the width: an error on every rank, not a hang
+        try:
+            tl_distributed.gather(_shard(embeddings, rank)[:, : 6 - rank], local_labels)
+        except RuntimeError as err:
+            results["mismatch"] = str(err)
         torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
@@ -115,6 +126,13 @@ def test_distributed_equals_single_process(tmp_path):
         torch.testing.assert_close(gathered, embeddings, rtol=0, atol=0)
         torch.testing.assert_close(gathered_labels, labels, rtol=0, atol=0)
         torch.testing.assert_close(grad, _shard(weights, rank), rtol=0, atol=0)  # only its own rows' gradient
+        gathered16, labels16 = result["gather16"]
+        torch.testing.assert_close(gathered16, embeddings.to(torch.bfloat16), rtol=0, atol=0)
+        assert labels16.dtype == torch.uint16 and labels16.tolist() == labels.tolist()
+        assert "rank 0: D=6 float64 embeddings, int64 labels, rank 1: D=5" in result.get("mismatch", "")
+        gathered_empty, labels_empty = result["gather_empty"]
+        torch.testing.assert_close(gathered_empty, _shard(embeddings, 1), rtol=0, atol=0)
+        assert labels_empty.tolist() == labels[: SHARDS[1]].tolist()
 
 
 def test_gather_needs_initialized_process_group():
