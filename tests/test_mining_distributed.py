@@ -42,6 +42,11 @@ def _shard(tensor, rank):
     return tensor[start : start + SHARDS[rank]]
 
 
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 4, dtype=torch.float64)
+
+
 def _worker(rank, store_path, out_path):
     """One rank: every loss with distributed=True on its shard; saves losses, stats and gradients."""
     import torch.distributed as dist
@@ -68,6 +73,12 @@ def _worker(rank, store_path, out_path):
         # a rank with no rows (the padding's extreme case)
         empty = embeddings[:0] if rank == 0 else _shard(embeddings, rank)
         results["gather_empty"] = tl_distributed.gather(empty, labels[: empty.shape[0]])
+        # under DDP (which averages parameter gradients over ranks) loss * world size gives the single-process
+        # parameter gradients, as tripletloss_cuda/distributed.py documents
+        ddp = torch.nn.parallel.DistributedDataParallel(_model())
+        loss = tl.batch_hard_triplet_loss(ddp(_shard(embeddings, rank)), local_labels, margin=0.5, distributed=True)
+        (loss * dist.get_world_size()).backward()
+        results["ddp"] = [p.grad for p in ddp.module.parameters()]
         # ranks that disagree on the width: an error on every rank, not a hang
         try:
             tl_distributed.gather(_shard(embeddings, rank)[:, : 6 - rank], local_labels)
@@ -119,6 +130,12 @@ def test_distributed_equals_single_process(tmp_path):
             for field, a, b in zip(tl.MiningStats._fields, rank_stats, stats):
                 torch.testing.assert_close(a, b, msg=f"{name} {field} on rank {rank}")
             torch.testing.assert_close(rank_grad, _shard(whole.grad, rank), msg=f"{name} gradient on rank {rank}")
+
+    model = _model()
+    tl.batch_hard_triplet_loss(model(embeddings), labels, margin=0.5).backward()
+    for rank, result in enumerate(results):
+        for param, grad in zip(model.parameters(), result["ddp"]):
+            torch.testing.assert_close(grad, param.grad, msg=f"DDP parameter gradient on rank {rank}")
 
     weights = torch.arange(embeddings.shape[0], dtype=embeddings.dtype)[:, None].expand_as(embeddings)
     for rank, result in enumerate(results):
