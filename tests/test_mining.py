@@ -216,6 +216,17 @@ def test_edge_cases_are_finite(path, case, distance):
             assert stats.valid_triplets.item() == counts[0], name
 
 
+@pytest.mark.parametrize("bad", (torch.nan, torch.inf), ids=("nan", "inf"))
+def test_non_finite_embeddings_give_nan(path, bad):
+    """A NaN would otherwise be skipped by the mining (comparisons with NaN are false): the loss says NaN."""
+    x, labels = make_batch(12, 3, seed=14)
+    x[5, 2] = bad
+    for kind, kw in CASES:
+        loss = call(kind, x.requires_grad_(), labels, **kw)
+        assert loss.isnan(), (kind, kw)
+        loss.backward()  # no error
+
+
 def test_anchors_without_positive():
     """Singleton classes are anchors of no triplet but are still negatives of the others."""
     x, _ = make_batch(10, 1, seed=2)

@@ -12,7 +12,7 @@ Shared semantics (embeddings (N, D) float16/bfloat16/float32/float64, labels (N,
 - A valid triplet (i, j, k) has y_i == y_j, i != j (j is a positive of anchor i) and y_k != y_i (a negative).
 - Memory is O(N^2): nothing of size N x N x N and no list of triplets is built, forward or backward.
 - A batch without a valid triplet gives a loss of 0 with zero gradients. Ties between equal distances go
-  to the lowest index, so results are deterministic.
+  to the lowest index, so results are deterministic. A NaN or infinite embedding gives a NaN loss.
 - The loss has the embeddings' dtype. ``return_stats=True`` also returns a :class:`MiningStats` of 0-d
   tensors (no host synchronization).
 - ``distributed=True`` with an initialized torch.distributed process group of more than one process mines
@@ -100,14 +100,18 @@ def _global_batch(embeddings, labels, distributed):
 
 
 def _prepare(embeddings, labels, margin, distance, normalize, distributed):
-    """Checks the arguments; returns the (N, N) distance matrix and int64 labels of the batch to mine."""
+    """Checks the arguments; returns the (N, N) distance matrix and int64 labels of the batch to mine, and
+    whether all its embeddings are finite (a 0-d tensor: no host synchronization)."""
     _check(embeddings, labels, margin, distance)
     embeddings, labels = _global_batch(embeddings, labels, distributed)
-    return reference.distance_matrix(embeddings, distance, normalize), labels.to(torch.int64)
+    finite = torch.isfinite(embeddings).all()
+    return reference.distance_matrix(embeddings, distance, normalize), labels.to(torch.int64), finite
 
 
-def _finish(loss, stats, dtype, return_stats):
-    loss = loss.to(dtype)
+def _finish(loss, stats, finite, dtype, return_stats):
+    # A NaN or infinite embedding makes the loss NaN, as it would in PyTorch: mining would otherwise skip
+    # its NaN distances (every comparison with NaN is false) and return a plausible number.
+    loss = torch.where(finite, loss, torch.nan).to(dtype)
     return (loss, _stats_tuple(stats)) if return_stats else loss
 
 
@@ -131,9 +135,9 @@ def batch_hard_triplet_loss(
     """
     from . import mining_ops
 
-    dist, labels = _prepare(embeddings, labels, margin, distance, normalize, distributed)
+    dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
     loss, stats = mining_ops.batch_hard(dist, labels, float(margin), bool(soft))
-    return _finish(loss, stats, embeddings.dtype, return_stats)
+    return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
 def batch_all_triplet_loss(
@@ -161,9 +165,9 @@ def batch_all_triplet_loss(
 
     if reduction not in BATCH_ALL_REDUCTIONS:
         raise ValueError(f"reduction should be one of {', '.join(map(repr, BATCH_ALL_REDUCTIONS))}, got {reduction!r}")
-    dist, labels = _prepare(embeddings, labels, margin, distance, normalize, distributed)
+    dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
     loss, stats = mining_ops.batch_all(dist, labels, float(margin), BATCH_ALL_REDUCTIONS[reduction])
-    return _finish(loss, stats, embeddings.dtype, return_stats)
+    return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
 def semi_hard_triplet_loss(
@@ -183,9 +187,9 @@ def semi_hard_triplet_loss(
     """
     from . import mining_ops
 
-    dist, labels = _prepare(embeddings, labels, margin, distance, normalize, distributed)
+    dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
     loss, stats = mining_ops.semi_hard(dist, labels, float(margin))
-    return _finish(loss, stats, embeddings.dtype, return_stats)
+    return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
 class _MiningLoss(Module):
