@@ -148,21 +148,25 @@ def _sync(device):
 def measure_row(spec):
     """Runs one row: {loss, impl, n, d, per_class, device, budget_s, repeats: [min, max]} -> the row's results."""
     device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     fn = make_loss(spec["loss"], spec["impl"])
     x, y = make_inputs(spec["n"], spec["d"], spec["per_class"], device)
 
     def call():
-        (grad,) = torch.autograd.grad(fn(x, y), x)
-        return grad
+        loss = fn(x, y)
+        torch.autograd.grad(loss, x)
+        return loss.detach()
 
-    small_x, small_y = make_inputs(32, spec["d"], spec["per_class"], device, seed=1)
-    torch.autograd.grad(fn(small_x, small_y), small_x)  # loads code paths and libraries outside the measurement
+    # A small call first loads libraries and code paths (and pml's imports) outside the measurement.
+    small_x, small_y = make_inputs(64, spec["d"], min(spec["per_class"], 4), device, seed=1)
+    torch.autograd.grad(fn(small_x, small_y), small_x)
     _sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        call()
+        value = call()
         _sync(device)
         first = time.perf_counter() - start
         peak, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
@@ -170,7 +174,7 @@ def measure_row(spec):
         exact = _reset_peak_rss()
         before = _proc_status("VmRSS")
         start = time.perf_counter()
-        call()
+        value = call()
         first = time.perf_counter() - start
         if exact:
             peak, how = _proc_status("VmHWM") - before, "VmHWM after clear_refs"
@@ -185,12 +189,13 @@ def measure_row(spec):
         _sync(device)
         times.append(time.perf_counter() - start)
     times = times or [first]
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {
         "median_s": statistics.median(times),
         "p20_s": q[0],
         "p80_s": q[3],
         "first_s": first,
+        "loss_value": value.item(),
         "repeats": len(times),
         "peak_bytes": max(int(peak), 0),
         "memory_measure": how,
@@ -217,7 +222,7 @@ def run_row(spec, timeout_s):
 # ---------------------------------------------------------------- the run, the table, the files
 
 
-def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=None):
+def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=None, threads=None):
     mode = "quick" if quick else "full"
     least, most = REPEATS[mode] if repeats is None else (repeats, repeats)
     for loss in losses:
@@ -230,7 +235,9 @@ def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=N
                         if reason:
                             row["skipped"] = reason
                         else:
-                            spec = dict(row, device=device, budget_s=BUDGET_S[mode], repeats=[least, most])
+                            spec = dict(
+                                row, device=device, budget_s=BUDGET_S[mode], repeats=[least, most], threads=threads
+                            )
                             row.update(run_row(spec, ROW_TIMEOUT_S))
                         log(f"{loss} N={n} D={d} per class {per_class} {impl}: " + _row_summary(row))
                         yield row
@@ -269,22 +276,24 @@ def markdown(meta, rows):
         f"Mining losses, forward+backward, float32, margin {MARGIN}, normalized Euclidean; {meta['device_name']}; "
         f"torch {meta['torch']}, pytorch-metric-learning {meta['pytorch_metric_learning']}; commit "
         f"{meta['git_commit']}, {meta['date']}. Peak memory: {meta['memory_measure']}. "
-        "tl speedup = that row's time / tl's time; memory ratio = that row's peak / tl's peak. "
+        "Loss value: of the first call (the same function, so the same value, for tl, reference and pml "
+        "batch-hard and batch-all). tl speedup = that row's time / tl's time; memory ratio = that row's peak / tl's peak. "
         "pml semi-hard (TripletMarginMiner 'semihard') is not the same function as ours."
     )
     lines = [
         header,
         "",
-        "| loss | N | D | per class | implementation | median | p20–p80 | peak memory | tl speedup | tl memory ratio |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| loss | N | D | per class | implementation | loss value | median | p20–p80 | peak memory | tl speedup | tl memory ratio |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = [r["loss"], str(r["n"]), str(r["d"]), str(r["per_class"]), IMPLS.get(r["impl"], r["impl"])]
         if r.get("skipped"):
-            cells = [r["skipped"], "", "", "", ""]
+            cells = ["", r["skipped"], "", "", "", ""]
         else:
             speedup, ratio = r.get("tl_speedup"), r.get("tl_memory_ratio")
             cells = [
+                f"{r['loss_value']:.6g}",
                 _fmt_time(r["median_s"]),
                 f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}",
                 _fmt_bytes(r["peak_bytes"]),
@@ -360,6 +369,9 @@ def _parse_args(argv):
     parser.add_argument("--losses", default=",".join(LOSSES), help="default: %(default)s")
     parser.add_argument("--impls", default=",".join(IMPLS), help="default: %(default)s")
     parser.add_argument("--repeats", type=int, help="timed calls per row (default: fit a time budget)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (torch.set_num_threads) in every row (default: torch's default)"
+    )
     parser.add_argument("--quick", action="store_true", help="N=64, D=32, 4 per class, few repeats, no files")
     parser.add_argument("--json", help="also write the results JSON to this file")
     parser.add_argument("--out-dir", help="folder for mining-<device>-<date>.{json,md} (default: benchmarks/results)")
@@ -384,6 +396,8 @@ def main(argv=None):
         print(json.dumps(measure_row(json.loads(args.worker))))
         return 0
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also in every row's process; recorded in the metadata
     started = time.perf_counter()
     meta = metadata(device)
     started_at = datetime.datetime.fromisoformat(meta["date"])
