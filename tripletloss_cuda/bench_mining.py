@@ -72,9 +72,7 @@ def make_loss(loss, impl):
     import tripletloss_cuda as tl
 
     if impl == "tl":
-        fn = {"batch_hard": tl.batch_hard_triplet_loss, "batch_all": tl.batch_all_triplet_loss}.get(
-            loss, tl.semi_hard_triplet_loss
-        )
+        fn = getattr(tl, f"{loss}_triplet_loss")
         return lambda x, y: fn(x, y, margin=MARGIN, normalize=True)
     if impl == "reference":
         from tripletloss_cuda import mining_reference as ref
@@ -113,9 +111,7 @@ def skip_reason(loss, impl, n, device):
     if device == "cuda":
         available = torch.cuda.mem_get_info()[0]
     else:
-        import psutil
-
-        available = psutil.virtual_memory().available
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free RAM; no psutil needed
     if n**3 > available / 2:
         return f"not run: pml builds N^3 masks ({n**3 / 2**30:.0f} GiB) > half the available memory"
     return None
@@ -172,11 +168,13 @@ def measure_row(spec):
         peak, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
     else:
         exact = _reset_peak_rss()
-        before = _proc_status("VmRSS")
+        before = _proc_status("VmRSS") if pathlib.Path("/proc/self/status").exists() else None
         start = time.perf_counter()
         value = call()
         first = time.perf_counter() - start
-        if exact:
+        if before is None:  # not Linux: no measure of the current RSS to subtract
+            peak, how = None, "unavailable (no /proc)"
+        elif exact:
             peak, how = _proc_status("VmHWM") - before, "VmHWM after clear_refs"
         else:
             peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, "ru_maxrss"
@@ -194,10 +192,11 @@ def measure_row(spec):
         "median_s": statistics.median(times),
         "p20_s": q[0],
         "p80_s": q[3],
+        "min_s": min(times),
         "first_s": first,
         "loss_value": value.item(),
         "repeats": len(times),
-        "peak_bytes": max(int(peak), 0),
+        "peak_bytes": None if peak is None else max(int(peak), 0),
         "memory_measure": how,
     }
 
@@ -256,7 +255,8 @@ def annotate(rows):
         base = tl_rows.get(_case(r))
         if base and not r.get("skipped"):
             r["tl_speedup"] = r["median_s"] / base["median_s"]
-            r["tl_memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None
+            measured = r["peak_bytes"] is not None and base["peak_bytes"]  # None or 0: no ratio
+            r["tl_memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if measured else None
 
 
 def _case(row):
@@ -268,6 +268,8 @@ def _fmt_time(seconds):
 
 
 def _fmt_bytes(nbytes):
+    if nbytes is None:
+        return "n/a"
     return f"{nbytes / 2**20:.3g} MiB"
 
 
