@@ -129,5 +129,9 @@ def test_bench_mining_quick(tmp_path, capsys):
     assert result["meta"]["device_kind"] == "cpu"
     impls = {row["impl"] for row in result["rows"]}
     assert {"tl", "reference", "pml"} <= impls
-    assert all(row.get("median_s") or row.get("skipped") for row in result["rows"])
+    assert all(row["median_s"] > 0 and row["peak_bytes"] >= 0 for row in result["rows"])
+    values = {row["impl"]: row["loss_value"] for row in result["rows"]}  # the same function: the same loss
+    assert values["tl"] > 0
+    assert values["reference"] == pytest.approx(values["tl"], rel=1e-5)
+    assert values["pml"] == pytest.approx(values["tl"], rel=1e-5)
     assert "| batch_all |" in capsys.readouterr().out
