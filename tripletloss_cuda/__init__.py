@@ -3,16 +3,42 @@
 import tripletloss_cuda as tl
 loss = tl.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False)
 criterion = tl.TripletMarginLoss(margin=1.0)
+
+Online mining on a batch of embeddings with labels (see tripletloss_cuda.mining):
+loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch_all_, semi_hard_
 """
 
 import torch
 
-from . import naive, ops, reference
+from . import mining_ops, naive, ops, reference
 from .functional import triplet_margin_loss
+from .mining import (
+    BatchAllTripletLoss,
+    BatchHardTripletLoss,
+    BatchSemiHardTripletLoss,
+    MiningStats,
+    batch_all_triplet_loss,
+    batch_hard_triplet_loss,
+    semi_hard_triplet_loss,
+)
 from .modules import TripletMarginLoss
 
 __version__ = "0.1.0"
-__all__ = ["TripletMarginLoss", "info", "naive", "ops", "reference", "triplet_margin_loss"]
+__all__ = [
+    "BatchAllTripletLoss",
+    "BatchHardTripletLoss",
+    "BatchSemiHardTripletLoss",
+    "MiningStats",
+    "TripletMarginLoss",
+    "batch_all_triplet_loss",
+    "batch_hard_triplet_loss",
+    "info",
+    "naive",
+    "ops",
+    "reference",
+    "semi_hard_triplet_loss",
+    "triplet_margin_loss",
+]
 
 
 def info():
@@ -26,6 +52,7 @@ def info():
         "extension_loaded": ops._C is not None,
         "extension_error": None if ops.EXTENSION_ERROR is None else str(ops.EXTENSION_ERROR),
         "kernels": sorted(ops.KERNEL_DEVICES),
+        "mining_kernels": sorted(mining_ops.KERNEL_DEVICES),
         "cuda_architectures": build.get("cuda_archs", ""),
         "cuda_available": cuda_ok,
         "cuda_device": torch.cuda.get_device_name() if cuda_ok else None,

@@ -1,0 +1,200 @@
+// The per-anchor math of the mining losses, written once for the CPU and CUDA kernels, which only map
+// anchors (rows of the (N, N) distance matrix d) onto threads around it. T is float or double.
+//
+// Anchor i, positives j (y_j == y_i, j != i), negatives k (y_k != y_i). Each forward row function writes
+// the anchor's loss sum (double) and its counts {valid triplets, active triplets, mined triplets}; the
+// backward row functions write row i of dL/dd, scaled by `scale` (the upstream gradient over the loss's
+// denominator). Ties go to the lowest index. The hinge tests are written alike forward and backward, so
+// that a triplet counted as active in one is active in the other.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "triplet_math.h"  // TL_HD
+
+namespace tripletloss {
+namespace mining {
+
+constexpr int kValid = 0, kActive = 1, kMined = 2, kCounts = 3;  // columns of the per-anchor counts
+
+TL_HD float tl_exp(float x) { return expf(x); }
+TL_HD double tl_exp(double x) { return exp(x); }
+TL_HD float tl_log1p(float x) { return log1pf(x); }
+TL_HD double tl_log1p(double x) { return log1p(x); }
+
+// log(1 + e^x) without overflow, and its derivative.
+template <typename T>
+TL_HD T softplus(T x) {
+  return x > T(0) ? x + tl_log1p(tl_exp(-x)) : tl_log1p(tl_exp(x));
+}
+template <typename T>
+TL_HD T sigmoid(T x) {
+  return T(1) / (T(1) + tl_exp(-x));
+}
+
+// The number of leading elements of the ascending s[0, n) that are < v.
+template <typename T>
+TL_HD int64_t count_below(const T* s, int64_t n, T v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (s[mid] < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Batch-hard: the hardest positive (largest d_ij) and negative (smallest d_ik), lowest index among ties.
+// mined[0..1] = {j, k}, or {-1, -1} for an anchor without a positive or a negative.
+template <typename T>
+TL_HD void batch_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, T margin, bool soft, double* loss,
+                          int64_t* counts, int64_t* mined) {
+  int64_t p = -1, q = -1, n_pos = 0, n_neg = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == i) continue;
+    if (labels[j] == labels[i]) {
+      ++n_pos;
+      if (p < 0 || d[j] > d[p]) p = j;
+    } else {
+      ++n_neg;
+      if (q < 0 || d[j] < d[q]) q = j;
+    }
+  }
+  const bool valid = n_pos > 0 && n_neg > 0;
+  T l = 0;
+  if (valid) {
+    const T x = d[p] - d[q];
+    l = soft ? softplus(x) : (margin + x > T(0) ? margin + x : T(0));
+  }
+  *loss = l;
+  counts[kValid] = n_pos * n_neg;
+  counts[kActive] = valid && l > T(0);
+  counts[kMined] = valid;
+  mined[0] = valid ? p : -1;
+  mined[1] = valid ? q : -1;
+}
+
+template <typename T>
+TL_HD void batch_hard_grad_row(const T* d, int64_t n, const int64_t* mined, T margin, bool soft, T scale, T* grad) {
+  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+  const int64_t p = mined[0], q = mined[1];
+  if (p < 0) return;
+  const T x = d[p] - d[q];
+  const T w = soft ? sigmoid(x) : (margin + x > T(0) ? T(1) : T(0));
+  grad[p] = scale * w;
+  grad[q] = -scale * w;
+}
+
+// Batch-all. ps[0, n_pos): the anchor's positive distances sorted ascending, pi: their columns. Triplet
+// (j, k) is active when d_ik < margin + d_ij; for a negative k the active positives are a suffix of ps,
+// from t_k = first_active(k) on (binary search). So, with a_k = n_pos - t_k active positives of k,
+//   sum_{j,k} [margin + d_ij - d_ik]_+ = sum_k (sum_{t >= t_k} (margin + ps[t]) - a_k d_ik),
+//   dL/dd_ik = -a_k,   dL/dd_ij = c_j = #{k : t_k <= position of j}  (a prefix sum of the t_k histogram):
+// O(n_neg log n_pos) per anchor after sorting its positives, without sorting the negatives.
+template <typename T>
+TL_HD int64_t first_active(const T* ps, int64_t n_pos, T margin, T d_neg) {
+  int64_t lo = 0, hi = n_pos;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (d_neg < margin + ps[mid]) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t].
+template <typename T>
+TL_HD void batch_all_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, int64_t n_pos,
+                         T margin, double* suffix, double* loss, int64_t* counts) {
+  suffix[n_pos] = 0;
+  for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
+  int64_t n_neg = 0, active = 0;
+  double l = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    if (labels[k] == labels[i]) continue;
+    ++n_neg;
+    const int64_t t = first_active(ps, n_pos, margin, d[k]);
+    active += n_pos - t;
+    l += suffix[t] - double(n_pos - t) * double(d[k]);
+  }
+  *loss = l;
+  counts[kValid] = n_pos * n_neg;
+  counts[kActive] = active;
+  counts[kMined] = n_pos * n_neg;
+}
+
+// The histogram of t_k is kept in the positives' own gradient slots (counts below 2^24 are exact in float).
+template <typename T>
+TL_HD void batch_all_grad_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, const int64_t* pi,
+                              int64_t n_pos, T margin, T scale, T* grad) {
+  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+  for (int64_t k = 0; k < n; ++k) {
+    if (labels[k] == labels[i]) continue;
+    const int64_t t = first_active(ps, n_pos, margin, d[k]);
+    grad[k] = -scale * T(n_pos - t);
+    if (t < n_pos) grad[pi[t]] += T(1);
+  }
+  T active = 0;
+  for (int64_t t = 0; t < n_pos; ++t) {
+    active += grad[pi[t]];
+    grad[pi[t]] = scale * active;
+  }
+}
+
+// Semi-hard (TensorFlow Addons' TripletSemiHardLoss): for each positive j, the negative with the smallest
+// d_ik > d_ij, else the one with the largest d_ik; lowest index among ties. ps/pi: the anchor's positives
+// sorted ascending and their columns. A negative k lies above the positives before b_k = #{t : ps[t] < d_ik}
+// (binary search); keeping the nearest negative of each b in best_d/best_k[0, n_pos], the candidates of the
+// positive at sorted position p are the negatives with b_k > p: a running minimum from the top. O(n log n_pos)
+// per anchor, the negatives unsorted. mined[j]: the chosen k; -1 if j is no positive or there is no negative.
+template <typename T>
+TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, const int64_t* pi,
+                         int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss, int64_t* counts,
+                         int32_t* mined) {
+  for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
+  int64_t n_neg = 0, largest = -1;
+  for (int64_t k = 0; k < n; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
+    mined[k] = -1;
+    if (labels[k] == labels[i]) continue;
+    ++n_neg;
+    if (largest < 0 || d[k] > d[largest]) largest = k;
+    const int64_t b = count_below(ps, n_pos, d[k]);
+    if (best_k[b] < 0 || d[k] < best_d[b]) {
+      best_d[b] = d[k];
+      best_k[b] = k;
+    }
+  }
+  int64_t active = 0, nearest = -1;
+  double l = 0;
+  for (int64_t p = n_pos - 1; p >= 0 && n_neg > 0; --p) {
+    const int64_t k = best_k[p + 1];
+    if (k >= 0 && (nearest < 0 || d[k] < d[nearest] || (d[k] == d[nearest] && k < nearest))) nearest = k;
+    const int64_t chosen = nearest >= 0 ? nearest : largest;
+    const T h = margin + ps[p] - d[chosen];
+    mined[pi[p]] = int32_t(chosen);
+    if (h > T(0)) {
+      l += double(h);
+      ++active;
+    }
+  }
+  *loss = l;
+  counts[kValid] = n_pos * n_neg;
+  counts[kActive] = active;
+  counts[kMined] = n_neg > 0 ? n_pos : 0;
+}
+
+template <typename T>
+TL_HD void semi_hard_grad_row(const T* d, int64_t n, const int32_t* mined, T margin, T scale, T* grad) {
+  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+  // In column order, so that negatives mined by several positives add up in a fixed order.
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t k = mined[j];
+    if (k < 0 || !(margin + d[j] - d[k] > T(0))) continue;
+    grad[j] += scale;
+    grad[k] -= scale;
+  }
+}
+
+}  // namespace mining
+}  // namespace tripletloss

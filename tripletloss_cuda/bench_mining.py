@@ -1,0 +1,432 @@
+"""Benchmark the mining losses against pytorch-metric-learning (pml) and our pure-PyTorch reference.
+
+    python -m tripletloss_cuda.bench_mining                    # CPU, all cases (minutes)
+    python -m tripletloss_cuda.bench_mining --quick            # small case, few repeats, no files (smoke test)
+    python -m tripletloss_cuda.bench_mining --n 1024 --d 128 --per-class 32 --losses batch_all --impls tl,pml
+
+One row per (loss, N, D, samples per class, implementation): median time of forward+backward (the loss, then
+torch.autograd.grad of the embeddings) with p20/p80, and the peak memory of one forward+backward. Inputs: float32
+Gaussian embeddings (N, D), labels with `per-class` samples per class in random order, margin 0.2, Euclidean
+distance of L2-normalized embeddings (pml's default distance, so that the functions agree):
+
+- tl: tripletloss_cuda's public functions (compiled kernels where built);
+- reference: tripletloss_cuda.mining_reference (pure PyTorch, O(N^2) memory) on its own distance matrix;
+- pml: batch-hard = TripletMarginLoss(reducer=MeanReducer()) + BatchHardMiner (the same function as ours);
+  batch-all = TripletMarginLoss without a miner (all triplets, AvgNonZeroReducer = our "mean_nonzero"; the same
+  function); semi-hard = TripletMarginLoss + TripletMarginMiner(type_of_triplets="semihard"): NOT the same
+  function (pml keeps every triplet with 0 < d_an - d_ap <= margin; ours, as FaceNet / TF Addons, mines one
+  negative per positive pair); it is the nearest pml offers, timed for scale only.
+
+Each row runs in a fresh subprocess, so that one implementation's freed memory cannot hide another's peak.
+Peak memory: CUDA, torch.cuda.max_memory_allocated over the call minus the memory allocated before it. CPU, the
+resident-set high-water mark: after the inputs are made and a small warm-up call has loaded every code path, the
+peak is reset (writing 5 to /proc/self/clear_refs), and the peak is VmHWM after one call minus VmRSS before it:
+the physical memory the call touched at its busiest, freed-and-reused memory counted once (if clear_refs is
+unavailable, ru_maxrss minus the RSS before the call, which includes the warm-up's peak).
+
+Skipped rows say why: pml's batch-all and semi-hard build N x N x N masks (64 Gi elements at N = 4096), so a pml
+case whose N^3 bytes exceed half the available memory is not run; a row whose process exceeds its time limit is
+killed. Results: progress on stderr, a markdown table on stdout (speedup = other time / tl time, memory ratio =
+other peak / tl peak), and benchmarks/results/mining-<device>-<date>.{json,md} with metadata (not with --quick).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+LOSSES = ("batch_hard", "batch_all", "semi_hard")
+IMPLS = {"tl": "tripletloss_cuda", "reference": "tl reference (PyTorch)", "pml": "pytorch-metric-learning"}
+NS, DS, PER_CLASS = (256, 1024, 4096), (128, 512), (4, 32)
+MARGIN = 0.2
+BUDGET_S = {"full": 2.0, "quick": 0.05}  # seconds of timed calls per row (after the measured first call)
+REPEATS = {"full": (3, 50), "quick": (2, 3)}  # least and most timed calls per row
+ROW_TIMEOUT_S = 240  # a row's process is killed after this long
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+# ---------------------------------------------------------------- the implementations (imported lazily)
+
+
+def make_loss(loss, impl):
+    """A function (embeddings, labels) -> loss for one loss and implementation."""
+    import tripletloss_cuda as tl
+
+    if impl == "tl":
+        fn = getattr(tl, f"{loss}_triplet_loss")
+        return lambda x, y: fn(x, y, margin=MARGIN, normalize=True)
+    if impl == "reference":
+        from tripletloss_cuda import mining_reference as ref
+
+        fn = getattr(ref, loss)
+        return lambda x, y: fn(ref.distance_matrix(x, "euclidean", normalize=True), y.to(torch.int64), MARGIN)[0]
+    if impl == "pml":
+        from pytorch_metric_learning import losses, miners, reducers
+
+        if loss == "batch_all":
+            criterion = losses.TripletMarginLoss(margin=MARGIN)
+            return lambda x, y: criterion(x, y)
+        if loss == "batch_hard":
+            criterion, miner = (
+                losses.TripletMarginLoss(margin=MARGIN, reducer=reducers.MeanReducer()),
+                miners.BatchHardMiner(),
+            )
+        else:
+            criterion = losses.TripletMarginLoss(margin=MARGIN)
+            miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")
+        return lambda x, y: criterion(x, y, miner(x, y))
+    raise ValueError(f"impl should be one of {', '.join(IMPLS)}, got {impl!r}")
+
+
+def make_inputs(n, d, per_class, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    labels = (torch.arange(n) // per_class)[torch.randperm(n, generator=g)].to(device)
+    return embeddings, labels
+
+
+def skip_reason(loss, impl, n, device):
+    """Why a row is not run (None: run it): pml's N^3 masks that cannot fit."""
+    if impl != "pml" or loss == "batch_hard":
+        return None
+    if device == "cuda":
+        available = torch.cuda.mem_get_info()[0]
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free RAM; no psutil needed
+    if n**3 > available / 2:
+        return f"not run: pml builds N^3 masks ({n**3 / 2**30:.0f} GiB) > half the available memory"
+    return None
+
+
+# ---------------------------------------------------------------- one row, in its own process
+
+
+def _proc_status(field):
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss():
+    """Resets VmHWM to the current RSS; False where /proc/self/clear_refs is not writable."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_row(spec):
+    """Runs one row: {loss, impl, n, d, per_class, device, budget_s, repeats: [min, max]} -> the row's results."""
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    fn = make_loss(spec["loss"], spec["impl"])
+    x, y = make_inputs(spec["n"], spec["d"], spec["per_class"], device)
+
+    def call():
+        loss = fn(x, y)
+        torch.autograd.grad(loss, x)
+        return loss.detach()
+
+    # A small call first loads libraries and code paths (and pml's imports) outside the measurement.
+    small_x, small_y = make_inputs(64, spec["d"], min(spec["per_class"], 4), device, seed=1)
+    torch.autograd.grad(fn(small_x, small_y), small_x)
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        value = call()
+        _sync(device)
+        first = time.perf_counter() - start
+        peak, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
+    else:
+        exact = _reset_peak_rss()
+        before = _proc_status("VmRSS") if pathlib.Path("/proc/self/status").exists() else None
+        start = time.perf_counter()
+        value = call()
+        first = time.perf_counter() - start
+        if before is None:  # not Linux: no measure of the current RSS to subtract
+            peak, how = None, "unavailable (no /proc)"
+        elif exact:
+            peak, how = _proc_status("VmHWM") - before, "VmHWM after clear_refs"
+        else:
+            peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, "ru_maxrss"
+    least, most = spec["repeats"]
+    times = []
+    while len(times) < most and (len(times) < least or sum(times) < spec["budget_s"]):
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    times = times or [first]
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    return {
+        "median_s": statistics.median(times),
+        "p20_s": q[0],
+        "p80_s": q[3],
+        "min_s": min(times),
+        "first_s": first,
+        "loss_value": value.item(),
+        "repeats": len(times),
+        "peak_bytes": None if peak is None else max(int(peak), 0),
+        "memory_measure": how,
+    }
+
+
+def run_row(spec, timeout_s):
+    """measure_row in a fresh interpreter; {'skipped': why} when it fails or runs out of time."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "tripletloss_cuda.bench_mining", "--worker", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"killed: over the {timeout_s} s time limit"}
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        if "out of memory" in out.stderr.lower() or out.returncode in (-9, 137):
+            return {"skipped": f"out of memory ({tail[:200]})"}
+        return {"skipped": f"failed: {tail[:300]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the run, the table, the files
+
+
+def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=None, threads=None):
+    mode = "quick" if quick else "full"
+    least, most = REPEATS[mode] if repeats is None else (repeats, repeats)
+    for loss in losses:
+        for n in ns:
+            for d in ds:
+                for per_class in per_classes:
+                    for impl in impls:
+                        row = {"loss": loss, "n": n, "d": d, "per_class": per_class, "impl": impl}
+                        reason = skip_reason(loss, impl, n, device)
+                        if reason:
+                            row["skipped"] = reason
+                        else:
+                            spec = dict(
+                                row, device=device, budget_s=BUDGET_S[mode], repeats=[least, most], threads=threads
+                            )
+                            row.update(run_row(spec, ROW_TIMEOUT_S))
+                        log(f"{loss} N={n} D={d} per class {per_class} {impl}: " + _row_summary(row))
+                        yield row
+
+
+def _row_summary(row):
+    if row.get("skipped"):
+        return row["skipped"]
+    return f"{_fmt_time(row['median_s'])} ({row['repeats']} calls), peak {_fmt_bytes(row['peak_bytes'])}"
+
+
+def annotate(rows):
+    """Adds to each measured row its speedup (row time / tl time) and memory ratio (row peak / tl peak)."""
+    tl_rows = {_case(r): r for r in rows if r["impl"] == "tl" and not r.get("skipped")}
+    for r in rows:
+        base = tl_rows.get(_case(r))
+        if base and not r.get("skipped"):
+            r["tl_speedup"] = r["median_s"] / base["median_s"]
+            measured = r["peak_bytes"] is not None and base["peak_bytes"]  # None or 0: no ratio
+            r["tl_memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if measured else None
+
+
+def _case(row):
+    return row["loss"], row["n"], row["d"], row["per_class"]
+
+
+def _fmt_time(seconds):
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def _fmt_bytes(nbytes):
+    if nbytes is None:
+        return "n/a"
+    return f"{nbytes / 2**20:.3g} MiB"
+
+
+def markdown(meta, rows):
+    header = (
+        f"Mining losses, forward+backward, float32, margin {MARGIN}, normalized Euclidean; {meta['device_name']}; "
+        f"torch {meta['torch']}, pytorch-metric-learning {meta['pytorch_metric_learning']}; commit "
+        f"{meta['git_commit']}, {meta['date']}. Peak memory: {meta['memory_measure']}. "
+        "Loss value: of the first call (the same function, so the same value, for tl, reference and pml "
+        "batch-hard and batch-all). tl speedup = that row's time / tl's time; memory ratio = that row's peak / tl's peak. "
+        "pml semi-hard (TripletMarginMiner 'semihard') is not the same function as ours."
+    )
+    lines = [
+        header,
+        "",
+        "| loss | N | D | per class | implementation | loss value | median | p20–p80 | peak memory | tl speedup | tl memory ratio |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = [r["loss"], str(r["n"]), str(r["d"]), str(r["per_class"]), IMPLS.get(r["impl"], r["impl"])]
+        if r.get("skipped"):
+            cells = ["", r["skipped"], "", "", "", ""]
+        else:
+            speedup, ratio = r.get("tl_speedup"), r.get("tl_memory_ratio")
+            cells = [
+                f"{r['loss_value']:.6g}",
+                _fmt_time(r["median_s"]),
+                f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}",
+                _fmt_bytes(r["peak_bytes"]),
+                "" if r["impl"] == "tl" or speedup is None else f"{speedup:.1f}×",
+                "" if r["impl"] == "tl" or ratio is None else f"{ratio:.1f}×",
+            ]
+        lines.append("| " + " | ".join(head + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _git(*args):
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(device):
+    """Device, versions, tripletloss_cuda.info(), git commit and date (as benchmarks/bench.py records them)."""
+    import tripletloss_cuda as tl
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        model = platform.processor() or platform.machine()
+        cpuinfo = pathlib.Path("/proc/cpuinfo")
+        for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+                break
+        name = f"{model}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs)"
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+        if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"
+    try:
+        import pytorch_metric_learning
+
+        pml_version = pytorch_metric_learning.__version__
+    except ImportError:
+        pml_version = None
+    return {
+        "device_kind": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pml_version,
+        "python": platform.python_version(),
+        "tripletloss_cuda": tl.info(),
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "margin": MARGIN,
+        "memory_measure": (
+            "torch.cuda.max_memory_allocated minus allocated before the call"
+            if device == "cuda"
+            else "resident-set high-water mark of one call minus the RSS before it, in a fresh process per row"
+        ),
+    }
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto (cuda when available)")
+    parser.add_argument("--n", type=_ints, help=f"batch sizes (default {','.join(map(str, NS))})")
+    parser.add_argument("--d", type=_ints, help=f"embedding widths (default {','.join(map(str, DS))})")
+    parser.add_argument("--per-class", type=_ints, help=f"samples per class (default {','.join(map(str, PER_CLASS))})")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="default: %(default)s")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="default: %(default)s")
+    parser.add_argument("--repeats", type=int, help="timed calls per row (default: fit a time budget)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (torch.set_num_threads) in every row (default: torch's default)"
+    )
+    parser.add_argument("--quick", action="store_true", help="N=64, D=32, 4 per class, few repeats, no files")
+    parser.add_argument("--json", help="also write the results JSON to this file")
+    parser.add_argument("--out-dir", help="folder for mining-<device>-<date>.{json,md} (default: benchmarks/results)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one row (JSON spec), print JSON
+    args = parser.parse_args(argv)
+    for name, default, quick in (("n", NS, (64,)), ("d", DS, (32,)), ("per_class", PER_CLASS, (4,))):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    args.losses = tuple(v for v in args.losses.split(",") if v)
+    args.impls = tuple(v for v in args.impls.split(",") if v)
+    for value, allowed, what in ((args.losses, LOSSES, "--losses"), (args.impls, tuple(IMPLS), "--impls")):
+        if not value or set(value) - set(allowed):
+            parser.error(f"{what} should be a list of {', '.join(allowed)}, got {','.join(value)!r}")
+    if args.out_dir is None:
+        args.out_dir = "" if args.quick else str(ROOT / "benchmarks" / "results")
+    return args
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure_row(json.loads(args.worker))))
+        return 0
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also in every row's process; recorded in the metadata
+    started = time.perf_counter()
+    meta = metadata(device)
+    started_at = datetime.datetime.fromisoformat(meta["date"])
+    log(f"{device}: {meta['device_name']}; torch {meta['torch']}; pml {meta['pytorch_metric_learning']}")
+    rows = []
+    try:
+        rows.extend(
+            iter_rows(device, args.n, args.d, args.per_class, args.losses, args.impls, args.quick, args.repeats)
+        )
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        log(f"interrupted: keeping the {len(rows)} rows measured")
+    annotate(rows)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    table = markdown(meta, rows)
+    print(table)
+    result = json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+    outputs = {pathlib.Path(args.json): result} if args.json else {}
+    if args.out_dir:
+        stem = pathlib.Path(args.out_dir) / f"mining-{device}-{started_at:%Y%m%d-%H%M%S}"
+        outputs.update({stem.with_suffix(".json"): result, stem.with_suffix(".md"): table})
+    for path, text in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    log(f"done in {meta['elapsed_s']} s; wrote {', '.join(map(str, outputs)) or 'no files'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
