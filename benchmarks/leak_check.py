@@ -27,6 +27,20 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def training_step(inputs, module, device, i):
+    """One step of everything that allocates: forward + backward of the functional, the module and the
+    bfloat16 autocast path, and every 10th step torch.func.grad; the gradients are then dropped."""
+    a, p, n = inputs
+    tl.triplet_margin_loss(a, p, n).backward()
+    module(a, p, n).backward()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        tl.triplet_margin_loss(a, p, n, reduction="none").sum().backward()
+    if i % 10 == 0:
+        grad(tl.triplet_margin_loss)(a.detach(), p.detach(), n.detach())
+    for x in (a, p, n):
+        x.grad = None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -47,15 +61,7 @@ def main(argv=None):
     module = tl.TripletMarginLoss(swap=True, reduction="sum")
 
     def step(i):
-        a, p, n = inputs[i % 2]
-        tl.triplet_margin_loss(a, p, n).backward()
-        module(a, p, n).backward()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            tl.triplet_margin_loss(a, p, n, reduction="none").sum().backward()
-        if i % 10 == 0:
-            grad(tl.triplet_margin_loss)(a.detach(), p.detach(), n.detach())
-        for x in (a, p, n):
-            x.grad = None
+        training_step(inputs[i % 2], module, device, i)
 
     def sample(i):
         gc.collect()

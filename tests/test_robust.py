@@ -15,6 +15,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tripletloss_cuda as tl
+from benchmarks.leak_check import training_step
 
 # ---------------------------------------------------------------------------------------------------------------
 # Mixed precision
@@ -251,15 +252,7 @@ def test_no_memory_growth(kernel, device):
 
     def steps(count):
         for i in range(count):
-            a, p, n = inputs[i % len(inputs)]
-            tl.triplet_margin_loss(a, p, n).backward()
-            module(a, p, n).backward()
-            with torch.autocast(device, dtype=torch.bfloat16):
-                tl.triplet_margin_loss(a, p, n, reduction="none").sum().backward()
-            if i % 10 == 0:
-                grad(tl.triplet_margin_loss)(a.detach(), p.detach(), n.detach())
-            for x in (a, p, n):
-                x.grad = None
+            training_step(inputs[i % len(inputs)], module, device, i)
 
     steps(50)  # warm-up: allocator caches, the gradient buffer cache
     rss, cuda = _rss(), torch.cuda.memory_allocated() if device == "cuda" else 0

@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -306,56 +305,23 @@ def markdown(meta, rows):
     return "\n".join(lines) + "\n"
 
 
-def _git(*args):
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def metadata(device):
-    """Device, versions, tripletloss_cuda.info(), git commit and date (as benchmarks/bench.py records them)."""
-    import tripletloss_cuda as tl
+    """The core benchmark's metadata (device, versions, tripletloss_cuda.info(), git commit, date) plus the
+    pytorch-metric-learning version, the margin and how memory is measured."""
+    from .bench import metadata as core_metadata
 
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        model = platform.processor() or platform.machine()
-        cpuinfo = pathlib.Path("/proc/cpuinfo")
-        for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-                break
-        name = f"{model}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs)"
-    commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-        if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
-            commit += "-dirty"
     try:
         import pytorch_metric_learning
 
         pml_version = pytorch_metric_learning.__version__
     except ImportError:
         pml_version = None
-    return {
-        "device_kind": device,
-        "device_name": name,
-        "torch": torch.__version__,
-        "pytorch_metric_learning": pml_version,
-        "python": platform.python_version(),
-        "tripletloss_cuda": tl.info(),
-        "git_commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "margin": MARGIN,
-        "memory_measure": (
-            "torch.cuda.max_memory_allocated minus allocated before the call"
-            if device == "cuda"
-            else "resident-set high-water mark of one call minus the RSS before it, in a fresh process per row"
-        ),
-    }
+    memory = (
+        "torch.cuda.max_memory_allocated minus allocated before the call"
+        if device == "cuda"
+        else "resident-set high-water mark of one call minus the RSS before it, in a fresh process per row"
+    )
+    return {**core_metadata(device), "pytorch_metric_learning": pml_version, "margin": MARGIN, "memory_measure": memory}
 
 
 def _ints(text):
