@@ -489,6 +489,19 @@ def _parse_args(argv):
     return args
 
 
+def write_results(meta, rows, table, json_path=None, stem=None):
+    """Writes {"meta", "rows"} to json_path, and stem.json + stem.md (the table); returns the paths written."""
+    result = json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+    outputs = {pathlib.Path(json_path): result} if json_path else {}
+    if stem:
+        stem = pathlib.Path(stem)
+        outputs.update({stem.with_suffix(".json"): result, stem.with_suffix(".md"): table})
+    for path, text in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return list(map(str, outputs))
+
+
 def main(argv=None):
     """The benchmark program: returns the exit status (0; 2 for bad arguments, through SystemExit)."""
     args = _parse_args(argv)
@@ -517,15 +530,9 @@ def main(argv=None):
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     table = markdown(meta, rows)
     print(table)
-    result = json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
-    outputs = {pathlib.Path(args.json): result} if args.json else {}
-    if args.out_dir:
-        stem = pathlib.Path(args.out_dir) / f"{device}-{started_at:%Y%m%d-%H%M%S}"
-        outputs.update({stem.with_suffix(".json"): result, stem.with_suffix(".md"): table})
-    for path, text in outputs.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    written = list(map(str, outputs))
+    written = write_results(
+        meta, rows, table, args.json, args.out_dir and f"{args.out_dir}/{device}-{started_at:%Y%m%d-%H%M%S}"
+    )
     if args.plot:
         written.append(str(plot(meta, rows, args.plot)))
     log(f"done in {meta['elapsed_s']} s; wrote {', '.join(written) or 'no files'}")

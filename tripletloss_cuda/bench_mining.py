@@ -382,15 +382,11 @@ def main(argv=None):
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     table = markdown(meta, rows)
     print(table)
-    result = json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
-    outputs = {pathlib.Path(args.json): result} if args.json else {}
-    if args.out_dir:
-        stem = pathlib.Path(args.out_dir) / f"mining-{device}-{started_at:%Y%m%d-%H%M%S}"
-        outputs.update({stem.with_suffix(".json"): result, stem.with_suffix(".md"): table})
-    for path, text in outputs.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    log(f"done in {meta['elapsed_s']} s; wrote {', '.join(map(str, outputs)) or 'no files'}")
+    from .bench import write_results  # here, not at the top: the per-row worker processes do not need it
+
+    stem = args.out_dir and f"{args.out_dir}/mining-{device}-{started_at:%Y%m%d-%H%M%S}"
+    written = write_results(meta, rows, table, args.json, stem)
+    log(f"done in {meta['elapsed_s']} s; wrote {', '.join(written) or 'no files'}")
     return 0
 
 

@@ -158,8 +158,9 @@ def batch_all_triplet_loss(
     - ``"mean"``: the mean over all valid triplets (0 if there is none);
     - ``"sum"``.
 
-    Computed per anchor by sorting its negatives' distances once and taking prefix sums (O(N^2 log N)
-    time, O(N^2) memory), never by enumerating triplets. See the module docstring for the rest.
+    Computed per anchor by sorting its positives' distances, placing every negative among them by binary
+    search and taking prefix sums (O(N^2 log(N/C)) time for C classes, O(N^2) memory), never by enumerating
+    triplets. See the module docstring for the rest.
     """
     from . import mining_ops
 
