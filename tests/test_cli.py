@@ -47,7 +47,7 @@ def test_info_json(capsys):
     code, out, _ = run_cli(["info", "--json"], capsys)
     info = json.loads(out)
     assert code == 0
-    assert info["kernels"] == tl.info()["kernels"] and info["mining"] == hasattr(tl, "batch_hard_triplet_loss")
+    assert info["kernels"] == tl.info()["kernels"] and info["mining_kernels"] == tl.info()["mining_kernels"]
 
 
 def test_check_quick_passes(capsys, tmp_path):
@@ -84,7 +84,7 @@ def test_bench_quick(capsys, tmp_path):
     assert [r["status"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == ["ok", "ok"]
 
 
-def test_bench_mining_dispatches_when_built(capsys, monkeypatch):
+def test_bench_mining_dispatches(capsys, monkeypatch):
     calls = []
     fake = types.ModuleType("tripletloss_cuda.bench_mining")
     fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, None)
@@ -147,27 +147,18 @@ def test_failures_while_running_give_one_line_and_status_1(capsys, monkeypatch):
 def test_demo_one_epoch(capsys, monkeypatch, tmp_path, mining):
     pytest.importorskip("sklearn")
     calls = []
-    if mining:  # a stand-in for the mining API (issue #3): batch-hard on the whole batch, in pure PyTorch
-
-        def batch_hard(embeddings, labels, margin=1.0, **kwargs):
-            calls.append(kwargs)
-            pos, neg = demo.batch_hard_triplets(embeddings, labels)
-            return torch.nn.functional.triplet_margin_loss(embeddings, embeddings[pos], embeddings[neg], margin=margin)
-
-        monkeypatch.setattr(tl, "batch_hard_triplet_loss", batch_hard, raising=False)
-    else:
-        monkeypatch.delattr(tl, "batch_hard_triplet_loss", raising=False)
+    batch_hard = tl.batch_hard_triplet_loss
+    monkeypatch.setattr(tl, "batch_hard_triplet_loss", lambda *a, **k: calls.append(k) or batch_hard(*a, **k))
     out_json = tmp_path / "demo.json"
     argv = ["demo", "--epochs", "2", "--device", "cpu", "--json", str(out_json), "--no-progress"]
-    if mining:
-        argv += ["--plot", str(tmp_path / "demo.png")]
+    argv += ["--plot", str(tmp_path / "demo.png")] if mining else ["--random-triplets"]
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     result = json.loads(out_json.read_text())
     assert {"recall_at_1", "recall_at_1_untrained", "recall_at_1_raw_pixels", "map", "epoch_seconds"} <= result.keys()
     assert result["epoch_seconds"].keys() == {"tl", "naive", "torch"}
     assert result["triplets"] == ("batch-hard" if mining else "random per batch")
-    assert bool(calls) == mining  # the fused path used the mining loss exactly when it exists
+    assert bool(calls) == mining  # the fused path used the mining loss exactly when mining
     per_impl = result["per_impl"]
     # The same seed, model and batches: the three implementations train the same network, within rounding.
     assert max(r["map"] for r in per_impl.values()) - min(r["map"] for r in per_impl.values()) < 0.01

@@ -43,6 +43,9 @@ import time
 
 import torch
 
+from .bench import _sync, log, resolve_device, write_results
+from .bench import metadata as core_metadata
+
 LOSSES = ("batch_hard", "batch_all", "semi_hard")
 IMPLS = {"tl": "tripletloss_cuda", "reference": "tl reference (PyTorch)", "pml": "pytorch-metric-learning"}
 NS, DS, PER_CLASS = (256, 1024, 4096), (128, 512), (4, 32)
@@ -51,16 +54,6 @@ BUDGET_S = {"full": 2.0, "quick": 0.05}  # seconds of timed calls per row (after
 REPEATS = {"full": (3, 50), "quick": (2, 3)}  # least and most timed calls per row
 ROW_TIMEOUT_S = 240  # a row's process is killed after this long
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device).type
 
 
 # ---------------------------------------------------------------- the implementations (imported lazily)
@@ -133,11 +126,6 @@ def _reset_peak_rss():
         return True
     except OSError:
         return False
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure_row(spec):
@@ -308,8 +296,6 @@ def markdown(meta, rows):
 def metadata(device):
     """The core benchmark's metadata (device, versions, tripletloss_cuda.info(), git commit, date) plus the
     pytorch-metric-learning version, the margin and how memory is measured."""
-    from .bench import metadata as core_metadata
-
     try:
         import pytorch_metric_learning
 
@@ -382,8 +368,6 @@ def main(argv=None):
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     table = markdown(meta, rows)
     print(table)
-    from .bench import write_results  # here, not at the top: the per-row worker processes do not need it
-
     stem = args.out_dir and f"{args.out_dir}/mining-{device}-{started_at:%Y%m%d-%H%M%S}"
     written = write_results(meta, rows, table, args.json, stem)
     log(f"done in {meta['elapsed_s']} s; wrote {', '.join(written) or 'no files'}")

@@ -12,7 +12,6 @@ This module imports only the standard library at the top, so that argument error
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -53,7 +52,7 @@ def _format_info(info):
         f"CPU capability     {info['cpu_capability']} (what torch dispatches to on this CPU)",
         f"CUDA available     {info['cuda_available']}" + (f" ({info['cuda_device']})" if info["cuda_device"] else ""),
         f"device that runs   {info['default_device']}",
-        f"mining losses      {'available' if info['mining'] else 'not in this build'}",
+        f"mining kernels     {', '.join(info['mining_kernels']) or 'none (the PyTorch reference runs)'}",
     ]
     if info["extension_error"]:
         lines.append(f"extension error    {info['extension_error']}")
@@ -68,16 +67,13 @@ def info_main(argv=None):
 
     import tripletloss_cuda as tl
 
-    info = dict(tl.info(), python=sys.version.split()[0], mining=hasattr(tl, "batch_hard_triplet_loss"))
+    info = dict(tl.info(), python=sys.version.split()[0])
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print(json.dumps(info, indent=1) if args.json else _format_info(info))
     return 0
 
 
 def _bench_mining(argv):
-    if importlib.util.find_spec("tripletloss_cuda.bench_mining") is None:
-        print(f"{PROG} bench: error: --mining: the mining benchmark is not in this build", file=sys.stderr)
-        return 2
     return importlib.import_module("tripletloss_cuda.bench_mining").main(argv)
 
 

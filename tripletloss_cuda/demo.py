@@ -7,8 +7,8 @@
 Data: `sklearn.datasets.load_digits` (1,797 8×8 images, shipped with scikit-learn, no download), pixels / 16,
 a stratified held-out split (30 %). Model: an MLP 64 → 128 → 32 with L2-normalized output. Batches: P
 classes × K images (10 × 8), class-balanced, seeded. Loss: batch-hard mining (the hardest positive and
-negative of each anchor in the batch) when this build has the mining losses (`tl.batch_hard_triplet_loss`),
-else one random positive and negative per anchor, sampled per batch.
+negative of each anchor in the batch; `tl.batch_hard_triplet_loss` for the fused loss), or with
+--random-triplets one random positive and negative per anchor, sampled per batch.
 
 The same training runs once per loss implementation, with the same seed (the same initial weights and the
 same batches): "tl" (the fused tripletloss_cuda loss), "naive" (the naive module of the original design) and
@@ -20,9 +20,9 @@ recall@1 (the nearest one has the same digit) and mean average precision, for th
 untrained network and the raw pixels.
 
 Under torchrun (RANK and WORLD_SIZE set): one process per rank, each on its own shard of the training set,
-the model wrapped in DistributedDataParallel, mining across ranks (`distributed=True`) when the mining
-losses have it (for "tl"; "naive" and "torch" mine within each rank's batch); rank 0 prints and writes the files; at the end the ranks' parameters are compared and the
-demo exits 1 if they differ.
+the model wrapped in DistributedDataParallel, mining across ranks (`distributed=True`) for "tl" ("naive" and
+"torch" mine within each rank's batch); rank 0 prints and writes the files; at the end the ranks' parameters
+are compared and the demo exits 1 if they differ.
 """
 
 import datetime
@@ -41,10 +41,6 @@ import tripletloss_cuda as tl
 from .cli import ArgumentParser, missing
 
 IMPLS = {"tl": "tripletloss_cuda", "naive": "naive module", "torch": "F.triplet_margin_loss"}
-
-
-def mining_available():
-    return hasattr(tl, "batch_hard_triplet_loss")
 
 
 class EmbeddingNet(nn.Module):
@@ -165,7 +161,7 @@ def train(impl, args, data, device, dist_info):
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
-    batch_hard = mining_available() and not args.random_triplets
+    batch_hard = not args.random_triplets
     loss_fn = make_loss(impl, args.margin, batch_hard, world > 1)
     # This rank's shard: a seeded permutation dealt round-robin; the same number of batches on every rank.
     perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed))
@@ -317,7 +313,7 @@ def main(argv=None):
 
 def _run(args, data, rank, world, device):
     x_train, y_train, x_test, y_test = data
-    batch_hard = mining_available() and not args.random_triplets
+    batch_hard = not args.random_triplets
     # Only the mining loss mines across ranks; the torch-op mining of naive/torch sees this rank's batch.
     across = " (tl: across ranks; naive, torch: within each rank)" if world > 1 else ""
     triplets = "batch-hard" + across if batch_hard else "random per batch"
