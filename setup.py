@@ -10,7 +10,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # torch.utils.cpp_extension reads CUDA_HOME at import, and may guess a folder without the toolkit.
 # A wrapper script on PATH (as /usr/local/bin/nvcc) makes it guess /usr/local: look for the toolkit itself.
@@ -44,13 +44,16 @@ def extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    args = {"cxx": opt + ["-fopenmp"]}  # -fopenmp: at::parallel_for and `omp simd` in the CPU kernels
+    # C++20 whatever torch's default is (torch 2.11's cpp_extension passes -std=c++17, 2.14's -std=c++20): the
+    # sources use std::bit_cast and lambdas capturing structured bindings. The last -std flag wins.
+    std = ["-std=c++20"]
+    args = {"cxx": opt + std + ["-fopenmp"]}  # -fopenmp: at::parallel_for and `omp simd` in the CPU kernels
     if not use_cuda():
         return CppExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     args["cxx"].append("-DTRIPLETLOSS_WITH_CUDA")
-    args["nvcc"] = opt + ["-DTRIPLETLOSS_WITH_CUDA", "-lineinfo"]
+    args["nvcc"] = opt + std + ["-DTRIPLETLOSS_WITH_CUDA", "-lineinfo"]
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
 
@@ -58,7 +61,7 @@ def extension():
 setup(
     name="tripletloss_cuda",
     version="0.1.0",
-    packages=["tripletloss_cuda"],
+    packages=find_packages(include=["tripletloss_cuda", "tripletloss_cuda.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["tripletloss-cuda = tripletloss_cuda.cli:main"]},

@@ -1,4 +1,4 @@
-"""Shim: the benchmark program lives in the package (tripletloss_cuda/bench.py) so that the installed
+"""Shim: the benchmark program lives in the package (tripletloss_cuda/cli/bench.py) so that the installed
 `tripletloss-cuda bench` command has it. `python benchmarks/bench.py ARGS` still works from a checkout."""
 
 import pathlib
@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # a checkout with an in-place build
     sys.path.insert(0, str(ROOT))
 
-from tripletloss_cuda.bench import main
+from tripletloss_cuda.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 """pytest-benchmark timings at a small CPU shape (nothing asserted about them), and smoke tests of the benchmark
-program (tripletloss_cuda/bench.py; benchmarks/bench.py is a shim that runs it).
+program (tripletloss_cuda/cli/bench.py; benchmarks/bench.py is a shim that runs it).
 
 pytest benchmarks/test_bench.py                       # timings in pytest-benchmark's table
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tripletloss_cuda as tl
-from tripletloss_cuda import bench
+from tripletloss_cuda.cli import bench
 
 ROW_KEYS = {"device", "dtype", "n", "d", "mode", "impl", "status", "min_bytes", "median_s", "p20_s", "p80_s", "gbps"}
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import tripletloss_cuda as tl
-from tripletloss_cuda import cli, demo
+from tripletloss_cuda import cli
+from tripletloss_cuda.cli import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Subprocesses import this checkout's package wherever pytest was started from.
@@ -86,7 +87,7 @@ def test_bench_quick(capsys, tmp_path):
 
 def test_bench_mining_dispatches(capsys, monkeypatch):
     calls = []
-    fake = types.ModuleType("tripletloss_cuda.bench_mining")
+    fake = types.ModuleType("tripletloss_cuda.cli.bench_mining")
     fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, None)
     fake.main = lambda argv: calls.append(argv) or 0
     monkeypatch.setitem(sys.modules, fake.__name__, fake)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import cpu_and_cuda, ids, seed_of
 
 import tripletloss_cuda as tl
-from tripletloss_cuda import mining_ops
+from tripletloss_cuda.mining import ops as mining_ops
 
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 # (loss function, its keyword variants): soft for batch-hard, the reductions for batch-all
@@ -246,7 +246,7 @@ def test_ties_go_to_the_lowest_index():
     # anchor 0: positives 1 and 2 at distance 1, negatives 3 and 4 at distance 2
     d = torch.zeros(5, 5, requires_grad=True)
     with torch.no_grad():
-        d += tl.mining_reference.distance_matrix(x)
+        d += tl.mining.reference.distance_matrix(x)
     loss, _ = mining_ops.batch_hard(d, labels, 2.0, False)
     (g,) = torch.autograd.grad(loss, d)
     assert g[0, 1] > 0 and g[0, 2] == 0 and g[0, 3] < 0 and g[0, 4] == 0
@@ -331,7 +331,7 @@ def test_double_backward_through_the_reference():
 
 def op_samples(device):
     x, labels = make_batch(12, 3, device=device, seed=8)
-    dist = tl.mining_reference.distance_matrix(x)
+    dist = tl.mining.reference.distance_matrix(x)
     grad = torch.tensor(0.7, device=device)
     ops = torch.ops.tripletloss_cuda
     for dtype in (torch.float32, torch.float64):
@@ -531,7 +531,7 @@ def test_cuda_graph_capture():
 def test_fused_distance_matrix_matches_the_reference(distance):
     """mining._DistanceMatrix (in place, hand-written backward) gives mining_reference.distance_matrix's values
     and gradients, with duplicate rows (distance 0: gradient 0, not NaN); gradcheck and gradgradcheck."""
-    from tripletloss_cuda import mining, mining_reference
+    from tripletloss_cuda.mining import api as mining, reference as mining_reference
 
     x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     x[7] = x[3]

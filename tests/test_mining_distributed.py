@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tripletloss_cuda as tl
-from tripletloss_cuda import distributed as tl_distributed
+from tripletloss_cuda.mining import distributed as tl_distributed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -74,7 +74,7 @@ def _worker(rank, store_path, out_path):
         empty = embeddings[:0] if rank == 0 else _shard(embeddings, rank)
         results["gather_empty"] = tl_distributed.gather(empty, labels[: empty.shape[0]])
         # under DDP (which averages parameter gradients over ranks) loss * world size gives the single-process
-        # parameter gradients, as tripletloss_cuda/distributed.py documents
+        # parameter gradients, as tripletloss_cuda/mining/distributed.py documents
         ddp = torch.nn.parallel.DistributedDataParallel(_model())
         loss = tl.batch_hard_triplet_loss(ddp(_shard(embeddings, rank)), local_labels, margin=0.5, distributed=True)
         (loss * dist.get_world_size()).backward()

@@ -120,7 +120,7 @@ def test_no_triplet_gives_zero_like_pml():
 def test_bench_mining_quick(tmp_path, capsys):
     """Smoke test of the mining benchmark: one small case of batch-all (a fresh process per row, ~4 s each),
     every implementation, JSON written."""
-    from tripletloss_cuda import bench_mining
+    from tripletloss_cuda.cli import bench_mining
 
     out = tmp_path / "mining.json"
     assert bench_mining.main(["--quick", "--losses", "batch_all", "--json", str(out)]) == 0

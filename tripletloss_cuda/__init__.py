@@ -10,7 +10,7 @@ loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch
 
 import torch
 
-from . import mining_ops, naive, ops, reference
+from . import mining, naive, ops, reference
 from .functional import triplet_margin_loss
 from .mining import (
     BatchAllTripletLoss,
@@ -33,6 +33,7 @@ __all__ = [
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
     "info",
+    "mining",
     "naive",
     "ops",
     "reference",
@@ -52,7 +53,7 @@ def info():
         "extension_loaded": ops._C is not None,
         "extension_error": None if ops.EXTENSION_ERROR is None else str(ops.EXTENSION_ERROR),
         "kernels": sorted(ops.KERNEL_DEVICES),
-        "mining_kernels": sorted(mining_ops.KERNEL_DEVICES),
+        "mining_kernels": sorted(mining.ops.KERNEL_DEVICES),
         "cuda_architectures": build.get("cuda_archs", ""),
         "cuda_available": cuda_ok,
         "cuda_device": torch.cuda.get_device_name() if cuda_ok else None,

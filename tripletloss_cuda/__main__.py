@@ -1,4 +1,4 @@
-"""`python -m tripletloss_cuda COMMAND ...`: the same as the `tripletloss-cuda` script (see cli.py)."""
+"""`python -m tripletloss_cuda COMMAND ...`: the same as the `tripletloss-cuda` script (see cli/__init__.py)."""
 
 import sys
 

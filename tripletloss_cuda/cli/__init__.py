@@ -7,7 +7,8 @@
 
 Bad arguments give a one-line error and exit status 2; a failure while running gives a one-line error and
 exit status 1 (TRIPLETLOSS_CUDA_TRACEBACK=1 shows the traceback instead); `check` exits 1 when a check fails.
-This module imports only the standard library at the top, so that argument errors are quick.
+The command modules (check, bench, bench_mining, demo) sit beside this one and are imported only when
+their command runs; this package imports only the standard library at the top, so that argument errors are quick.
 """
 
 import argparse
@@ -16,30 +17,20 @@ import json
 import os
 import sys
 
+from .args import ArgumentParser
+
 PROG = "tripletloss-cuda"
 # command: (module, function, one-line help)
 COMMANDS = {
     "info": ("tripletloss_cuda.cli", "info_main", "versions, compiled kernels and the device that will run"),
     "check": (
-        "tripletloss_cuda.check",
+        "tripletloss_cuda.cli.check",
         "main",
         "verify the installation on every device and dtype (exit 1 on failure)",
     ),
-    "bench": ("tripletloss_cuda.bench", "main", "benchmark against PyTorch (--mining: the mining losses, when built)"),
-    "demo": ("tripletloss_cuda.demo", "main", "train an embedding network on scikit-learn's digits"),
+    "bench": ("tripletloss_cuda.cli.bench", "main", "benchmark against PyTorch (--mining: the mining losses, when built)"),
+    "demo": ("tripletloss_cuda.cli.demo", "main", "train an embedding network on scikit-learn's digits"),
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and exit status 2: `tripletloss-cuda bench: error: ...`."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def missing(package, what):
-    """The one-line error for an optional package that is not installed (they are imported lazily)."""
-    return RuntimeError(f"{what} needs {package}: pip install {package} (or pip install 'tripletloss_cuda[demo]')")
 
 
 def _format_info(info):
@@ -74,7 +65,7 @@ def info_main(argv=None):
 
 
 def _bench_mining(argv):
-    return importlib.import_module("tripletloss_cuda.bench_mining").main(argv)
+    return importlib.import_module("tripletloss_cuda.cli.bench_mining").main(argv)
 
 
 def _parser():

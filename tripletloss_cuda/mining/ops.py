@@ -2,7 +2,7 @@
 to the pure-PyTorch reference where no kernel is compiled for the device.
 
 Ops (schemas in csrc/mining.cpp), on an (N, N) float32/float64 distance matrix ``dist`` and (N,) int64
-``labels``; ``stats`` is the int64 (5,) vector of mining_reference.STATS_FIELDS:
+``labels``; ``stats`` is the int64 (5,) vector of reference.STATS_FIELDS:
     batch_hard_forward(dist, labels, margin, soft) -> (loss, stats, mined)
         mined: (N, 2) int64, the hardest positive and negative of each anchor (-1 where the anchor has none)
     batch_hard_backward(grad, dist, labels, stats, mined, margin, soft) -> grad_dist
@@ -17,8 +17,8 @@ dL/d dist in one pass; autograd through the distance matrix (a matrix product) c
 
 import torch
 
-from . import mining_reference as reference
-from .ops import _C
+from ..ops import _C
+from . import reference
 
 NAMESPACE = "tripletloss_cuda"
 KINDS = ("batch_hard", "batch_all", "semi_hard")
@@ -140,7 +140,7 @@ def _run(kind, dist, labels, *args):
 
 
 def batch_hard(dist, labels, margin, soft):
-    """(loss, stats) of the batch-hard loss on a distance matrix (see mining_reference.batch_hard)."""
+    """(loss, stats) of the batch-hard loss on a distance matrix (see reference.batch_hard)."""
     return _run("batch_hard", dist, labels, margin, soft)
 
 
@@ -150,5 +150,5 @@ def batch_all(dist, labels, margin, reduction):
 
 
 def semi_hard(dist, labels, margin):
-    """(loss, stats) of the semi-hard loss on a distance matrix (see mining_reference.semi_hard)."""
+    """(loss, stats) of the semi-hard loss on a distance matrix (see reference.semi_hard)."""
     return _run("semi_hard", dist, labels, margin)

@@ -1,8 +1,8 @@
 """Benchmark the mining losses against pytorch-metric-learning (pml) and our pure-PyTorch reference.
 
-    python -m tripletloss_cuda.bench_mining                    # CPU, all cases (minutes)
-    python -m tripletloss_cuda.bench_mining --quick            # small case, few repeats, no files (smoke test)
-    python -m tripletloss_cuda.bench_mining --n 1024 --d 128 --per-class 32 --losses batch_all --impls tl,pml
+    python -m tripletloss_cuda.cli.bench_mining                    # CPU, all cases (minutes)
+    python -m tripletloss_cuda.cli.bench_mining --quick            # small case, few repeats, no files (smoke test)
+    python -m tripletloss_cuda.cli.bench_mining --n 1024 --d 128 --per-class 32 --losses batch_all --impls tl,pml
 
 One row per (loss, N, D, samples per class, implementation): median time of forward+backward (the loss, then
 torch.autograd.grad of the embeddings) with p20/p80, and the peak memory of one forward+backward. Inputs: float32
@@ -10,7 +10,7 @@ Gaussian embeddings (N, D), labels with `per-class` samples per class in random 
 distance of L2-normalized embeddings (pml's default distance, so that the functions agree):
 
 - tl: tripletloss_cuda's public functions (compiled kernels where built);
-- reference: tripletloss_cuda.mining_reference (pure PyTorch, O(N^2) memory) on its own distance matrix;
+- reference: tripletloss_cuda.mining.reference (pure PyTorch, O(N^2) memory) on its own distance matrix;
 - pml: batch-hard = TripletMarginLoss(reducer=MeanReducer()) + BatchHardMiner (the same function as ours);
   batch-all = TripletMarginLoss without a miner (all triplets, AvgNonZeroReducer = our "mean_nonzero"; the same
   function); semi-hard = TripletMarginLoss + TripletMarginMiner(type_of_triplets="semihard"): NOT the same
@@ -53,7 +53,7 @@ MARGIN = 0.2
 BUDGET_S = {"full": 2.0, "quick": 0.05}  # seconds of timed calls per row (after the measured first call)
 REPEATS = {"full": (3, 50), "quick": (2, 3)}  # least and most timed calls per row
 ROW_TIMEOUT_S = 240  # a row's process is killed after this long
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (results go to benchmarks/results)
 
 
 # ---------------------------------------------------------------- the implementations (imported lazily)
@@ -67,7 +67,7 @@ def make_loss(loss, impl):
         fn = getattr(tl, f"{loss}_triplet_loss")
         return lambda x, y: fn(x, y, margin=MARGIN, normalize=True)
     if impl == "reference":
-        from tripletloss_cuda import mining_reference as ref
+        from tripletloss_cuda.mining import reference as ref
 
         fn = getattr(ref, loss)
         return lambda x, y: fn(ref.distance_matrix(x, "euclidean", normalize=True), y.to(torch.int64), MARGIN)[0]
@@ -192,7 +192,7 @@ def run_row(spec, timeout_s):
     """measure_row in a fresh interpreter; {'skipped': why} when it fails or runs out of time."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "tripletloss_cuda.bench_mining", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "tripletloss_cuda.cli.bench_mining", "--worker", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:

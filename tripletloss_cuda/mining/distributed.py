@@ -1,6 +1,6 @@
 """Mining over the global batch of a torch.distributed job: every rank gathers every rank's embeddings and labels.
 
-    emb, lab = tripletloss_cuda.distributed.gather(embeddings, labels)   # what distributed=True does
+    emb, lab = tripletloss_cuda.mining.distributed.gather(embeddings, labels)   # what distributed=True does
     loss = tl.batch_hard_triplet_loss(embeddings, labels, distributed=True)
 
 How the gradient comes out exact without a second collective: in the gathered batch this rank's slice IS its
@@ -37,7 +37,7 @@ def _name(code):
 def _check(embeddings, labels):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            "tripletloss_cuda.distributed.gather needs an initialized torch.distributed process group "
+            "tripletloss_cuda.mining.distributed.gather needs an initialized torch.distributed process group "
             "(call torch.distributed.init_process_group first)"
         )
     if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
@@ -91,7 +91,7 @@ def gather(embeddings, labels):
     headers = torch.stack(headers).tolist()
     if any(h[1:] != headers[0][1:] for h in headers):
         raise RuntimeError(
-            "tripletloss_cuda.distributed.gather: ranks disagree on the embedding width or dtypes, got "
+            "tripletloss_cuda.mining.distributed.gather: ranks disagree on the embedding width or dtypes, got "
             + ", ".join(
                 f"rank {r}: D={h[1]} {_name(h[2])} embeddings, {_name(h[3])} labels" for r, h in enumerate(headers)
             )

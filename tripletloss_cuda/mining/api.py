@@ -20,8 +20,8 @@ Shared semantics (embeddings (N, D) float16/bfloat16/float32/float64, labels (N,
   and the loss equals the single-process loss on the concatenated batch.
 
 The mining runs in compiled CPU/CUDA kernels on the distance matrix (tripletloss_cuda::batch_*_forward/
-backward, see tripletloss_cuda/mining_ops.py) where they are built, else in the pure-PyTorch
-tripletloss_cuda/mining_reference.py.
+backward, see tripletloss_cuda/ops.py) where they are built, else in the pure-PyTorch
+tripletloss_cuda/mining/reference.py.
 """
 
 from typing import NamedTuple
@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import Module
 
-from . import mining_reference as reference
+from . import ops, reference
 
 DISTANCES = reference.DISTANCES
 BATCH_ALL_REDUCTIONS = reference.BATCH_ALL_REDUCTIONS
@@ -52,7 +52,7 @@ class MiningStats(NamedTuple):
 
 
 def _stats_tuple(stats):
-    """MiningStats from the int64 vector of mining_reference.STATS_FIELDS."""
+    """MiningStats from the int64 vector of reference.STATS_FIELDS."""
     fraction = stats[4].to(torch.float32) / stats[3].clamp_min(1).to(torch.float32)
     return MiningStats(stats[0], stats[1], fraction)
 
@@ -103,7 +103,7 @@ class _DistanceMatrix(torch.autograd.Function):
     """The (N, N) distance matrix of float32/float64 rows from one matrix product, built in place in the
     product's buffer, with a hand-written backward: one matrix product and a few passes over (N, N).
 
-    It computes what mining_reference.distance_matrix computes (that one stays plain autograd, as the
+    It computes what reference.distance_matrix computes (that one stays plain autograd, as the
     oracle), but autograd through those PyTorch ops allocates and touches about ten fresh N×N buffers each
     way (page faults on every one: 64 MiB each at N = 4096), which cost several times the matrix product
     (measured at N = 4096, D = 128 on the 2-core CI machine: 454 ms forward+backward, against ~45 ms for
@@ -183,10 +183,8 @@ def batch_hard_triplet_loss(
     anchors (0 if there is none). The hardest positive and negative are the lowest index among ties; the
     gradient flows through them only. See the module docstring for distances, dtypes and ``return_stats``.
     """
-    from . import mining_ops
-
     dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
-    loss, stats = mining_ops.batch_hard(dist, labels, float(margin), bool(soft))
+    loss, stats = ops.batch_hard(dist, labels, float(margin), bool(soft))
     return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
@@ -212,12 +210,10 @@ def batch_all_triplet_loss(
     search and taking prefix sums (O(N^2 log(N/C)) time for C classes, O(N^2) memory), never by enumerating
     triplets. See the module docstring for the rest.
     """
-    from . import mining_ops
-
     if reduction not in BATCH_ALL_REDUCTIONS:
         raise ValueError(f"reduction should be one of {', '.join(map(repr, BATCH_ALL_REDUCTIONS))}, got {reduction!r}")
     dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
-    loss, stats = mining_ops.batch_all(dist, labels, float(margin), BATCH_ALL_REDUCTIONS[reduction])
+    loss, stats = ops.batch_all(dist, labels, float(margin), BATCH_ALL_REDUCTIONS[reduction])
     return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
@@ -236,10 +232,8 @@ def semi_hard_triplet_loss(
     index among ties); [margin + d_ij - d_ik]_+, averaged over those positive pairs (0 if there is none;
     TensorFlow Addons gives NaN there). See the module docstring for the rest.
     """
-    from . import mining_ops
-
     dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
-    loss, stats = mining_ops.semi_hard(dist, labels, float(margin))
+    loss, stats = ops.semi_hard(dist, labels, float(margin))
     return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 

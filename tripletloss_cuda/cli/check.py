@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import tripletloss_cuda as tl
 
-from .cli import ArgumentParser
+from .args import ArgumentParser
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 import tripletloss_cuda as tl
 
-from .cli import ArgumentParser
+from .args import ArgumentParser
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (results go to benchmarks/results)
 CHECKOUT = (ROOT / "setup.py").is_file() and (ROOT / "benchmarks").is_dir()  # an in-place build, not site-packages
 
 MARGIN = 1.0

@@ -38,7 +38,7 @@ from torch import nn
 
 import tripletloss_cuda as tl
 
-from .cli import ArgumentParser, missing
+from .args import ArgumentParser, missing
 
 IMPLS = {"tl": "tripletloss_cuda", "naive": "naive module", "torch": "F.triplet_margin_loss"}
 
