@@ -113,15 +113,22 @@ class _DistanceMatrix(torch.autograd.Function):
     def forward(ctx, x, distance):
         gram = x @ x.T
         ctx.distance = distance
+        # In place in eager mode (no fresh N×N buffers); out of place under torch.compile, which fuses these
+        # passes anyway, and where torch 2.11 drops the gradient of a Function output that the forward
+        # mutated in place (the compiled backward gave all-zero parameter gradients).
+        inplace = not torch.compiler.is_compiling()
         if distance == "cosine":
             ctx.save_for_backward(x)
-            return gram.neg_().add_(1)
+            return gram.neg_().add_(1) if inplace else 1 - gram
         # d2_ij = g_ii + g_jj - 2 g_ij: the squared norms are the product's own diagonal, so that the
-        # diagonal (and duplicate rows) come out exactly 0.
+        # diagonal (and duplicate rows) come out exactly 0. Both forms round alike: (-2 g_ij + g_ii) + g_jj.
         sq = gram.diagonal().clone()
-        out = gram.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
+        if inplace:
+            out = gram.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
+        else:
+            out = (gram * -2 + sq[:, None] + sq[None, :]).clamp_min(0)
         if distance == "euclidean":
-            out.sqrt_()
+            out = out.sqrt_() if inplace else out.sqrt()
         ctx.save_for_backward(x, out)
         return out
 
