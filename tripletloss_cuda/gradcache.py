@@ -16,8 +16,9 @@ dL/dθ = Σ_chunks (dL/d emb_chunk) · d emb_chunk/dθ. So:
 3. run each chunk again with grad, with its RNG state restored (so dropout draws the same masks), and
    backpropagate its slice of the cached gradient: ``emb_chunk.backward(grad_chunk)``.
 
-Peak activation memory is one chunk's plus the loss's (for the mining losses O(N^2) for the distance
-matrix) plus the two N x D caches; the price is a second forward pass of the model.
+Peak activation memory is the larger of one chunk's and the loss's (for the mining losses O(N^2): the
+distance matrix), plus the N x D caches (the embeddings, then their gradient); the price is a second
+forward pass of the model.
 """
 
 import contextlib
@@ -183,7 +184,9 @@ def cached_loss_backward(model, inputs, labels, loss_fn, chunk_size):
             raise RuntimeError("the loss does not require grad: loss_fn should compute it from the embeddings")
         loss.backward()
         grad = embeddings.grad if embeddings.grad is not None else torch.zeros_like(embeddings)
-        del embeddings
+        # Free the embeddings (the loss's graph holds them) before the second pass; keep the gradient.
+        returned = (loss.detach(), *result[1:]) if isinstance(result, tuple) else loss.detach()
+        del embeddings, result, loss
 
         no_sync = getattr(model, "no_sync", None)
         for i, ((start, stop), state) in enumerate(zip(bounds, states, strict=True)):
@@ -192,8 +195,7 @@ def cached_loss_backward(model, inputs, labels, loss_fn, chunk_size):
             with sync, _restored_rng(state, devices):
                 out = _call(model, _chunk(inputs, start, stop), stop - start)
                 out.backward(grad[start:stop].to(out.dtype))
-    loss = loss.detach()
-    return (loss, *result[1:]) if isinstance(result, tuple) else loss
+    return returned
 
 
 class SavedTensorMemory:
