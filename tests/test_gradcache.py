@@ -82,6 +82,20 @@ def test_gradients_equal_the_full_batch_step(loss, chunk_size, train):
     assert torch.equal(torch.get_rng_state(), ref_rng)
 
 
+@pytest.mark.cuda
+def test_cuda_dropout_rng_restored():
+    """On CUDA the CUDA generator's state is the one restored (the masks are drawn there)."""
+    model, (x, labels), loss_fn = _model().cuda(), _batch(), LOSSES["batch_all"]
+    x, labels = x.cuda(), labels.cuda()
+    torch.manual_seed(123)
+    ref_loss, ref_grads = _reference(model, x, labels, loss_fn, 5)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    torch.testing.assert_close(tl.cached_loss_backward(model, x, labels, loss_fn, 5), ref_loss)
+    for a, b in zip(_grads(model), ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_without_the_rng_restored_dropout_differs(monkeypatch):
     """The oracle is sensitive: the second pass with fresh dropout masks gives other gradients."""
     model, (x, labels), loss_fn = _model(), _batch(), LOSSES["batch_hard"]
