@@ -6,12 +6,16 @@ criterion = tl.TripletMarginLoss(margin=1.0)
 
 Online mining on a batch of embeddings with labels (see tripletloss_cuda.mining):
 loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch_all_, semi_hard_
+
+A mined batch larger than the model fits, embedded in chunks with cached embedding gradients (GradCache):
+loss = tl.cached_loss_backward(model, inputs, labels, tl.batch_hard_triplet_loss, chunk_size=64)
 """
 
 import torch
 
-from . import mining, naive, ops, reference
+from . import gradcache, mining, naive, ops, reference
 from .functional import triplet_margin_loss
+from .gradcache import cached_loss_backward
 from .mining import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
@@ -32,6 +36,8 @@ __all__ = [
     "TripletMarginLoss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
+    "cached_loss_backward",
+    "gradcache",
     "info",
     "mining",
     "naive",
