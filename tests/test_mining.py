@@ -364,7 +364,11 @@ def test_opcheck(device):
 
 def test_op_errors():
     ops = torch.ops.tripletloss_cuda
-    labels, ref_labels, self_index = torch.zeros(4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), -torch.ones(4, dtype=torch.int64)
+    labels, ref_labels, self_index = (
+        torch.zeros(4, dtype=torch.int64),
+        torch.zeros(3, dtype=torch.int64),
+        -torch.ones(4, dtype=torch.int64),
+    )
     with pytest.raises(RuntimeError, match="dist should be a 2D tensor"):
         ops.batch_all_forward(torch.zeros(4), labels, ref_labels, self_index, 1.0)
     with pytest.raises(RuntimeError, match=r"ref_labels should have shape \(3,\)"):
@@ -541,7 +545,8 @@ def test_cuda_graph_capture():
 def test_fused_distance_matrix_matches_the_reference(distance):
     """mining._DistanceMatrix (in place, hand-written backward) gives mining_reference.distance_matrix's values
     and gradients, with duplicate rows (distance 0: gradient 0, not NaN); gradcheck and gradgradcheck."""
-    from tripletloss_cuda.mining import api as mining, reference as mining_reference
+    from tripletloss_cuda.mining import api as mining
+    from tripletloss_cuda.mining import reference as mining_reference
 
     x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     x[7] = x[3]

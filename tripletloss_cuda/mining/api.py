@@ -249,7 +249,9 @@ def _mining_loss(kind, extra, embeddings, labels, margin, distance, normalize, d
         finite = finite & torch.isfinite(ref_embeddings).all()
         ref_labels = ref_labels.to(torch.int64)
     x = _rows(embeddings, distance, normalize)
-    y = None if ref_embeddings is None else _rows(ref_embeddings, distance, normalize)
+    # The batch as its own reference set is one tensor (torch.compile traces no Function given one tensor twice).
+    same = ref_embeddings is None or ref_embeddings is embeddings
+    y = None if same else _rows(ref_embeddings, distance, normalize)
     n, m = x.shape[0], (x if y is None else y).shape[0]
     chunk = chunk_size if chunk_size is not None else ops.default_chunk(m, x.dtype)
     if chunk >= n:  # one block: the whole matrix, kept for the backward

@@ -76,7 +76,8 @@ def _check_dist(dist):
 
 def _check_vector(t, name, n, dim):
     torch._check(
-        t.dim() == 1 and t.shape[0] == n, lambda: f"{name} should have shape ({n},) (dist's {dim}), got {tuple(t.shape)}"
+        t.dim() == 1 and t.shape[0] == n,
+        lambda: f"{name} should have shape ({n},) (dist's {dim}), got {tuple(t.shape)}",
     )
     torch._check(t.dtype == torch.int64, lambda: f"{name} should be int64, got {t.dtype}")
 
@@ -127,7 +128,11 @@ if "cpu" in KERNEL_DEVICES or "cuda" in KERNEL_DEVICES:
 
 # ---------------------------------------------------------------- per kind: sums, denominators, block mining
 
-SUMS = {"batch_hard": reference.batch_hard_sum, "batch_all": reference.batch_all_sum, "semi_hard": reference.semi_hard_sum}
+SUMS = {
+    "batch_hard": reference.batch_hard_sum,
+    "batch_all": reference.batch_all_sum,
+    "semi_hard": reference.semi_hard_sum,
+}
 _MINED = 2  # the stat batch-hard and semi-hard average over
 _BATCH_ALL_DENOMINATOR = {0: 1, 1: 0, 2: -1}  # reduction -> stat (active, valid triplets; -1: the sum)
 
@@ -323,8 +328,10 @@ def _kind_args(kind, margin, extra):
     return (margin,), _MINED
 
 
-def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
+def _contiguous(labels, ref_labels, self_index):
+    # torch.compile traces no Function given one tensor twice: ref_labels may be the labels themselves.
+    ref_labels = ref_labels.clone() if ref_labels is labels else ref_labels
+    return [None if t is None else t.contiguous() for t in (labels, ref_labels, self_index)]
 
 
 def run(kind, dist, labels, margin, extra=None, ref_labels=None, self_index=None):
@@ -332,8 +339,8 @@ def run(kind, dist, labels, margin, extra=None, ref_labels=None, self_index=None
     None: dist is the batch against itself."""
     args, den = _kind_args(kind, margin, extra)
     if dist.device.type in KERNEL_DEVICES:
-        inputs = _contiguous(dist, labels, ref_labels, self_index)
-        return MiningFunction.apply(kind, *inputs, den, *args)
+        inputs = _contiguous(labels, ref_labels, self_index)
+        return MiningFunction.apply(kind, dist.contiguous(), *inputs, den, *args)
     total, stats = SUMS[kind](dist, labels, *args, ref_labels, self_index)
     return divide(total, stats, den), stats
 
@@ -343,8 +350,9 @@ def run_chunked(kind, x, y, labels, margin, extra, ref_labels, self_index, dista
     rows normalized where the distance needs it), ``chunk`` anchors at a time."""
     args, den = _kind_args(kind, margin, extra)
     kernel = x.device.type in KERNEL_DEVICES
-    inputs = _contiguous(x, y, labels, ref_labels, self_index)
-    return ChunkedMiningFunction.apply(kind, *inputs, distance, chunk, kernel, den, *args)
+    y = None if y is None or y is x else y.contiguous()
+    inputs = _contiguous(labels, ref_labels, self_index)
+    return ChunkedMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, kernel, den, *args)
 
 
 def batch_hard(dist, labels, margin, soft, ref_labels=None, self_index=None):
