@@ -196,3 +196,27 @@ def test_bench_mining_quick(tmp_path, capsys):
     assert values["reference"] == pytest.approx(values["tl"], rel=1e-5)
     assert values["pml"] == pytest.approx(values["tl"], rel=1e-5)
     assert "| batch_all |" in capsys.readouterr().out
+
+
+def test_bench_mining_scale_rows(tmp_path, capsys, monkeypatch):
+    """Smoke test of bench --mining --scale on small cases: default chunking, a forced chunk, the whole matrix,
+    and queries against references; the same loss value for every chunking of a case."""
+    from tripletloss_cuda.cli import bench_mining
+
+    monkeypatch.setattr(
+        bench_mining, "SCALE_CASES", [(256, None, None), (256, None, 64), (256, None, "whole"), (64, 512, None)]
+    )
+    monkeypatch.setattr(bench_mining, "SCALE_D", 16)
+    out = tmp_path / "scale.json"
+    assert bench_mining.main(["--scale", "--losses", "semi_hard", "--json", str(out), "--out-dir", ""]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["n"], r.get("m"), r["chunk"]) for r in rows] == [
+        (256, None, 256),
+        (256, None, 64),
+        (256, None, 256),
+        (64, 512, 64),
+    ]
+    assert all(r["median_s"] > 0 for r in rows)
+    assert rows[1]["loss_value"] == pytest.approx(rows[0]["loss_value"], rel=1e-5)
+    assert rows[2]["loss_value"] == pytest.approx(rows[0]["loss_value"], rel=1e-5)
+    assert "tl chunk_size=64" in capsys.readouterr().out
