@@ -95,6 +95,15 @@ def _worker(rank, store_path, out_path):
             )
             loss.backward()
             results[f"{name}+refs"] = (loss.detach(), tuple(stats), local.grad, local_refs.grad)
+        # CrossBatchMemory under distributed=True: every rank enqueues the global batch in rank order
+        memory = tl.CrossBatchMemory(tl.BatchHardTripletLoss(margin=0.5, distributed=True), 6, memory_size=30)
+        steps = []
+        for step in range(3):
+            local = (_shard(embeddings, rank) + 0.1 * step).requires_grad_()
+            loss = memory(local, local_labels)
+            loss.backward()
+            steps.append((loss.detach(), local.grad))
+        results["memory"] = (steps, memory.embedding_memory.clone(), memory.label_memory.clone(), memory.queue_idx)
         # gather itself: this rank's slice is the local tensor, the rest the other rank's rows
         local = _shard(embeddings, rank).clone().requires_grad_()
         gathered, gathered_labels = tl_distributed.gather(local, local_labels)
@@ -180,6 +189,21 @@ def test_distributed_equals_single_process(tmp_path):
             torch.testing.assert_close(rank_grad, _shard(whole.grad, rank), msg=f"{name}+refs gradient on rank {rank}")
             expected = _shard(whole_refs.grad, rank, REF_SHARDS)
             torch.testing.assert_close(rank_ref_grad, expected, msg=f"{name}+refs reference gradient on rank {rank}")
+
+    memory = tl.CrossBatchMemory(tl.BatchHardTripletLoss(margin=0.5), 6, memory_size=30)
+    expected = []
+    for step in range(3):
+        whole = (embeddings + 0.1 * step).requires_grad_()
+        loss = memory(whole, labels)
+        loss.backward()
+        expected.append((loss.detach(), whole.grad))
+    for rank, result in enumerate(results):
+        steps, embedding_memory, label_memory, queue_idx = result["memory"]
+        for step, ((rank_loss, rank_grad), (loss, grad)) in enumerate(zip(steps, expected)):
+            torch.testing.assert_close(rank_loss, loss, msg=f"memory loss, step {step}, rank {rank}")
+            torch.testing.assert_close(rank_grad, _shard(grad, rank), msg=f"memory gradient, step {step}, rank {rank}")
+        torch.testing.assert_close(embedding_memory, memory.embedding_memory, rtol=0, atol=0)
+        assert torch.equal(label_memory, memory.label_memory) and queue_idx == memory.queue_idx == 69 % 30
 
     model = _model()
     tl.batch_hard_triplet_loss(model(embeddings), labels, margin=0.5).backward()

@@ -18,6 +18,7 @@ from .api import (
     batch_hard_triplet_loss,
     semi_hard_triplet_loss,
 )
+from .memory import CrossBatchMemory
 
 __all__ = [
     "BATCH_ALL_REDUCTIONS",
@@ -25,6 +26,7 @@ __all__ = [
     "BatchAllTripletLoss",
     "BatchHardTripletLoss",
     "BatchSemiHardTripletLoss",
+    "CrossBatchMemory",
     "MiningStats",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",

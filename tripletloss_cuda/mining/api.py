@@ -95,7 +95,7 @@ def _check(embeddings, labels, margin, distance):
         raise ValueError(f"margin should be non-negative, got {margin}")
 
 
-def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index):
+def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, check_range=True):
     if ref_embeddings is None:
         if ref_labels is not None or ref_self_index is not None:
             name = "ref_labels" if ref_labels is not None else "ref_self_index"
@@ -136,7 +136,7 @@ def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index):
             f"ref_self_index should be a 1D tensor of {embeddings.shape[0]} elements (one per embedding), "
             f"got shape {tuple(ref_self_index.shape)}"
         )
-    if ref_self_index.numel() and not torch.compiler.is_compiling():  # one host synchronization on the GPU
+    if check_range and ref_self_index.numel() and not torch.compiler.is_compiling():  # a host sync on the GPU
         lo, hi = (int(v) for v in torch.aminmax(ref_self_index))
         if lo < -1 or hi >= m:
             raise ValueError(
@@ -236,11 +236,14 @@ def _distance_matrix(embeddings, distance, normalize, ref_embeddings=None):
     return _DistanceMatrix.apply(x, y, distance)
 
 
-def _mining_loss(kind, extra, embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size):
+def _mining_loss(
+    kind, extra, embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size, check_self_index=True
+):
     """Checks the arguments, mines (whole or in blocks of anchors), returns (loss as float32/64, stats, finite:
-    whether all embeddings are finite, a 0-d tensor: no host synchronization)."""
+    whether all embeddings are finite, a 0-d tensor: no host synchronization). check_self_index=False skips
+    the range check of ref_self_index (a host synchronization on the GPU) for callers that built it."""
     _check(embeddings, labels, margin, distance)
-    _check_references(embeddings, *refs)
+    _check_references(embeddings, *refs, check_range=check_self_index)
     _check_chunk_size(chunk_size)
     embeddings, labels, ref_embeddings, ref_labels, self_index = _global_batch(embeddings, labels, *refs, distributed)
     finite = torch.isfinite(embeddings).all()
@@ -386,6 +389,21 @@ class _MiningLoss(Module):
 
     def extra_repr(self):
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.kwargs)
+
+    def _compute(self, embeddings, labels, refs, check_self_index=True, **kwargs):
+        """(loss, MiningStats) of the loss with these keyword arguments against refs = (ref_embeddings,
+        ref_labels, ref_self_index)."""
+        kind = type(self)._function.__name__.removesuffix("_triplet_loss")
+        extra = {
+            "batch_hard": lambda: bool(kwargs.pop("soft")),
+            "batch_all": lambda: BATCH_ALL_REDUCTIONS[kwargs.pop("reduction")],
+        }
+        extra = extra[kind]() if kind in extra else None
+        loss, stats, finite = _mining_loss(
+            kind, extra, embeddings, labels, kwargs["margin"], kwargs["distance"], kwargs["normalize"],
+            kwargs.get("distributed", False), refs, kwargs.get("chunk_size"), check_self_index,
+        )  # fmt: skip
+        return _finish(loss, stats, finite, embeddings.dtype, True)
 
 
 class BatchHardTripletLoss(_MiningLoss):
