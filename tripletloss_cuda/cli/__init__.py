@@ -28,11 +28,7 @@ COMMANDS = {
         "main",
         "verify the installation on every device and dtype (exit 1 on failure)",
     ),
-    "bench": (
-        "tripletloss_cuda.cli.bench",
-        "main",
-        "benchmark against PyTorch (--mining: the mining losses, when built)",
-    ),
+    "bench": ("tripletloss_cuda.cli.bench", "main", "benchmark against PyTorch (--mining: the mining losses, when built)"),
     "demo": ("tripletloss_cuda.cli.demo", "main", "train an embedding network on scikit-learn's digits"),
 }
 
