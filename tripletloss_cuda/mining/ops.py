@@ -38,7 +38,7 @@ BYTES_PER_ENTRY = 8
 
 def default_chunk(m, dtype):
     """Anchors per block so that a block's (chunk, m) working set stays under MEMORY_BUDGET_BYTES."""
-    entry = BYTES_PER_ENTRY * torch.empty((), dtype=dtype).element_size()
+    entry = BYTES_PER_ENTRY * dtype.itemsize
     return max(1, MEMORY_BUDGET_BYTES // (max(m, 1) * entry))
 
 
