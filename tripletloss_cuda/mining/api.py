@@ -10,6 +10,9 @@ Shared semantics (embeddings (N, D) float16/bfloat16/float32/float64, labels (N,
   itself, M = N), computed from one matrix product in float32 (float64 for float64 embeddings):
   ``"euclidean"`` ||x_i - x_j|| (not squared; its gradient at distance 0 is 0, never NaN),
   ``"squared_euclidean"``, or ``"cosine"`` 1 - cos(x_i, x_j). ``normalize=True`` L2-normalizes the rows first.
+  Mined whole against itself, the squared norms are the Gram matrix's own diagonal, so duplicate rows are
+  exactly 0 apart; against a reference set or in chunks they are computed apart, so identical rows come
+  out 0 up to rounding (clamped at 0; the gradient stays finite; each anchor's own column is excluded anyway).
 - A valid triplet (i, j, k) has y_i == y_j, i != j (j is a positive of anchor i) and y_k != y_i (a negative).
 - Reference sets (as pytorch-metric-learning's ``ref_emb``/``ref_labels``): with ``ref_embeddings`` (M, D)
   (the embeddings' dtype and device) and ``ref_labels`` (M,), anchors come from ``embeddings``, positives and
@@ -292,7 +295,8 @@ def batch_hard_triplet_loss(
     [margin + max_j d_ij - min_k d_ik]_+ over its positives j and negatives k, or, with ``soft=True``,
     softplus(max_j d_ij - min_k d_ik) = log(1 + exp(.)) (margin unused). The loss is the mean over those
     anchors (0 if there is none). The hardest positive and negative are the lowest index among ties; the
-    gradient flows through them only. See the module docstring for distances, dtypes and ``return_stats``.
+    gradient flows through them only. See the module docstring for distances, dtypes, ``return_stats``, the
+    reference sets (``ref_embeddings``, ``ref_labels``, ``ref_self_index``) and ``chunk_size``.
     """
     refs = (ref_embeddings, ref_labels, ref_self_index)
     loss, stats, finite = _mining_loss(
