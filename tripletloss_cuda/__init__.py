@@ -6,6 +6,8 @@ criterion = tl.TripletMarginLoss(margin=1.0)
 
 Online mining on a batch of embeddings with labels (see tripletloss_cuda.mining):
 loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch_all_, semi_hard_
+loss = tl.batch_all_triplet_loss(queries, labels, ref_embeddings=bank, ref_labels=bank_labels, chunk_size=1024)
+criterion = tl.CrossBatchMemory(tl.BatchHardTripletLoss(), embedding_size=128, memory_size=4096)
 
 A mined batch larger than the model fits, embedded in chunks with cached embedding gradients (GradCache):
 loss = tl.cached_loss_backward(model, inputs, labels, tl.batch_hard_triplet_loss, chunk_size=64)
@@ -20,6 +22,7 @@ from .mining import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
     BatchSemiHardTripletLoss,
+    CrossBatchMemory,
     MiningStats,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
@@ -32,6 +35,7 @@ __all__ = [
     "BatchAllTripletLoss",
     "BatchHardTripletLoss",
     "BatchSemiHardTripletLoss",
+    "CrossBatchMemory",
     "MiningStats",
     "TripletMarginLoss",
     "batch_all_triplet_loss",
