@@ -18,8 +18,8 @@ Shared semantics (embeddings (N, D) float16/bfloat16/float32/float64, labels (N,
   (the embeddings' dtype and device) and ``ref_labels`` (M,), anchors come from ``embeddings``, positives and
   negatives from the references: every reference with the anchor's label is a positive, every other one a
   negative, except for ``ref_self_index`` (N,) int64: the reference row that IS anchor i (neither positive
-  nor negative), or -1. Its range is checked (on the GPU that costs one host synchronization). Gradients
-  flow to both ``embeddings`` and ``ref_embeddings``.
+  nor negative), or -1. Its range is checked (on the CPU a ValueError; on a GPU a device-side assert, no
+  host synchronization). Gradients flow to both ``embeddings`` and ``ref_embeddings``.
 - Memory: nothing of size N x M x M and no list of triplets is built. ``chunk_size`` bounds the rest: the
   anchors are mined in blocks of ``chunk_size`` rows, each block's (chunk_size, M) distances computed,
   mined and dropped, and recomputed in the backward, so nothing of size N x M is held. The default
@@ -139,13 +139,17 @@ def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, ch
             f"ref_self_index should be a 1D tensor of {embeddings.shape[0]} elements (one per embedding), "
             f"got shape {tuple(ref_self_index.shape)}"
         )
-    if check_range and ref_self_index.numel() and not torch.compiler.is_compiling():  # a host sync on the GPU
-        lo, hi = (int(v) for v in torch.aminmax(ref_self_index))
-        if lo < -1 or hi >= m:
-            raise ValueError(
-                f"ref_self_index should hold row numbers of ref_embeddings in [0, {m}) or -1, "
-                f"got values in [{lo}, {hi}]"
-            )
+    if not check_range or not ref_self_index.numel() or torch.compiler.is_compiling():
+        return
+    message = f"ref_self_index should hold row numbers of ref_embeddings in [0, {m}) or -1"
+    if ref_self_index.device.type != "cpu":
+        # No host synchronization on an accelerator: a device-side assert (the kernels only compare the
+        # index, they never read memory with it).
+        torch._assert_async(((ref_self_index >= -1) & (ref_self_index < m)).all(), message)
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ref_self_index))
+    if lo < -1 or hi >= m:
+        raise ValueError(f"{message}, got values in [{lo}, {hi}]")
 
 
 def _check_chunk_size(chunk_size):
@@ -252,7 +256,7 @@ def _mining_loss(
 ):
     """Checks the arguments, mines (whole or in blocks of anchors), returns (loss as float32/64, stats, finite:
     whether all embeddings are finite, a 0-d tensor: no host synchronization). check_self_index=False skips
-    the range check of ref_self_index (a host synchronization on the GPU) for callers that built it."""
+    the range check of ref_self_index for callers that built it."""
     _check(embeddings, labels, margin, distance)
     _check_references(embeddings, *refs, check_range=check_self_index)
     _check_chunk_size(chunk_size)
