@@ -12,6 +12,7 @@
 
 #include "mining.h"
 #include "mining_math.h"
+#include "schemas.h"
 
 namespace tripletloss {
 namespace mining {
@@ -31,10 +32,15 @@ void check_inputs(const Tensor& dist, const Tensor& labels) {
 }
 
 const Backend& backend_for(const Tensor& dist) {
+#ifdef TRIPLETLOSS_EMULATED
+  (void)dist;
+  return cuda_backend();  // the emulated CUDA launchers, on CPU tensors
+#else
 #ifdef TRIPLETLOSS_WITH_CUDA
   if (dist.is_cuda()) return cuda_backend();
 #endif
   return cpu_backend();
+#endif
 }
 
 struct Rows {  // the per-anchor outputs of a forward launcher
@@ -157,25 +163,6 @@ Tensor not_positive(const Tensor& labels) {
 }  // namespace mining
 }  // namespace tripletloss
 
-TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) {
-  // dist: (N, N) float32/float64 distances; labels: (N,) int64; stats: int64 (5,) valid, active and mined
-  // triplets, valid and active anchors. batch-all reduction: 0 mean_nonzero, 1 mean, 2 sum.
-  m.def(
-      "batch_hard_forward(Tensor dist, Tensor labels, float margin, bool soft) "
-      "-> (Tensor loss, Tensor stats, Tensor mined)");
-  m.def(
-      "batch_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor stats, Tensor mined, float margin, "
-      "bool soft) -> Tensor");
-  m.def("batch_all_forward(Tensor dist, Tensor labels, float margin, int reduction) -> (Tensor loss, Tensor stats)");
-  m.def(
-      "batch_all_backward(Tensor grad, Tensor dist, Tensor labels, Tensor stats, float margin, int reduction) "
-      "-> Tensor");
-  m.def("semi_hard_forward(Tensor dist, Tensor labels, float margin) -> (Tensor loss, Tensor stats, Tensor mined)");
-  m.def(
-      "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor stats, Tensor mined, float margin) "
-      "-> Tensor");
-}
-
 #define TL_MINING_IMPLS(m)                                             \
   m.impl("batch_hard_forward", &tripletloss::mining::batch_hard_forward);   \
   m.impl("batch_hard_backward", &tripletloss::mining::batch_hard_backward); \
@@ -185,7 +172,14 @@ TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) {
   m.impl("semi_hard_backward", &tripletloss::mining::semi_hard_backward)
 
 // The same device-generic code for both: only the row launchers (backend_for) differ.
+#ifndef TRIPLETLOSS_EMULATED
+TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) { TL_MINING_SCHEMAS(m); }
 TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) { TL_MINING_IMPLS(m); }
 #ifdef TRIPLETLOSS_WITH_CUDA
 TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) { TL_MINING_IMPLS(m); }
+#endif
+#else
+// The emulated CUDA build (_C_emu): CPU tensors through the CUDA launchers on the emulator; the schemas are
+// defined in emu/module.cpp.
+TORCH_LIBRARY_IMPL(tripletloss_cuda_emu, CPU, m) { TL_MINING_IMPLS(m); }
 #endif
