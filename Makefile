@@ -1,14 +1,18 @@
 # make test: set up (venv, torch, build with the CUDA sources when nvcc is present) and run the tests.
 # make bench: set up and run the benchmark on whatever device is present (CPU by default).
 # make demo: set up and run the training demo (scikit-learn's digits; DEMO_ARGS="--epochs 40 --plot demo.png").
+# make build-emu: the test-only extension _C_emu (the CUDA sources on the CPU emulator of csrc/emu); make test
+#   builds it and runs its `emulated_cuda` tests with the others.
+# make sanitize: _C_emu under AddressSanitizer + UBSan (as _C_emu_san), and the emulated tests against it.
+# make mutants: the emulated tests against deliberately broken copies of the kernels (not in CI; slow).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := PYTHONPATH=$(CURDIR) $(PY)
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup build test bench demo lint clean
+.PHONY: setup build build-emu test sanitize mutants bench demo lint clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: requirements-dev.txt
@@ -22,8 +26,26 @@ $(VENV)/.build-done: $(VENV)/.setup-done $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	touch $@
 
-test: build
+# The emulated build: its own folder (build/emu-1), tripletloss_cuda/_C_emu*.so; never part of an install.
+build-emu: $(VENV)/.build-emu-done
+$(VENV)/.build-emu-done: $(VENV)/.setup-done $(SOURCES)
+	TRIPLETLOSS_EMULATED=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: build build-emu
 	$(RUN) -m pytest -q tests benchmarks/test_bench.py
+
+# ASan needs its runtime first in the process (python is not built with it): LD_PRELOAD. Leaks are not
+# checked (the interpreter's own). SANITIZE_TESTS: the emulated tests to run (default: a representative part).
+SANITIZE_TESTS ?= tests/test_emulated.py tests/test_sanitizer.py -k "not test_block_order and not test_launch_mappings or 4sm"
+sanitize: setup
+	TRIPLETLOSS_EMULATED=sanitize MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	TRIPLETLOSS_EMU=sanitize LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(RUN) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
+
+mutants: setup
+	$(PY) tests/mutants.py
 
 bench: build
 	$(RUN) -m tripletloss_cuda bench $(BENCH_ARGS)
@@ -37,4 +59,4 @@ lint: setup
 	$(PY) -m ruff format --check tripletloss_cuda tests benchmarks setup.py
 
 clean:
-	rm -rf build tripletloss_cuda/_C*.so $(VENV)/.build-done
+	rm -rf build tripletloss_cuda/_C*.so $(VENV)/.build-done $(VENV)/.build-emu-done

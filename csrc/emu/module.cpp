@@ -2,10 +2,15 @@
 // (emu.h), registered as tripletloss_cuda_emu::* on the CPU key, and the Python functions that control the
 // emulator's fake device. Built by `make build-emu` (setup.py with TRIPLETLOSS_EMULATED=1).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "../schemas.h"
 #include "emu.h"
+
+namespace tl_emu {
+long selftest(const std::string& name);  // selftest.cpp
+}
 
 TORCH_LIBRARY(tripletloss_cuda_emu, m) {
   TL_TRIPLET_SCHEMAS(m);
@@ -19,6 +24,9 @@ template <typename F>
 PyObject* guarded(F&& f) {
   try {
     return f();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -68,6 +76,12 @@ PyObject* launches(PyObject*, PyObject*) {
   return list;
 }
 
+PyObject* selftest(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  return guarded([&] { return PyLong_FromLong(tl_emu::selftest(name)); });
+}
+
 PyObject* clear_launches(PyObject*, PyObject*) {
   tl_emu::clear_launches();
   Py_RETURN_NONE;
@@ -78,6 +92,7 @@ PyMethodDef methods[] = {
     {"set_device", set_device, METH_VARARGS, "set_device(sms, occupancy={}): the fake device."},
     {"launches", launches, METH_NOARGS, "The launches since clear_launches(), oldest first."},
     {"clear_launches", clear_launches, METH_NOARGS, "Empties the launch log."},
+    {"selftest", selftest, METH_O, "Runs a kernel of csrc/emu/selftest.cpp (most break a rule on purpose)."},
     {nullptr, nullptr, 0, nullptr}};
 
 #ifndef TL_EMU_MODULE

@@ -1,0 +1,169 @@
+"""`make mutants`: the emulated CUDA tests must catch broken kernels. Builds the emulated backend (_C_emu)
+from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs the `emulated_cuda` tests on
+each (stopping at the first failure) and reports each mutant caught or not. Not in CI (a rebuild per mutant).
+
+    python tests/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one survives
+
+Works in build/mutants/ (a copy of the tree, with the _C extension of this checkout for the CPU ops)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, "build", "mutants")
+TRIPLET, MINING = "csrc/cuda/triplet_kernel.cu", "csrc/cuda/mining_kernel.cu"
+
+# name: (file, original text, broken text, what it breaks)
+MUTANTS = {
+    "shuffle_mask_first_group": (
+        TRIPLET,
+        "((1u << group) - 1u) << (lane & ~(group - 1))",
+        "((1u << group) - 1u)",
+        "group_sum: every sub-warp group shuffles with the mask of the warp's first group",
+    ),
+    "shuffle_mask_half_warp": (
+        TRIPLET,
+        "group >= kWarp ? 0xffffffffu",
+        "group >= kWarp ? 0x0000ffffu",
+        "group_sum: a warp-wide reduction with the mask of half a warp",
+    ),
+    "shuffle_level_skipped": (
+        TRIPLET,
+        "for (int offset = min(group, kWarp) / 2; offset > 0; offset /= 2)",
+        "for (int offset = min(group, kWarp) / 4; offset > 0; offset /= 2)",
+        "group_sum: the first level of the butterfly dropped",
+    ),
+    "partial_dropped": (
+        TRIPLET,
+        "for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x)",
+        "for (int b = threadIdx.x; b < gridDim.x - 1; b += blockDim.x)",
+        "mean/sum: the last block's partial left out of the final reduction",
+    ),
+    "warp_partial_dropped": (
+        TRIPLET,
+        "for (int w = 0; w < blockDim.x / kWarp; ++w) v += smem[w];",
+        "for (int w = 1; w < blockDim.x / kWarp; ++w) v += smem[w];",
+        "group_sum: the first warp's partial left out of the block reduction",
+    ),
+    "scalar_tail_off_by_one": (
+        TRIPLET,
+        "for (int64_t j = nvec * VEC + lane; j < in.cols; j += group) {\n      accumulate",
+        "for (int64_t j = nvec * VEC + lane; j <= in.cols; j += group) {\n      accumulate",
+        "forward: the scalar loop reads one element past each row",
+    ),
+    "backward_tail_off_by_one": (
+        TRIPLET,
+        "for (int64_t j = nvec * VEC + lane; j < in.cols; j += group) {\n      acc_t x = 0",
+        "for (int64_t j = nvec * VEC + 1 + lane; j < in.cols; j += group) {\n      acc_t x = 0",
+        "backward: the scalar loop skips the first element of each row's tail",
+    ),
+    "missing_syncthreads_before_write": (
+        TRIPLET,
+        "    __syncthreads();  // smem may still be read from the previous call\n",
+        "",
+        "group_sum: shared memory overwritten while other warps may still read the previous sum",
+    ),
+    "missing_syncthreads_after_write": (
+        TRIPLET,
+        "    if (lane == 0) smem[threadIdx.x / kWarp] = v;\n    __syncthreads();\n",
+        "    if (lane == 0) smem[threadIdx.x / kWarp] = v;\n",
+        "group_sum: the warps' partials read before every warp has written its own",
+    ),
+    "missing_syncthreads_ticket": (
+        TRIPLET,
+        "  __syncthreads();\n  if (!last_block) return;",
+        "  if (!last_block) return;",
+        "mean/sum: last_block read before thread 0 has set it",
+    ),
+    "first_block_sums": (
+        TRIPLET,
+        "last_block = atomicAdd(ticket, 1u) == gridDim.x - 1;",
+        "last_block = atomicAdd(ticket, 1u) == 0;",
+        "mean/sum: the first block to finish, not the last, adds the partials (depends on block order)",
+    ),
+    "grid_stride_step": (
+        TRIPLET,
+        "row += int64_t(gridDim.x) * rows_per_block) {\n    const T* a",
+        "row += int64_t(gridDim.x) * rows_per_block + 1) {\n    const T* a",
+        "forward: the grid-stride loop skips a row per step",
+    ),
+    "vectorize_misaligned": (
+        TRIPLET,
+        "return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % vec == 0;",
+        "return stride % vec == 0;",
+        "can_vectorize: 16-byte loads of rows that are not 16-byte aligned",
+    ),
+    "mining_blocks_rounded_down": (
+        MINING,
+        "const unsigned blocks = unsigned((n + kThreads - 1) / kThreads);",
+        "const unsigned blocks = unsigned(std::max<int64_t>(n / kThreads, 1));",
+        "launch_rows: the last partial block of anchors not launched",
+    ),
+}
+
+
+def sh(cmd, env=None, log=None):
+    with open(log, "w") if log else open(os.devnull, "w") as out:
+        return subprocess.run(cmd, cwd=WORK, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def prepare():
+    """The tree copy (sources, package, tests) with this checkout's _C extension."""
+    for name in ("csrc", "tripletloss_cuda", "tests"):
+        src, dst = os.path.join(ROOT, name), os.path.join(WORK, name)
+        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("_C_emu*.so", "__pycache__"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, name), os.path.join(WORK, name))
+
+
+def write_if_changed(path, text):
+    """Only a changed file gets a new mtime (ninja rebuilds what includes it)."""
+    with open(path) as f:
+        if f.read() == text:
+            return
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(names):
+    for name in names:
+        if name not in MUTANTS:
+            sys.exit(f"no mutant {name}; mutants: {', '.join(MUTANTS)}")
+    os.makedirs(WORK, exist_ok=True)
+    prepare()
+    pristine = {f: open(os.path.join(ROOT, f)).read() for f in (TRIPLET, MINING)}
+    env = dict(os.environ, TRIPLETLOSS_EMULATED="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PYTHONPATH=WORK)
+    env.pop("TRIPLETLOSS_EMU", None)
+    build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    test = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated_cuda", "tests"]
+    results = []
+    for name in names:
+        path, old, new, what = MUTANTS[name]
+        assert pristine[path].count(old) == 1, f"mutant {name}: the original text is not in {path} exactly once"
+        for f, text in pristine.items():
+            write_if_changed(os.path.join(WORK, f), text.replace(old, new) if f == path else text)
+        start = time.time()
+        log = os.path.join(WORK, f"{name}.log")
+        if sh(build, env, log) != 0:
+            results.append((name, "BUILD FAILED", what, time.time() - start))
+        else:
+            rc = sh(test, env, log)
+            # 1: a test failed; a crash (a signal) also counts as caught; 0: every test passed
+            verdict = "caught" if rc != 0 and rc != 5 else "NOT CAUGHT"
+            results.append((name, verdict, what, time.time() - start))
+        print(f"{name:34s} {results[-1][1]:12s} {results[-1][3]:6.0f} s  {what}", flush=True)
+        if results[-1][1] == "caught":
+            failed = [line for line in open(log) if line.startswith(("FAILED", "ERROR"))]
+            print(f"{'':34s} first failure: {failed[0].strip()[:150] if failed else 'the test process died'}")
+    for f, text in pristine.items():
+        write_if_changed(os.path.join(WORK, f), text)
+    survivors = [r for r in results if r[1] != "caught"]
+    print(f"{len(results) - len(survivors)} of {len(results)} mutants caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or list(MUTANTS)))
