@@ -68,7 +68,13 @@ def emulated_extension(mode):
     san = mode == "sanitize"
     name = "_C_emu_san" if san else "_C_emu"
     # -Wno-*: `#pragma unroll` and the unsigned built-in index variables are what nvcc reads.
-    flags = ["-std=c++20", "-DTRIPLETLOSS_EMULATED", f"-DTL_EMU_MODULE={name}", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
+    flags = [
+        "-std=c++20",
+        "-DTRIPLETLOSS_EMULATED",
+        f"-DTL_EMU_MODULE={name}",
+        "-Wno-unknown-pragmas",
+        "-Wno-sign-compare",
+    ]
     link = []
     if san:
         sanitize = ["-fsanitize=address,undefined,alignment", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]

@@ -48,7 +48,7 @@ def set_device(name):
 
 
 def blocks_per_sm(device, kernel):
-    sms, occupancy = DEVICES[device]
+    occupancy = DEVICES[device][1]
     for key in sorted(occupancy):
         if key in kernel:
             return occupancy[key]
@@ -75,6 +75,6 @@ def launch_group(record):
         return THREADS
     if not record["masks"]:
         return 1
-    sizes = {bin(m).count("1") for m in record["masks"]}
+    sizes = {m.bit_count() for m in record["masks"]}
     assert len(sizes) == 1, record
     return sizes.pop()

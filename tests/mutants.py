@@ -107,7 +107,7 @@ MUTANTS = {
 
 def sh(cmd, env=None, log=None):
     with open(log, "w") if log else open(os.devnull, "w") as out:
-        return subprocess.run(cmd, cwd=WORK, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(cmd, check=False, cwd=WORK, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
 def prepare():
@@ -119,11 +119,15 @@ def prepare():
         shutil.copy(os.path.join(ROOT, name), os.path.join(WORK, name))
 
 
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def write_if_changed(path, text):
     """Only a changed file gets a new mtime (ninja rebuilds what includes it)."""
-    with open(path) as f:
-        if f.read() == text:
-            return
+    if read(path) == text:
+        return
     with open(path, "w") as f:
         f.write(text)
 
@@ -134,7 +138,7 @@ def main(names):
             sys.exit(f"no mutant {name}; mutants: {', '.join(MUTANTS)}")
     os.makedirs(WORK, exist_ok=True)
     prepare()
-    pristine = {f: open(os.path.join(ROOT, f)).read() for f in (TRIPLET, MINING)}
+    pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING)}
     env = dict(os.environ, TRIPLETLOSS_EMULATED="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PYTHONPATH=WORK)
     env.pop("TRIPLETLOSS_EMU", None)
     build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
@@ -156,7 +160,7 @@ def main(names):
             results.append((name, verdict, what, time.time() - start))
         print(f"{name:34s} {results[-1][1]:12s} {results[-1][3]:6.0f} s  {what}", flush=True)
         if results[-1][1] == "caught":
-            failed = [line for line in open(log) if line.startswith(("FAILED", "ERROR"))]
+            failed = [line for line in read(log).splitlines() if line.startswith(("FAILED", "ERROR"))]
             print(f"{'':34s} first failure: {failed[0].strip()[:150] if failed else 'the test process died'}")
     for f, text in pristine.items():
         write_if_changed(os.path.join(WORK, f), text)

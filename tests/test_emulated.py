@@ -158,7 +158,9 @@ LAYOUTS = ("contiguous", "rows", "transposed", "offset", "broadcast", "broadcast
 
 def make_layout(shape, dtype, layout, seed):
     if layout.startswith("broadcast"):  # the anchor and the negative: one row of stride 0
-        a, pos, neg = make_triplet(shape, dtype, layout="offset" if layout.endswith("offset") else "contiguous", seed=seed)
+        a, pos, neg = make_triplet(
+            shape, dtype, layout="offset" if layout.endswith("offset") else "contiguous", seed=seed
+        )
         return a[:1].expand(shape), pos, neg[1:2].expand(shape)
     return make_triplet(shape, dtype, layout=layout, seed=seed)
 
