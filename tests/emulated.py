@@ -20,11 +20,45 @@ except ImportError as e:
 THREADS = 256  # kThreads of csrc/cuda/triplet_kernel.cu
 WARP = 32
 
-# Resident blocks per SM on an H200 (sm_90: 64K registers, 2048 threads, 32 blocks per SM) from the register
-# counts ptxas reports for each kernel (cuobjdump --dump-resource-usage of the nvcc 13.0 build), at 256
-# threads (triplet kernels) and 128 threads (mining kernels). Substrings of the emulator's kernel names: the
-# first match wins, in the emulator's (sorted) order.
-H200_OCCUPANCY = {}
+
+# Registers per thread of each triplet kernel (norm/swap/vector width: registers), as ptxas allocated them in
+# the nvcc 13.0 sm_90 build (cuobjdump --dump-resource-usage of _C; no kernel has local memory or stack).
+REGISTERS = {
+    ("forward", "float"): "L1/noswap/1:80 L1/noswap/4:64 L1/swap/1:64 L1/swap/4:64 L2/noswap/1:80 L2/noswap/4:64 "
+    "L2/swap/1:64 L2/swap/4:72 Lp/noswap/1:40 Lp/noswap/4:58 Lp/swap/1:48 Lp/swap/4:62",
+    ("forward", "double"): "L1/noswap/1:80 L1/noswap/2:58 L1/swap/1:68 L1/swap/2:60 L2/noswap/1:80 L2/noswap/2:58 "
+    "L2/swap/1:66 L2/swap/2:63 Lp/noswap/1:64 Lp/noswap/2:64 Lp/swap/1:72 Lp/swap/2:80",
+    ("forward", "c10::Half"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:62 L2/noswap/1:38 "
+    "L2/noswap/8:48 L2/swap/1:40 L2/swap/8:62 Lp/noswap/1:40 Lp/noswap/8:62 Lp/swap/1:48 Lp/swap/8:64",
+    ("forward", "c10::BFloat16"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:60 L2/noswap/1:38 "
+    "L2/noswap/8:48 L2/swap/1:40 L2/swap/8:60 Lp/noswap/1:40 Lp/noswap/8:62 Lp/swap/1:48 Lp/swap/8:64",
+    ("backward", "float"): "L1/noswap/1:48 L1/noswap/4:62 L1/swap/1:48 L1/swap/4:64 L2/noswap/1:48 L2/noswap/4:61 "
+    "L2/swap/1:48 L2/swap/4:62 Lp/noswap/1:40 Lp/noswap/4:61 Lp/swap/1:40 Lp/swap/4:62",
+    ("backward", "double"): "L1/noswap/1:56 L1/noswap/2:60 L1/swap/1:57 L1/swap/2:63 L2/noswap/1:56 L2/noswap/2:60 "
+    "L2/swap/1:58 L2/swap/2:60 Lp/noswap/1:58 Lp/noswap/2:64 Lp/swap/1:64 Lp/swap/2:90",
+    ("backward", "c10::Half"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 "
+    "L2/noswap/8:48 L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:40 Lp/noswap/8:50 Lp/swap/1:40 Lp/swap/8:60",
+    ("backward", "c10::BFloat16"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 "
+    "L2/noswap/8:60 L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:40 Lp/noswap/8:51 Lp/swap/1:40 Lp/swap/8:58",
+}
+
+
+def sm90_blocks_per_sm(registers, threads=THREADS):
+    """Theoretical resident blocks per SM on sm_90: 2048 threads, 32 blocks, and 64K registers in four
+    partitions of 16K, allocated to warps in units of 256."""
+    per_warp = -(-registers * WARP // 256) * 256
+    warps = 4 * (16384 // per_warp)
+    return min(32, 2048 // threads, warps // (threads // WARP))
+
+
+# The H200 (132 SMs): blocks per SM of every triplet kernel, keyed by its name as the emulator gives it.
+H200_OCCUPANCY = {
+    f"{kernel}_kernel<{dtype}, tripletloss::Norm::{norm}, {'true' if swap == 'swap' else 'false'}, {vec}>": (
+        sm90_blocks_per_sm(int(regs))
+    )
+    for (kernel, dtype), table in REGISTERS.items()
+    for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in table.split())
+}
 
 # name: (SMs, occupancy table). 1 SM with 1 block per SM: a single block grid-strides over every row and
 # the mean/sum has one partial; 4 SMs at 8 blocks: a few dozen blocks; the H200: 132 SMs.
