@@ -81,7 +81,7 @@ def emulated_extension(mode):
         flags += ["-O1", "-g"] + sanitize
         link += sanitize
     else:
-        flags += ["-O2"]
+        flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tests/mutants.py: -O1 (compiles faster)
     sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp"]
     return CppExtension(f"tripletloss_cuda.{name}", sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
 

@@ -139,7 +139,8 @@ def main(names):
     os.makedirs(WORK, exist_ok=True)
     prepare()
     pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING)}
-    env = dict(os.environ, TRIPLETLOSS_EMULATED="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PYTHONPATH=WORK)
+    env = dict(os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK)
+    env.setdefault("MAX_JOBS", "2")
     env.pop("TRIPLETLOSS_EMU", None)
     build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
     test = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated_cuda", "tests"]

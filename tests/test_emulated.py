@@ -195,7 +195,7 @@ def test_edge_shapes(dtype, shape, reduction):
     check(make_triplet(shape, dtype, seed=3), 2.0, True, reduction)
 
 
-@pytest.mark.parametrize("shape", [(1000, 64), (3, 4096), (3000, 3), (700, 130)], ids=ids)
+@pytest.mark.parametrize("shape", [(400, 64), (3, 4096), (3000, 3), (300, 130)], ids=ids)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
