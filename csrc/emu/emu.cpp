@@ -27,6 +27,7 @@
 #endif
 #endif
 #ifdef TL_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -364,7 +365,8 @@ void run_block(LaunchState& l, std::mt19937_64& rng) {
     if (waiting == 0) return;
     if (exited >= 0)
       fail(l, "__syncthreads() is reached by " + std::to_string(waiting) + " of " + std::to_string(n) +
-                  " threads; thread " + std::to_string(exited) + " has exited: a deadlock");
+                  " threads; thread " + std::to_string(exited) +
+                  " has exited (every thread of the block must reach it: a hang or undefined behaviour on a GPU)");
     ++l.record.barriers;
     for (Fiber& f : l.fibers) f.state = State::Ready;
   }
@@ -423,6 +425,10 @@ void run(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* ctx
     }
   } catch (...) {
     g_launch = nullptr;  // the fibers' stacks are reused by the next launch
+#ifdef TL_EMU_ASAN
+    // Frames abandoned on the fibers' stacks leave their redzones poisoned.
+    for (size_t t = 0; t < l.fibers.size(); ++t) __asan_unpoison_memory_region(g_stacks.get(t), kStack);
+#endif
     throw;
   }
   g_launch = nullptr;
