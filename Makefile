@@ -45,8 +45,9 @@ sanitize: setup
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(RUN) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
-mutants: setup
+mutants: setup build
 	$(PY) tests/mutants.py
+	$(PY) tests/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
 
 bench: build
 	$(RUN) -m tripletloss_cuda bench $(BENCH_ARGS)

@@ -3,8 +3,12 @@ from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs th
 each (stopping at the first failure) and reports each mutant caught or not. Not in CI (a rebuild per mutant).
 
     python tests/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one survives
+    python tests/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
 
-Works in build/mutants/ (a copy of the tree, with the _C extension of this checkout for the CPU ops)."""
+--sanitize builds the mutants under AddressSanitizer and UBSan (_C_emu_san, as `make sanitize`) and counts a
+mutant caught only when a sanitizer reports it (a read past an allocation, a misaligned access). Works in
+build/mutants/ or build/mutants-san/ (a copy of the tree, with the _C extension of this checkout for the
+CPU ops)."""
 
 import os
 import shutil
@@ -13,7 +17,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORK = os.path.join(ROOT, "build", "mutants")
+SANITIZE = "--sanitize" in sys.argv
+WORK = os.path.join(ROOT, "build", "mutants-san" if SANITIZE else "mutants")
+SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:")
+LIBS = ("libasan.so", "libstdc++.so")  # preloaded, as `make sanitize` does
 TRIPLET, MINING = "csrc/cuda/triplet_kernel.cu", "csrc/cuda/mining_kernel.cu"
 
 # name: (file, original text, broken text, what it breaks)
@@ -142,6 +149,12 @@ def main(names):
     env = dict(os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK)
     env.setdefault("MAX_JOBS", "2")
     env.pop("TRIPLETLOSS_EMU", None)
+    test_env = env
+    if SANITIZE:
+        env["TRIPLETLOSS_EMULATED"] = "sanitize"
+        cxx = os.environ.get("CXX", "c++")
+        libs = [subprocess.check_output([cxx, f"-print-file-name={lib}"], text=True).strip() for lib in LIBS]
+        test_env = dict(env, TRIPLETLOSS_EMU="sanitize", LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
     build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
     test = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated_cuda"]
     test += ["tests/test_emulated.py"]
@@ -156,12 +169,17 @@ def main(names):
         if sh(build, env, log) != 0:
             results.append((name, "BUILD FAILED", what, time.time() - start))
         else:
-            rc = sh(test, env, log)
+            rc = sh(test, test_env, log)
             # 1: a test failed; a crash (killed by a signal) also counts; 0: all passed; 2-5: pytest's own errors
             verdict = "caught" if rc == 1 or rc < 0 or rc >= 128 else "NOT CAUGHT" if rc == 0 else f"pytest error {rc}"
+            if SANITIZE and verdict == "caught" and not any(r in read(log) for r in SANITIZER_REPORTS):
+                verdict = "NOT CAUGHT by a sanitizer"
             results.append((name, verdict, what, time.time() - start))
         print(f"{name:34s} {results[-1][1]:12s} {results[-1][3]:6.0f} s  {what}", flush=True)
-        if results[-1][1] == "caught":
+        if results[-1][1] == "caught" and SANITIZE:
+            report = [line for line in read(log).splitlines() if any(r in line for r in SANITIZER_REPORTS)]
+            print(f"{'':34s} {report[0].strip()[:200]}")
+        elif results[-1][1] == "caught":
             failed = [line for line in read(log).splitlines() if line.startswith("FAILED")]
             print(f"{'':34s} first failure: {failed[0].strip()[:150] if failed else 'the test process died'}")
     for f, text in pristine.items():
@@ -172,4 +190,5 @@ def main(names):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or list(MUTANTS)))
+    args = [a for a in sys.argv[1:] if a != "--sanitize"]
+    sys.exit(main(args or list(MUTANTS)))
