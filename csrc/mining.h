@@ -38,7 +38,7 @@ std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& exclude
 // (N, N) bool: true where column j is not a positive of anchor i (other label, or j == i).
 Tensor not_positive(const Tensor& labels);
 
-const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA builds only)
+const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA and emulated builds only)
 
 }  // namespace mining
 }  // namespace tripletloss

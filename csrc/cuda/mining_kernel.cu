@@ -2,7 +2,8 @@
 // mining_math.h, exactly as the CPU does. Simple rather than fast: the per-anchor work is a few passes over
 // one row of the (N, N) matrices (the sorts are at::sort: sorted_rows in mining.cpp), each anchor writes
 // only its own outputs (no atomics), so results are deterministic. Launched on the current stream; the scale of the
-// backward is read on the device (no host synchronization, CUDA-graph safe).
+// backward is read on the device (no host synchronization, CUDA-graph safe). Launches go through
+// cuda_compat.h (also built for the CPU emulator of CUDA, csrc/emu).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 

@@ -6,6 +6,9 @@
 // rows to fill the GPU. Rows are read with 16-byte vector loads when every row start is aligned, else
 // element by element. The mean/sum is deterministic: per-block partials in fixed order, then the last
 // block to finish (an atomic ticket) adds the partials in fixed order. No host synchronization.
+//
+// Launches and CUDA runtime calls go through cuda_compat.h, so that the host compiler also builds this file
+// for the CPU emulator of CUDA (csrc/emu; the tests' _C_emu).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
