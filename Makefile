@@ -39,7 +39,7 @@ test: build build-emu
 # its __cxa_throw interceptor, which C++ exceptions thrown in kernels go through). Leaks are not
 # checked (the interpreter's own). SANITIZE_TESTS: the emulated tests to run (default: a representative part).
 SANITIZE_TESTS ?= tests/test_emulated.py tests/test_sanitizer.py -k "not test_block_order and not test_launch_mappings or 4sm"
-sanitize: setup
+sanitize: build
 	TRIPLETLOSS_EMULATED=sanitize MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	TRIPLETLOSS_EMU=sanitize LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
