@@ -37,13 +37,14 @@ test: build build-emu
 
 # ASan needs its runtime first in the process (python is not built with it): LD_PRELOAD, with libstdc++ (for
 # its __cxa_throw interceptor, which C++ exceptions thrown in kernels go through). Leaks are not
-# checked (the interpreter's own). SANITIZE_TESTS: the emulated tests to run (default: a representative part).
+# checked (the interpreter's own). -s: a sanitizer's report (it stops the process) is not lost in pytest's
+# capture. SANITIZE_TESTS: the emulated tests to run (default: a representative part).
 SANITIZE_TESTS ?= tests/test_emulated.py tests/test_sanitizer.py -k "not test_block_order and not test_launch_mappings or 4sm"
 sanitize: build
 	TRIPLETLOSS_EMULATED=sanitize MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	TRIPLETLOSS_EMU=sanitize LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
-	  $(RUN) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
+	  $(RUN) -m pytest -q -s -p no:cacheprovider $(SANITIZE_TESTS)
 
 mutants: setup build
 	$(PY) tests/mutants.py
