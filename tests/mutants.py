@@ -177,8 +177,9 @@ def main(names):
             results.append((name, verdict, what, time.time() - start))
         print(f"{name:34s} {results[-1][1]:12s} {results[-1][3]:6.0f} s  {what}", flush=True)
         if results[-1][1] == "caught" and SANITIZE:
-            report = [line for line in read(log).splitlines() if any(r in line for r in SANITIZER_REPORTS)]
-            print(f"{'':34s} {report[0].strip()[:200]}")
+            text = read(log)
+            start = min(i for i in (text.find(r) for r in SANITIZER_REPORTS) if i >= 0)
+            print(f"{'':34s} {text[start:].splitlines()[0][:160]}")
         elif results[-1][1] == "caught":
             failed = [line for line in read(log).splitlines() if line.startswith("FAILED")]
             print(f"{'':34s} first failure: {failed[0].strip()[:150] if failed else 'the test process died'}")
