@@ -4,6 +4,11 @@ torch are present.
 TRIPLETLOSS_CUDA=1 forces the CUDA kernels (the build fails if they cannot be built), =0 leaves them out;
 unset, they are built when possible. DEBUG=1 builds with -O0 -g. TORCH_CUDA_ARCH_LIST picks the GPU
 architectures (default here: the visible GPU's, or 9.0 when none is visible).
+
+TRIPLETLOSS_EMULATED=1 builds instead only the test extension tripletloss_cuda._C_emu: the CUDA sources
+compiled by the host compiler against the CPU emulator of csrc/emu (README, "The CUDA emulator"); =sanitize
+builds it as tripletloss_cuda._C_emu_san under AddressSanitizer and UndefinedBehaviorSanitizer. Neither is
+ever part of an install (`pip install .` leaves TRIPLETLOSS_EMULATED unset).
 """
 
 import glob
@@ -58,12 +63,47 @@ def extension():
     return CUDAExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
 
 
+def emulated_extension(mode):
+    """_C_emu (mode "1") or _C_emu_san (mode "sanitize"): csrc/emu/*.cpp include the .cu files themselves."""
+    san = mode == "sanitize"
+    name = "_C_emu_san" if san else "_C_emu"
+    # -Wno-*: `#pragma unroll` and the unsigned built-in index variables are what nvcc reads.
+    flags = [
+        "-std=c++20",
+        "-DTRIPLETLOSS_EMULATED",
+        f"-DTL_EMU_MODULE={name}",
+        "-Wno-unknown-pragmas",
+        "-Wno-sign-compare",
+    ]
+    link = []
+    if san:
+        sanitize = ["-fsanitize=address,undefined,alignment", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        flags += ["-O1", "-g"] + sanitize
+        link += sanitize
+    else:
+        flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tests/mutants.py: -O1 (compiles faster)
+    sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp"]
+    return CppExtension(f"tripletloss_cuda.{name}", sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
+
+
+class EmulatedBuild(BuildExtension):
+    """Its own build folder: the objects of csrc/mining.cpp differ from _C's."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.build_temp = os.path.join("build", "emu-" + os.environ["TRIPLETLOSS_EMULATED"])
+
+
+EMULATED = os.environ.get("TRIPLETLOSS_EMULATED", "")
+if EMULATED not in ("", "1", "sanitize"):
+    raise RuntimeError(f"TRIPLETLOSS_EMULATED should be 1 or sanitize, got {EMULATED!r}")
+
 setup(
     name="tripletloss_cuda",
     version="0.1.0",
     packages=find_packages(include=["tripletloss_cuda", "tripletloss_cuda.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=[emulated_extension(EMULATED) if EMULATED else extension()],
+    cmdclass={"build_ext": EmulatedBuild if EMULATED else BuildExtension},
     entry_points={"console_scripts": ["tripletloss-cuda = tripletloss_cuda.cli:main"]},
     # `tripletloss-cuda demo` and `bench --plot` need these; the package itself does not.
     extras_require={"demo": ["matplotlib", "tqdm", "scikit-learn"]},

@@ -16,6 +16,7 @@
 
 #include "mining.h"
 #include "mining_math.h"
+#include "schemas.h"
 
 namespace tripletloss {
 namespace mining {
@@ -58,10 +59,15 @@ void check_mined(const Tensor& mined, const Tensor& dist, at::IntArrayRef shape,
 }
 
 const Backend& backend_for(const Tensor& dist) {
+#ifdef TRIPLETLOSS_EMULATED
+  (void)dist;
+  return cuda_backend();  // the emulated CUDA launchers, on CPU tensors
+#else
 #ifdef TRIPLETLOSS_WITH_CUDA
   if (dist.is_cuda()) return cuda_backend();
 #endif
   return cpu_backend();
+#endif
 }
 
 struct Rows {  // the per-anchor outputs of a forward launcher
@@ -178,27 +184,6 @@ Tensor not_positive(const Tensor& labels, const Tensor& ref_labels, const Tensor
 }  // namespace mining
 }  // namespace tripletloss
 
-TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) {
-  // dist: (N, M) float32/float64 distances from N anchors to M references; labels: (N,) int64; ref_labels:
-  // (M,) int64; self_index: (N,) int64, the reference column excluded for each anchor (itself) or -1. loss:
-  // the 0-d float64 SUM over anchors; stats: int64 (5,) valid, active and mined triplets, valid and active
-  // anchors; grad: the gradient of the loss sum.
-  m.def(
-      "batch_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin, "
-      "bool soft) -> (Tensor loss, Tensor stats, Tensor mined)");
-  m.def("batch_hard_backward(Tensor grad, Tensor dist, Tensor mined, float margin, bool soft) -> Tensor");
-  m.def(
-      "batch_all_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin) "
-      "-> (Tensor loss, Tensor stats)");
-  m.def(
-      "batch_all_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "
-      "float margin) -> Tensor");
-  m.def(
-      "semi_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin) "
-      "-> (Tensor loss, Tensor stats, Tensor mined)");
-  m.def("semi_hard_backward(Tensor grad, Tensor dist, Tensor mined, float margin) -> Tensor");
-}
-
 #define TL_MINING_IMPLS(m)                                                  \
   m.impl("batch_hard_forward", &tripletloss::mining::batch_hard_forward);   \
   m.impl("batch_hard_backward", &tripletloss::mining::batch_hard_backward); \
@@ -208,7 +193,14 @@ TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) {
   m.impl("semi_hard_backward", &tripletloss::mining::semi_hard_backward)
 
 // The same device-generic code for both: only the row launchers (backend_for) differ.
+#ifndef TRIPLETLOSS_EMULATED
+TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) { TL_MINING_SCHEMAS(m); }
 TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) { TL_MINING_IMPLS(m); }
 #ifdef TRIPLETLOSS_WITH_CUDA
 TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) { TL_MINING_IMPLS(m); }
+#endif
+#else
+// The emulated CUDA build (_C_emu): CPU tensors through the CUDA launchers on the emulator; the schemas are
+// defined in emu/module.cpp.
+TORCH_LIBRARY_IMPL(tripletloss_cuda_emu, CPU, m) { TL_MINING_IMPLS(m); }
 #endif

@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& exclude
 // (N, M) bool: true where reference column j is not a positive of anchor i (other label, or j == self_index[i]).
 Tensor not_positive(const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index);
 
-const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA builds only)
+const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA and emulated builds only)
 
 }  // namespace mining
 }  // namespace tripletloss

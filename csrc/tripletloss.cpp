@@ -1,8 +1,10 @@
-// Op schemas and the Python module stub. Kernels: cpu/triplet_kernel.cpp, cuda/triplet_kernel.cu;
+// Op schemas (schemas.h) and the Python module stub. Kernels: cpu/triplet_kernel.cpp, cuda/triplet_kernel.cu;
 // autograd and fake kernels: tripletloss_cuda/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
+
+#include "schemas.h"
 
 #define TL_STR_(x) #x
 #define TL_STR(x) TL_STR_(x)
@@ -14,16 +16,7 @@ const char* cuda_arch_list() { return ""; }
 #endif
 }  // namespace tripletloss
 
-TORCH_LIBRARY(tripletloss_cuda, m) {
-  // reduction: 0 none, 1 mean, 2 sum. dist: (N, 3) d(a,p), d(a,n), d(p,n), saved for the backward.
-  m.def(
-      "triplet_margin_forward(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
-      "float eps, bool swap, int reduction) -> (Tensor loss, Tensor dist)");
-  m.def(
-      "triplet_margin_backward(Tensor grad, Tensor anchor, Tensor positive, Tensor negative, Tensor dist, "
-      "float margin, float p, float eps, bool swap, int reduction, bool grad_at_zero_hinge) "
-      "-> (Tensor grad_anchor, Tensor grad_positive, Tensor grad_negative)");
-}
+TORCH_LIBRARY(tripletloss_cuda, m) { TL_TRIPLET_SCHEMAS(m); }
 
 // `import tripletloss_cuda._C` loads this library, which runs the registrations above.
 static PyObject* build_info(PyObject*, PyObject*) {

@@ -3,7 +3,12 @@ require the compiled kernels.
 
     pytest tests             # everything; CUDA cases are skipped where torch.cuda.is_available() is False
     pytest -m cuda tests     # only the CUDA cases (the GPU machine)
+    pytest -m emulated_cuda tests   # the CUDA kernels on the CPU emulator (`make build-emu`; tests/emulated.py)
+
+``sanitizer`` cases run only under `make sanitize` (TRIPLETLOSS_EMU=sanitize).
 """
+
+import os
 
 import pytest
 import torch
@@ -16,13 +21,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    sanitized = os.environ.get("TRIPLETLOSS_EMU") == "sanitize"
+    skip_sanitizer = pytest.mark.skip(reason="needs the sanitized emulated build: make sanitize")
     # Queried here, not at import: collection works on machines without a GPU or a CUDA driver.
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="CUDA is not available")
+    skip_cuda = None if torch.cuda.is_available() else pytest.mark.skip(reason="CUDA is not available")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and skip_cuda:
+            item.add_marker(skip_cuda)
+        if "sanitizer" in item.keywords and not sanitized:
+            item.add_marker(skip_sanitizer)
 
 
 @pytest.fixture

@@ -2,18 +2,16 @@
 // mining_math.h, exactly as the CPU does. Simple rather than fast: the per-anchor work is a few passes over
 // one row of the (N, M) matrices (the sorts are at::sort: sorted_rows in mining.cpp), each anchor writes
 // only its own outputs (no atomics), so results are deterministic. Launched on the current stream; the scale of the
-// backward is read on the device (no host synchronization, CUDA-graph safe).
+// backward is read on the device (no host synchronization, CUDA-graph safe). Launches go through
+// cuda_compat.h (also built for the CPU emulator of CUDA, csrc/emu).
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <ATen/ops/empty.h>
 
 #include <tuple>
 
 #include "../mining.h"
 #include "../mining_math.h"
+#include "cuda_compat.h"
 
 namespace tripletloss {
 namespace mining {
@@ -91,19 +89,19 @@ __global__ void semi_hard_grad_kernel(const T* d, const int32_t* mi, int64_t n, 
 // Runs launch(blocks, stream) on the device of t with one thread per anchor (row of t).
 template <typename F>
 void launch_rows(const Tensor& t, F&& launch) {
-  const c10::cuda::CUDAGuard guard(t.device());
+  const tl_cuda::DeviceGuard guard(t.device());
   const int64_t n = t.size(0);
   const unsigned blocks = unsigned((n + kThreads - 1) / kThreads);
-  launch(blocks, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(blocks, tl_cuda::current_stream());
+  TL_LAUNCH_CHECK();
 }
 
 void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                 double margin, bool soft, Tensor& loss, Tensor& counts, Tensor& mined) {
   const Labels lab = labels_of(labels, ref_labels, self_index);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_forward", [&] {
-    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
-      batch_hard_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_rows(dist, [&](unsigned blocks, tl_cuda::Stream stream) {
+      TL_LAUNCH(batch_hard_kernel<scalar_t>, blocks, kThreads, 0, stream,
           dist.const_data_ptr<scalar_t>(), lab, dist.size(0), dist.size(1), scalar_t(margin), soft,
           loss.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>(), mined.mutable_data_ptr<int64_t>());
     });
@@ -113,8 +111,8 @@ void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labe
 void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, bool soft, const Tensor& scale,
                      Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_backward", [&] {
-    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
-      batch_hard_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_rows(dist, [&](unsigned blocks, tl_cuda::Stream stream) {
+      TL_LAUNCH(batch_hard_grad_kernel<scalar_t>, blocks, kThreads, 0, stream,
           dist.const_data_ptr<scalar_t>(), mined.const_data_ptr<int64_t>(), dist.size(0), dist.size(1),
           scalar_t(margin), soft, scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
     });
@@ -136,8 +134,8 @@ void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
   const int64_t n = dist.size(0), m = dist.size(1);
   Tensor suffix = at::empty({n, m + 1}, dist.options().dtype(at::kDouble));  // per-anchor scratch
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_forward", [&] {
-    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
-      batch_all_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_rows(dist, [&](unsigned blocks, tl_cuda::Stream stream) {
+      TL_LAUNCH(batch_all_kernel<scalar_t>, blocks, kThreads, 0, stream,
           dist.const_data_ptr<scalar_t>(), lab, ps.const_data_ptr<scalar_t>(), np.const_data_ptr<int64_t>(), n, m,
           scalar_t(margin), suffix.mutable_data_ptr<double>(), loss.mutable_data_ptr<double>(),
           counts.mutable_data_ptr<int64_t>());
@@ -150,8 +148,8 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
   const auto [ps, pi, np] = sorted_positives(dist, labels, ref_labels, self_index);
   const Labels lab = labels_of(labels, ref_labels, self_index);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_backward", [&] {
-    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
-      batch_all_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_rows(dist, [&](unsigned blocks, tl_cuda::Stream stream) {
+      TL_LAUNCH(batch_all_grad_kernel<scalar_t>, blocks, kThreads, 0, stream,
           dist.const_data_ptr<scalar_t>(), lab, ps.const_data_ptr<scalar_t>(), pi.const_data_ptr<int64_t>(),
           np.const_data_ptr<int64_t>(), dist.size(0), dist.size(1), scalar_t(margin), scale.const_data_ptr<double>(),
           grad.mutable_data_ptr<scalar_t>());
@@ -167,8 +165,8 @@ void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
   Tensor best_d = at::empty({n, m + 1}, dist.options());  // per-anchor scratch
   Tensor best_k = at::empty({n, m + 1}, dist.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
-    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
-      semi_hard_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_rows(dist, [&](unsigned blocks, tl_cuda::Stream stream) {
+      TL_LAUNCH(semi_hard_kernel<scalar_t>, blocks, kThreads, 0, stream,
           dist.const_data_ptr<scalar_t>(), lab, ps.const_data_ptr<scalar_t>(), pi.const_data_ptr<int64_t>(),
           np.const_data_ptr<int64_t>(), n, m, scalar_t(margin), best_d.mutable_data_ptr<scalar_t>(),
           best_k.mutable_data_ptr<int64_t>(), loss.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>(),
@@ -179,8 +177,8 @@ void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
 
 void semi_hard_grad(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_backward", [&] {
-    launch_rows(dist, [&](unsigned blocks, cudaStream_t stream) {
-      semi_hard_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_rows(dist, [&](unsigned blocks, tl_cuda::Stream stream) {
+      TL_LAUNCH(semi_hard_grad_kernel<scalar_t>, blocks, kThreads, 0, stream,
           dist.const_data_ptr<scalar_t>(), mined.const_data_ptr<int32_t>(), dist.size(0), dist.size(1),
           scalar_t(margin), scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
     });

@@ -6,17 +6,18 @@
 // rows to fill the GPU. Rows are read with 16-byte vector loads when every row start is aligned, else
 // element by element. The mean/sum is deterministic: per-block partials in fixed order, then the last
 // block to finish (an atomic ticket) adds the partials in fixed order. No host synchronization.
+//
+// Launches and CUDA runtime calls go through cuda_compat.h, so that the host compiler also builds this file
+// for the CPU emulator of CUDA (csrc/emu; the tests' _C_emu).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../tripletloss.h"
+#include "cuda_compat.h"
 
 #define TL_STR_(x) #x
 #define TL_STR(x) TL_STR_(x)
@@ -24,7 +25,9 @@
 namespace tripletloss {
 
 const char* cuda_arch_list() {
-#ifdef __CUDA_ARCH_LIST__
+#if defined(TRIPLETLOSS_EMULATED)
+  return "emulated";
+#elif defined(__CUDA_ARCH_LIST__)
   return TL_STR(__CUDA_ARCH_LIST__);
 #else
   return "unknown";
@@ -191,14 +194,8 @@ struct Launch {
 // One wave of resident blocks of Kernel, each row to a group of threads.
 template <auto Kernel>
 Launch launch_config(int64_t rows, int64_t cols, int vec, int device) {
-  static const int blocks_per_sm = [] {  // once per kernel
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, 0));
-    return std::max(n, 1);
-  }();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t resident_blocks = int64_t(sms) * blocks_per_sm;
+  const int blocks_per_sm = std::max(tl_cuda::max_blocks_per_sm<Kernel>(kThreads), 1);
+  const int64_t resident_blocks = int64_t(tl_cuda::sm_count(device)) * blocks_per_sm;
   const int64_t nvec = (cols + vec - 1) / vec;
   int group = 1;
   while (group < kWarp && group < nvec) group *= 2;
@@ -236,13 +233,13 @@ void dispatch_vec(const Rows<T>& in, F&& f) {
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& positive, const Tensor& negative,
                                         double margin, double p, double eps, bool swap, int64_t reduction) {
   check_inputs(anchor, positive, negative);
-  const c10::cuda::CUDAGuard guard(anchor.device());
+  const tl_cuda::DeviceGuard guard(anchor.device());
   Tensor loss, dist;
   std::tie(loss, dist) = empty_forward_outputs(anchor, reduction);
   if (anchor.size(0) == 0) return {reduction == 0 ? loss : loss.fill_(empty_reduction_value(reduction)), dist};
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const tl_cuda::Stream stream = tl_cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
@@ -254,14 +251,14 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
         if (reduction != 0) {
           partials = at::empty({cfg.blocks}, dist.options());
           ticket = at::empty({1}, a.options().dtype(at::kInt));
-          C10_CUDA_CHECK(cudaMemsetAsync(ticket.mutable_data_ptr(), 0, sizeof(int), stream));
+          tl_cuda::memset_async(ticket.mutable_data_ptr(), 0, sizeof(int), stream);
         }
-        kernel<<<cfg.blocks, kThreads, 0, stream>>>(
-            in, cfg.group, acc_t(margin), acc_t(p), acc_t(1) / acc_t(p), acc_t(eps), int(reduction),
-            reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1), loss.mutable_data_ptr<scalar_t>(),
-            dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
-            reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p),
+                  acc_t(1) / acc_t(p), acc_t(eps), int(reduction),
+                  reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1), loss.mutable_data_ptr<scalar_t>(),
+                  dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
+                  reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
+        TL_LAUNCH_CHECK();
       });
     });
   });
@@ -272,14 +269,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
                                                  const Tensor& negative, const Tensor& dist, double margin, double p,
                                                  double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge) {
   check_inputs(anchor, positive, negative);
-  const c10::cuda::CUDAGuard guard(anchor.device());
+  const tl_cuda::DeviceGuard guard(anchor.device());
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
   Tensor g, dst, ga, gp, gn;
   std::tie(g, dst) = backward_operands(grad, dist, a, reduction);
   std::tie(ga, gp, gn) = empty_backward_outputs(a);
   if (a.numel() == 0) return {ga, gp, gn};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const tl_cuda::Stream stream = tl_cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
@@ -290,12 +287,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
       dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
         constexpr auto kernel = backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
         const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
-        kernel<<<cfg.blocks, kThreads, 0, stream>>>(in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
-                                                    g.const_data_ptr<scalar_t>(), grad_stride, grad_scale,
-                                                    grad_at_zero_hinge, dst.const_data_ptr<acc_t>(),
-                                                    ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
-                                                    gn.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
+                  g.const_data_ptr<scalar_t>(), grad_stride, grad_scale, grad_at_zero_hinge,
+                  dst.const_data_ptr<acc_t>(), ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
+                  gn.mutable_data_ptr<scalar_t>());
+        TL_LAUNCH_CHECK();
       });
     });
   });
@@ -304,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) {
+TL_CUDA_LIBRARY_IMPL(m) {
   m.impl("triplet_margin_forward", &forward_cuda);
   m.impl("triplet_margin_backward", &backward_cuda);
 }

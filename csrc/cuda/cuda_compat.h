@@ -1,0 +1,84 @@
+// The seam between the CUDA sources and the two compilers that read them.
+//
+// Under nvcc this is CUDA itself: TL_LAUNCH is <<<...>>>, the functions below are the CUDA runtime and
+// c10::cuda calls. Built by the host compiler with -DTRIPLETLOSS_EMULATED (the test-only extension
+// tripletloss_cuda._C_emu), the same kernels and launchers run on the CPU emulator of csrc/emu/emu.h, the
+// functions answer for its fake device, and the ops register in the namespace tripletloss_cuda_emu on the
+// CPU key. The kernels use only __global__/__device__/__shared__/__syncthreads/__shfl_*_sync/atomics and the
+// built-in index variables; launchers call only what is declared here.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <cstddef>
+
+#ifndef TRIPLETLOSS_EMULATED
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace tl_cuda {
+
+using Stream = cudaStream_t;
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Resident blocks per SM of Kernel at `threads` threads per block (queried once per kernel).
+template <auto Kernel>
+int max_blocks_per_sm(int threads) {
+  static const int n = [threads] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, 0));
+    return blocks;
+  }();
+  return n;
+}
+
+inline int sm_count(int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+inline void memset_async(void* ptr, int value, size_t bytes, Stream stream) {
+  C10_CUDA_CHECK(cudaMemsetAsync(ptr, value, bytes, stream));
+}
+
+}  // namespace tl_cuda
+
+#define TL_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define TL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define TL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m)
+
+#else  // TRIPLETLOSS_EMULATED
+
+#include "../emu/emu.h"
+
+namespace tl_cuda {
+
+struct Stream {};  // launches are synchronous
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+
+inline Stream current_stream() { return {}; }
+
+template <auto Kernel>
+int max_blocks_per_sm(int threads) {  // asked every time: the tests change the fake device
+  return tl_emu::blocks_per_sm(tl_emu::kernel_name<Kernel>(), threads);
+}
+
+inline int sm_count(int) { return tl_emu::sm_count(); }
+
+inline void memset_async(void* ptr, int value, size_t bytes, Stream) { std::memset(ptr, value, bytes); }
+
+}  // namespace tl_cuda
+
+#define TL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ((void)(stream), ::tl_emu::launch<kernel>(grid, block, smem, __VA_ARGS__))
+#define TL_LAUNCH_CHECK() ((void)0)  // emulated launches throw
+#define TL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(tripletloss_cuda_emu, CPU, m)
+
+#endif

@@ -1,0 +1,115 @@
+"""The emulated CUDA backend (tripletloss_cuda._C_emu, csrc/emu): the CUDA kernel source run on the CPU, its
+ops as torch.ops.tripletloss_cuda_emu.* on CPU tensors. Fake devices and the Python model of the launch
+configuration the tests check the launch log against.
+
+TRIPLETLOSS_EMU=sanitize selects the build under AddressSanitizer/UBSan (_C_emu_san, `make sanitize`)."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+MODULE = "_C_emu_san" if os.environ.get("TRIPLETLOSS_EMU") == "sanitize" else "_C_emu"
+try:
+    emu = importlib.import_module(f"tripletloss_cuda.{MODULE}")
+    EMU_ERROR = None
+except ImportError as e:
+    emu, EMU_ERROR = None, e
+
+THREADS = 256  # kThreads of csrc/cuda/triplet_kernel.cu
+WARP = 32
+
+
+# Registers per thread of each triplet kernel (norm/swap/vector width: registers), as ptxas allocated them in
+# the nvcc 13.0 sm_90 build (cuobjdump --dump-resource-usage of _C; no local memory anywhere, and a 32-byte
+# stack frame only in forward_kernel<double, Lp, false, 2>).
+REGISTERS = {
+    ("forward", "float"): "L1/noswap/1:80 L1/noswap/4:64 L1/swap/1:64 L1/swap/4:64 L2/noswap/1:80 L2/noswap/4:64 "
+    "L2/swap/1:64 L2/swap/4:72 Lp/noswap/1:40 Lp/noswap/4:58 Lp/swap/1:48 Lp/swap/4:62",
+    ("forward", "double"): "L1/noswap/1:80 L1/noswap/2:58 L1/swap/1:68 L1/swap/2:60 L2/noswap/1:80 L2/noswap/2:58 "
+    "L2/swap/1:66 L2/swap/2:63 Lp/noswap/1:64 Lp/noswap/2:64 Lp/swap/1:72 Lp/swap/2:80",
+    ("forward", "c10::Half"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:62 L2/noswap/1:38 "
+    "L2/noswap/8:48 L2/swap/1:40 L2/swap/8:62 Lp/noswap/1:40 Lp/noswap/8:62 Lp/swap/1:48 Lp/swap/8:64",
+    ("forward", "c10::BFloat16"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:60 L2/noswap/1:38 "
+    "L2/noswap/8:48 L2/swap/1:40 L2/swap/8:60 Lp/noswap/1:40 Lp/noswap/8:62 Lp/swap/1:48 Lp/swap/8:64",
+    ("backward", "float"): "L1/noswap/1:48 L1/noswap/4:62 L1/swap/1:48 L1/swap/4:64 L2/noswap/1:48 L2/noswap/4:61 "
+    "L2/swap/1:48 L2/swap/4:62 Lp/noswap/1:40 Lp/noswap/4:61 Lp/swap/1:40 Lp/swap/4:62",
+    ("backward", "double"): "L1/noswap/1:56 L1/noswap/2:60 L1/swap/1:57 L1/swap/2:63 L2/noswap/1:56 L2/noswap/2:60 "
+    "L2/swap/1:58 L2/swap/2:60 Lp/noswap/1:58 Lp/noswap/2:64 Lp/swap/1:64 Lp/swap/2:90",
+    ("backward", "c10::Half"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 "
+    "L2/noswap/8:48 L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:40 Lp/noswap/8:50 Lp/swap/1:40 Lp/swap/8:60",
+    ("backward", "c10::BFloat16"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 "
+    "L2/noswap/8:60 L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:40 Lp/noswap/8:51 Lp/swap/1:40 Lp/swap/8:58",
+}
+
+
+def sm90_blocks_per_sm(registers, threads=THREADS):
+    """Theoretical resident blocks per SM on sm_90: 2048 threads, 32 blocks, and 64K registers in four
+    partitions of 16K, allocated to warps in units of 256."""
+    per_warp = -(-registers * WARP // 256) * 256
+    warps = 4 * (16384 // per_warp)
+    return min(32, 2048 // threads, warps // (threads // WARP))
+
+
+# The H200 (132 SMs): blocks per SM of every triplet kernel, keyed by its name as the emulator gives it.
+H200_OCCUPANCY = {
+    f"{kernel}_kernel<{dtype}, tripletloss::Norm::{norm}, {'true' if swap == 'swap' else 'false'}, {vec}>": (
+        sm90_blocks_per_sm(int(regs))
+    )
+    for (kernel, dtype), table in REGISTERS.items()
+    for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in table.split())
+}
+
+# name: (SMs, occupancy table). 1 SM with 1 block per SM: a single block grid-strides over every row and
+# the mean/sum has one partial; 4 SMs at 8 blocks: a few dozen blocks; the H200: 132 SMs.
+DEVICES = {
+    "1sm": (1, {"forward_kernel": 1, "backward_kernel": 1}),
+    "4sm": (4, {}),
+    "h200": (132, H200_OCCUPANCY),
+}
+
+
+def require():
+    """Fails (does not skip) the test when the emulated build is missing."""
+    if emu is None:
+        pytest.fail(f"tripletloss_cuda.{MODULE} is not built ({EMU_ERROR}); build it with `make build-emu`")
+    return torch.ops.tripletloss_cuda_emu
+
+
+def set_device(name):
+    sms, occupancy = DEVICES[name]
+    emu.set_device(sms, occupancy)
+
+
+def blocks_per_sm(device, kernel):
+    occupancy = DEVICES[device][1]
+    for key in sorted(occupancy):
+        if key in kernel:
+            return occupancy[key]
+    return 2048 // THREADS
+
+
+def expected_launch(rows, cols, vec, resident_blocks):
+    """(group, blocks) as launch_config in csrc/cuda/triplet_kernel.cu chooses them."""
+    nvec = -(-cols // vec)
+    group = 1
+    while group < WARP and group < nvec:
+        group *= 2
+    if group == WARP and nvec >= 8 * WARP and rows < resident_blocks * 2:
+        group = THREADS
+    rows_per_block = THREADS // group
+    return group, max(1, min(-(-rows // rows_per_block), resident_blocks))
+
+
+def launch_group(record):
+    """The threads per row of a forward launch with reduction none, read from what it did: the shuffle
+    masks (a group of g < 32 threads shuffles with masks of g bits) and the barriers (only a block per row
+    has them)."""
+    if record["barriers"]:
+        return THREADS
+    if not record["masks"]:
+        return 1
+    sizes = {m.bit_count() for m in record["masks"]}
+    assert len(sizes) == 1, record
+    return sizes.pop()

@@ -1,0 +1,309 @@
+"""The CUDA kernels and launchers of csrc/cuda/*.cu, executed on the CPU by the CUDA emulator (csrc/emu,
+tests/emulated.py), against the CPU ops (torch.ops.tripletloss_cuda.*) and the pure-PyTorch reference:
+every dtype, p and swap, the three reductions, the launch mappings (several rows per warp, a warp per row,
+a block per row, grid-stride loops, mean/sum over one block or many) on fake devices of 1, 4 and 132 SMs,
+the vector and scalar paths, bitwise equality across block orders, and the six mining ops.
+
+Run with `pytest -m emulated_cuda tests` (needs `make build-emu`); hardware-only properties (CUDA graphs,
+streams, device memory) stay in test_cuda.py (`-m cuda`)."""
+
+import re
+
+import pytest
+import torch
+from emulated import DEVICES, THREADS, blocks_per_sm, emu, expected_launch, launch_group, require, set_device
+from helpers import FLOAT_DTYPES, KINK_GUARD, ids, make_triplet, seed_of, upstream_grad, value_scale
+
+import tripletloss_cuda as tl
+
+pytestmark = pytest.mark.emulated_cuda
+
+# |emulated - CPU op| and |emulated - float64 reference| bounds, relative to the conditioning (value_scale)
+# for values and to the largest gradient element for gradients: both round once from float32 (float64)
+# accumulators, which add in different orders.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+P_SWAP = [(2.0, False), (2.0, True), (1.0, False), (1.0, True), (3.0, True), (0.5, False)]
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+@pytest.fixture(autouse=True)
+def fresh_emulator():
+    """A fake device of 4 SMs, seed 0 and an empty launch log for every test."""
+    require()
+    emu.set_device(*DEVICES["4sm"])
+    emu.set_seed(0)
+    emu.clear_launches()
+
+
+def run(ns, inputs, p=2.0, swap=False, reduction="mean", margin=1.0, eps=1e-6):
+    """loss, dist and the three gradients (for a fixed upstream gradient) from the forward and backward ops
+    of namespace ns."""
+    red = REDUCTIONS[reduction]
+    loss, dist = ns.triplet_margin_forward(*inputs, margin, p, eps, swap, red)
+    grad = upstream_grad(loss.shape, inputs[0].dtype, "cpu")
+    grads = ns.triplet_margin_backward(grad, *inputs, dist, margin, p, eps, swap, red, tl.ops.GRAD_AT_ZERO_HINGE)
+    return loss, dist, grads
+
+
+def away_from_kinks(inputs, p, swap, margin=1.0, eps=1e-6):
+    """(N,) bool: the rows whose hinge (and, with swap, d(a,n) - d(p,n)) is not within rounding of 0."""
+    a, pos, neg = (x.double() for x in inputs)
+    d = [tl.reference.pairwise_distance(x, y, p, eps) for x, y in ((a, pos), (a, neg), (pos, neg))]
+    cond = value_scale(inputs, margin, p, eps, swap, "none")
+    away = torch.ones_like(d[0], dtype=torch.bool)
+    if swap:
+        away = (d[1] - d[2]).abs() >= KINK_GUARD * cond
+        d[1] = torch.minimum(d[1], d[2])
+    return away & ((margin + d[0] - d[1]).abs() >= KINK_GUARD * cond)
+
+
+def close(actual, expected, tol, scale, what):
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol * max(float(scale), 1e-30), equal_nan=True, msg=what
+    )
+
+
+def check(inputs, p=2.0, swap=False, reduction="mean"):
+    """The emulated CUDA ops against the CPU ops (loss, dist, gradients) and the float64 reference (loss);
+    returns the emulated results."""
+    dtype = inputs[0].dtype
+    tol = TOL[dtype]
+    ours = run(torch.ops.tripletloss_cuda_emu, inputs, p, swap, reduction)
+    cpu = run(torch.ops.tripletloss_cuda, inputs, p, swap, reduction)
+    loss, dist, grads = ours
+    assert loss.dtype == dtype and loss.shape == cpu[0].shape and dist.dtype == cpu[1].dtype
+    if inputs[0].shape[0] == 0:
+        torch.testing.assert_close(loss, cpu[0], equal_nan=True)
+        assert all(g.shape == x.shape for g, x in zip(grads, inputs))
+        return ours
+    scale = value_scale(inputs, p=p, swap=swap, reduction=reduction)
+    ref = tl.reference.triplet_margin_loss(*(x.double() for x in inputs), p=p, swap=swap, reduction=reduction)
+    close(loss, cpu[0], tol, scale.max(), "loss vs the CPU op")
+    close(loss, ref, tol, scale.max(), "loss vs the float64 reference")
+    close(dist, cpu[1], TOL[dist.dtype], dist.abs().max(), "dist vs the CPU op")
+    away = away_from_kinks(inputs, p, swap)[:, None]
+    grad_scale = max(g.abs().max().item() for g in cpu[2]) if inputs[0].numel() else 1.0
+    for g, g_cpu, name in zip(grads, cpu[2], ("anchor", "positive", "negative")):
+        assert g.dtype == dtype and g.shape == inputs[0].shape and g.is_contiguous()
+        close(g * away, g_cpu * away, tol, grad_scale, f"grad {name} vs the CPU op")
+    return ours
+
+
+def kernel_vec(record):
+    """The vector width of a triplet launch: the last template argument of its kernel name."""
+    return int(record["kernel"].rsplit(",", 1)[1].strip(" >"))
+
+
+# --- values and gradients -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (64, 16), (33, 130), (5, 1000)], ids=ids)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("p", "swap"), P_SWAP, ids=lambda v: None)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
+def test_matrix(dtype, p, swap, reduction, shape):
+    """Every dtype, p (1, 2 and the pow path above and below 1), swap and reduction, at shapes that take
+    sub-warp groups, a warp and a block per row, both the vector and the scalar loop."""
+    scale = 0.01 if dtype == torch.float16 and p < 1 else 1.0
+    check(make_triplet(shape, dtype, seed=seed_of(shape, p, swap), scale=scale), p, swap, reduction)
+
+
+# (N, D): one row of one element; several rows per warp (groups of 2, 4, 8, 16); a warp per row; a block
+# per row (D >= 8 * 32 vectors, few rows) or a warp per row where the device has too few blocks for that;
+# grid-stride loops (more rows than resident threads on the small devices).
+MAPPING_SHAPES = [(1, 1), (300, 1), (40, 3), (100, 8), (50, 32), (30, 64), (20, 130), (9, 257), (6, 1000), (3, 4096)]
+MAPPING_SHAPES += [(2, 8192), (3000, 4), (2500, 16), (1100, 40)]
+
+
+@pytest.mark.parametrize("shape", MAPPING_SHAPES, ids=ids)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
+def test_launch_mappings(dtype, device, shape):
+    """The launch the launcher chose (grid; threads per row, read from the shuffle masks and barriers) is
+    launch_config's, for reduction none; values and gradients are right for none and mean."""
+    set_device(device)
+    inputs = make_triplet(shape, dtype, seed=seed_of(shape))
+    emu.clear_launches()
+    check(inputs, 2.0, True, "none")
+    forward, backward = emu.launches()
+    vec = kernel_vec(forward)
+    assert vec == (16 // inputs[0].element_size() if shape[1] % (16 // inputs[0].element_size()) == 0 else 1)
+    sms = DEVICES[device][0]
+    for record in (forward, backward):
+        assert record["block"] == THREADS
+        resident = sms * blocks_per_sm(device, record["kernel"])
+        group, blocks = expected_launch(shape[0], shape[1], vec, resident)
+        assert record["grid"] == blocks, (record, group, blocks)
+    resident = sms * blocks_per_sm(device, forward["kernel"])
+    assert launch_group(forward) == expected_launch(shape[0], shape[1], vec, resident)[0]
+    check(inputs, 2.0, True, "mean")
+
+
+def test_every_mapping_is_reached():
+    """MAPPING_SHAPES x DEVICES reach every group size, the block per row, grid-stride loops and a mean over
+    a single block and over many blocks (the model of launch_config in tests/emulated.py)."""
+    groups, grid_stride, grids = set(), False, set()
+    for device in DEVICES:
+        resident = DEVICES[device][0] * blocks_per_sm(device, "forward_kernel")
+        for n, d in MAPPING_SHAPES:
+            group, blocks = expected_launch(n, d, 4, resident)
+            groups.add(group)
+            grids.add(min(blocks, 2))
+            grid_stride |= n > blocks * (THREADS // group)
+    assert groups == {1, 2, 4, 8, 16, 32, THREADS} and grid_stride and grids == {1, 2}
+
+
+LAYOUTS = ("contiguous", "rows", "transposed", "offset", "broadcast", "broadcast_offset")
+
+
+def make_layout(shape, dtype, layout, seed):
+    if layout.startswith("broadcast"):  # the anchor and the negative: one row of stride 0
+        a, pos, neg = make_triplet(
+            shape, dtype, layout="offset" if layout.endswith("offset") else "contiguous", seed=seed
+        )
+        return a[:1].expand(shape), pos, neg[1:2].expand(shape)
+    return make_triplet(shape, dtype, layout=layout, seed=seed)
+
+
+def vectorizable(inputs):
+    vec = 16 // inputs[0].element_size()
+    cols = inputs[0].shape[1]
+    xs = [x if x.stride(1) == 1 or cols <= 1 else x.contiguous() for x in inputs]  # unit_stride_columns
+    return cols % vec == 0 and all(x.data_ptr() % 16 == 0 and x.stride(0) % vec == 0 for x in xs)
+
+
+@pytest.mark.parametrize("shape", [(37, 64), (5, 1024)], ids=ids)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
+def test_layouts(dtype, layout, reduction, shape):
+    """Row views, transposed (copied) inputs, misaligned rows and broadcast (stride-0) rows: the vector path
+    where every row start is 16-byte aligned, else the scalar path, with the same results."""
+    inputs = make_layout(shape, dtype, layout, seed_of(shape, layout))
+    check(inputs, 2.0, True, reduction)
+    expected = 16 // inputs[0].element_size() if vectorizable(inputs) else 1
+    assert {kernel_vec(r) for r in emu.launches()} == {expected}
+    if layout == "offset" or layout == "broadcast_offset":
+        assert expected == 1
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 0), (4, 0), (1, 1)], ids=ids)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
+def test_edge_shapes(dtype, shape, reduction):
+    """No rows (no launch: mean NaN, sum 0), rows of no elements, a single element."""
+    check(make_triplet(shape, dtype, seed=3), 2.0, True, reduction)
+
+
+@pytest.mark.parametrize("shape", [(400, 64), (3, 4096), (3000, 3), (300, 130)], ids=ids)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
+def test_block_order_does_not_change_the_result(dtype, reduction, device, shape):
+    """Three runs with different block and warp orders give bitwise equal losses, distances and gradients
+    (per-block partials added in a fixed order by the last block)."""
+    set_device(device)
+    inputs = make_triplet(shape, dtype, seed=seed_of(shape, "order"))
+    results = []
+    for seed in (1, 2, 3):
+        emu.set_seed(seed)
+        results.append(run(torch.ops.tripletloss_cuda_emu, inputs, 2.0, True, reduction))
+    first = results[0]
+    for other in results[1:]:
+        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+        assert all(torch.equal(g, h) for g, h in zip(first[2], other[2]))
+    check(inputs, 2.0, True, reduction)
+
+
+@pytest.mark.parametrize("p", (2.0, 1.5))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=ids)
+def test_non_finite_inputs(dtype, p):
+    """NaN and inf in some rows propagate as in the CPU kernels (NaN loss and gradients on those rows)."""
+    a, pos, neg = make_triplet((70, 40), dtype, seed=5)
+    a[3, 7], pos[10, 0], neg[50, 39] = float("nan"), float("inf"), float("-inf")
+    for reduction in REDUCTIONS:
+        ours = run(torch.ops.tripletloss_cuda_emu, (a, pos, neg), p, True, reduction)
+        cpu = run(torch.ops.tripletloss_cuda, (a, pos, neg), p, True, reduction)
+        for x, y in zip((ours[0], ours[1], *ours[2]), (cpu[0], cpu[1], *cpu[2])):
+            assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.isinf(), y.isinf())
+
+
+def test_errors_are_the_cpu_ops():
+    """The launchers' argument checks (shared host code) raise as the CPU ops do."""
+    a, pos, neg = make_triplet((4, 3), torch.float32)
+    for args in ((a, pos, neg, 1.0, 0.0, 1e-6, False, 1), (a, pos, neg, 1.0, 2.0, 1e-6, False, 3)):
+        with pytest.raises(RuntimeError) as expected:
+            torch.ops.tripletloss_cuda.triplet_margin_forward(*args)
+        with pytest.raises(RuntimeError, match=re.escape(str(expected.value).splitlines()[0])):
+            torch.ops.tripletloss_cuda_emu.triplet_margin_forward(*args)
+
+
+# --- the emulator's own rules ---------------------------------------------------------------------------
+
+RULES = {
+    "barrier_after_exit": r"barrier_after_exit.*__syncthreads\(\) is reached by 16 of 64 threads",
+    "shfl_without_own_lane": r"shfl_without_own_lane.*lane 1 calls __shfl_xor_sync with mask 0x00000001, which lacks",
+    "shfl_outside_mask": r"shfl_outside_mask.*reads lane 2 in __shfl_xor_sync, outside the mask 0x00000003",
+    "shfl_with_exited_lane": r"shfl_with_exited_lane.*for lane 1, which has exited: a deadlock",
+    "shfl_with_lane_at_barrier": r"shfl_with_lane_at_barrier.*for lane 1, which waits at __syncthreads\(\)",
+    "throws": r"throws.*thread 5: thread 5 throws",
+    "invalid_configuration": r"invalid configuration argument",
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_emulator_rules(rule):
+    """A kernel that breaks a rule raises a RuntimeError naming the kernel and the rule (never a hang), and
+    the emulator runs the next kernel (a block-wide sum of the thread indices) correctly."""
+    with pytest.raises(RuntimeError, match=RULES[rule]):
+        emu.selftest(rule)
+    assert emu.selftest("block_sum") == 3 * sum(range(64))
+    check(make_triplet((20, 300), torch.float32, seed=1), 2.0, True, "mean")
+
+
+# --- mining ---------------------------------------------------------------------------------------------
+
+MINING = [
+    ("batch_hard", {"soft": False}),
+    ("batch_hard", {"soft": True}),
+    ("batch_all", {"reduction": 0}),
+    ("batch_all", {"reduction": 1}),
+    ("batch_all", {"reduction": 2}),
+    ("semi_hard", {}),
+]
+
+
+def mining_run(ns, kind, dist, labels, kw, margin=0.2):
+    """The forward outputs and the gradient of dist of a mining op of namespace ns."""
+    forward, backward = getattr(ns, f"{kind}_forward"), getattr(ns, f"{kind}_backward")
+    grad = torch.tensor(1.5, dtype=dist.dtype)
+    if kind == "batch_hard":
+        loss, stats, mined = forward(dist, labels, margin, kw["soft"])
+        return (loss, stats, mined), backward(grad, dist, labels, stats, mined, margin, kw["soft"])
+    if kind == "batch_all":
+        loss, stats = forward(dist, labels, margin, kw["reduction"])
+        return (loss, stats), backward(grad, dist, labels, stats, margin, kw["reduction"])
+    loss, stats, mined = forward(dist, labels, margin)
+    return (loss, stats, mined), backward(grad, dist, labels, stats, mined, margin)
+
+
+@pytest.mark.parametrize("classes", ("two", "many"))
+@pytest.mark.parametrize("n", (1, 6, 40, 129, 300))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=ids)
+@pytest.mark.parametrize(("kind", "kw"), MINING, ids=lambda v: None if isinstance(v, dict) else v)
+def test_mining(kind, kw, dtype, n, classes):
+    """The six mining ops through the CUDA row launchers (one thread per anchor, blocks of 128) equal the
+    CPU ops: the same row functions, so stats and mined indices are equal and values agree to rounding."""
+    gen = torch.Generator().manual_seed(seed_of(kind, n, classes))
+    x = torch.randn(n, 8, generator=gen, dtype=torch.float64)
+    dist = torch.cdist(x, x).to(dtype)
+    labels = torch.randint(0, 2 if classes == "two" else max(n // 3, 1), (n,), generator=gen)
+    ours = mining_run(torch.ops.tripletloss_cuda_emu, kind, dist, labels, kw)
+    cpu = mining_run(torch.ops.tripletloss_cuda, kind, dist, labels, kw)
+    tol = TOL[dtype]
+    close(ours[0][0], cpu[0][0], tol, cpu[0][0].abs().clamp_min(1), "loss")
+    for x, y in zip(ours[0][1:], cpu[0][1:]):
+        assert torch.equal(x, y)
+    close(ours[1], cpu[1], tol, cpu[1].abs().max().clamp_min(1e-30), "grad dist")
+    launches = emu.launches()
+    assert len(launches) == (2 if n else 0) and all(r["grid"] == -(-n // 128) and r["block"] == 128 for r in launches)
