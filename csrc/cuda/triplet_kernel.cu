@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
   const int64_t nvec = in.cols / VEC;
   acc_t local = 0;  // this thread's share of the mean/sum (lane 0 of each group)
   // General p calls pow (compute-bound): unrolling it gains nothing and adds register pressure.
-  constexpr int kUnroll = NORM == Norm::Lp ? 1 : 4;
+  [[maybe_unused]] constexpr int kUnroll = NORM == Norm::Lp ? 1 : 4;  // read by nvcc's #pragma unroll
   for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group; row < in.rows;
        row += int64_t(gridDim.x) * rows_per_block) {
     const T* a = in.a + row * in.sa;
