@@ -6,12 +6,16 @@ criterion = tl.TripletMarginLoss(margin=1.0)
 
 Online mining on a batch of embeddings with labels (see tripletloss_cuda.mining):
 loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch_all_, semi_hard_
+
+Over index triplets (e.g. a miner's): tl.triplet_margin_loss_from_indices(embeddings, anchors, positives, negatives).
+Drop-in losses for pytorch-metric-learning and sentence-transformers: tripletloss_cuda.integrations.
 """
 
 import torch
 
-from . import mining, naive, ops, reference
+from . import indexed, mining, naive, ops, reference
 from .functional import triplet_margin_loss
+from .indexed import triplet_margin_loss_from_indices
 from .mining import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
@@ -32,6 +36,7 @@ __all__ = [
     "TripletMarginLoss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
+    "indexed",
     "info",
     "mining",
     "naive",
@@ -39,6 +44,7 @@ __all__ = [
     "reference",
     "semi_hard_triplet_loss",
     "triplet_margin_loss",
+    "triplet_margin_loss_from_indices",
 ]
 
 
@@ -54,6 +60,7 @@ def info():
         "extension_error": None if ops.EXTENSION_ERROR is None else str(ops.EXTENSION_ERROR),
         "kernels": sorted(ops.KERNEL_DEVICES),
         "mining_kernels": sorted(mining.ops.KERNEL_DEVICES),
+        "indexed_kernels": sorted(indexed.ops.KERNEL_DEVICES),
         "cuda_architectures": build.get("cuda_archs", ""),
         "cuda_available": cuda_ok,
         "cuda_device": torch.cuda.get_device_name() if cuda_ok else None,
