@@ -77,6 +77,10 @@ def test_errors():
     for loss in (mine, theirs):
         with pytest.raises(ValueError, match=r"BatchHardTripletLoss expects 6 labels \(one per example\)"):
             loss.compute_loss_from_embeddings([x], y)
+    with pytest.raises(
+        TypeError, match=r"BatchHardTripletLoss.forward\(\): argument 'labels' \(position 2\) must be Tensor"
+    ):
+        mine.compute_loss_from_embeddings([x], [0] * 6)
     bad = ours.BatchAllTripletLoss(None, distance_metric=lambda e: e @ e[:3].T)
     with pytest.raises(ValueError, match=r"distance_metric should return a \(6, 6\) matrix"):
         bad.compute_loss_from_embeddings([x], torch.zeros(6, dtype=torch.int64))

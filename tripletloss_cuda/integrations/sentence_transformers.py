@@ -34,12 +34,14 @@ Its conventions, kept here where they differ from tripletloss_cuda's mining loss
 import torch
 from sentence_transformers.sentence_transformer import losses as st_losses
 
+from ..indexed.api import tensor_argument
 from ..mining import ops as mining_ops
 
 BatchHardTripletLossDistanceFunction = st_losses.BatchHardTripletLossDistanceFunction
 
 
 def _check_labels(loss, labels, embeddings):
+    tensor_argument(f"{type(loss).__name__}.forward", "labels", 2, labels)
     batch_size = embeddings.shape[0]
     if labels.numel() != batch_size:
         raise ValueError(
