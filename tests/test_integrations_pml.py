@@ -151,6 +151,16 @@ def test_edge_batches():
         )
 
 
+def test_float_labels():
+    x, y = batch(n=16, seed=5)
+    for reducer in ("default", "sum"):
+        ours, theirs = (
+            drop_in.TripletMarginLoss(reducer=REDUCERS[reducer]()),
+            losses.TripletMarginLoss(reducer=REDUCERS[reducer]()),
+        )
+        assert_same(value_and_grads(ours, x, y.double() / 3), value_and_grads(theirs, x, y.double() / 3))
+
+
 def test_float32_close_to_pml():
     x, y = batch(n=64, d=16, seed=2)
     x = x.float()

@@ -62,7 +62,11 @@ def _check(embeddings, anchors, positives, negatives, ref_embeddings, distance, 
         raise ValueError(f"distance should be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction should be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    t = anchors.shape[0] if anchors.dim() == 1 else -1
+    if anchors.dim() != 1:
+        raise ValueError(
+            f"anchors should be a 1D tensor of indices (one per triplet), got shape {tuple(anchors.shape)}"
+        )
+    t = anchors.shape[0]
     return tuple(
         _index(name, idx, t, embeddings.device)
         for name, idx in (("anchors", anchors), ("positives", positives), ("negatives", negatives))

@@ -105,6 +105,15 @@ def _check_labels(embeddings, labels, what="embeddings"):
     return labels.to(embeddings.device)
 
 
+def _class_ids(labels, ref_labels):
+    """int64 class ids with the same equalities (PML compares labels of any dtype with ==)."""
+    if ref_labels is None and not (labels.dtype.is_floating_point or labels.dtype.is_complex):
+        return labels, None
+    both = labels if ref_labels is None else torch.cat([labels, ref_labels.to(labels.dtype)])
+    ids = torch.unique(both, return_inverse=True)[1]
+    return ids[: labels.shape[0]], None if ref_labels is None else ids[labels.shape[0] :]
+
+
 def all_triplets(labels, ref_labels=None):
     """Every valid triplet as PML's get_all_triplets_indices lists them: (a, p, n) with y_a == y_p, y_a != y_n,
     p != a when the batch is its own reference set."""
@@ -169,6 +178,7 @@ class TripletMarginLoss(Module):
                     "(PML samples random triplets) is not reproduced; use 'all' or pass a miner's indices_tuple"
                 )
             if ref_emb is None and not self.swap and not self.smooth_loss and self.margin >= 0:
+                labels, _ = _class_ids(labels, None)
                 return mining.batch_all_triplet_loss(embeddings, labels, reduction=self._reduction, **kwargs)
             indices_tuple = self._all_triplets(embeddings, labels, ref_emb, ref_labels)
         elif len(indices_tuple) == 4:
