@@ -1,9 +1,9 @@
 """Online triplet mining: batch-hard, batch-all and semi-hard losses on a batch of embeddings with labels.
 
-api.py          the functional API and the modules (semantics in its docstring)
-ops.py          the compiled ops' autograd Function and fake kernels, with the fallback to the reference
-reference.py    the pure-PyTorch version: the fallback and the tests' oracle
-distributed.py  gathering the global batch for distributed=True
+    api.py          the functional API and the modules (semantics in its docstring)
+    ops.py          the compiled ops' autograd Function and fake kernels, with the fallback to the reference
+    reference.py    the pure-PyTorch version: the fallback and the tests' oracle
+    distributed.py  gathering the global batch for distributed=True
 """
 
 from . import ops, reference  # distributed is imported where distributed=True needs it
