@@ -1,12 +1,16 @@
 // The mining ops: schemas, and their device-generic host code around the per-device row launchers of
-// mining.h. Autograd and fake kernels: tripletloss_cuda/mining_ops.py. Semantics: mining_math.h and
-// tripletloss_cuda/mining.py.
+// mining.h. Autograd, chunking and fake kernels: tripletloss_cuda/mining/ops.py. Semantics: mining_math.h and
+// tripletloss_cuda/mining/api.py.
 //
-// Every op is O(N^2) memory: per-anchor sorted positives and partial results,
-// reduced in a fixed order (no float atomics), so results are deterministic.
+// The ops work on an (N, M) distance matrix between N anchors and M references: per-anchor sorted positives
+// and partial results, reduced in a fixed order (no float atomics), so results are deterministic. The forward
+// ops return the loss SUM (float64) and the stats; the loss's denominator (a stat) is applied by the caller,
+// so that a batch mined in blocks of anchors reduces its blocks' sums and counts before dividing. The
+// backward ops take the gradient of that sum.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -17,17 +21,40 @@ namespace tripletloss {
 namespace mining {
 namespace {
 
-// The same messages as the fake kernels (tripletloss_cuda/mining_ops.py `_check_op_inputs`).
-void check_inputs(const Tensor& dist, const Tensor& labels) {
-  TORCH_CHECK(dist.dim() == 2 && dist.size(0) == dist.size(1), "dist should be a square 2D tensor, got shape ",
-              dist.sizes());
+// The same messages as the fake kernels (tripletloss_cuda/mining/ops.py `_check_op_inputs`).
+void check_dist(const Tensor& dist) {
+  TORCH_CHECK(dist.dim() == 2, "dist should be a 2D tensor (N, M), got shape ", dist.sizes());
   TORCH_CHECK(dist.scalar_type() == at::kFloat || dist.scalar_type() == at::kDouble,
               "dist should be float32 or float64, got ", dist.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == dist.size(0), "labels should have shape (", dist.size(0),
-              ",), got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels should be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.device() == dist.device(), "labels should be on the device of dist ", dist.device(), ", got ",
-              labels.device());
+  TORCH_CHECK(dist.size(1) <= std::numeric_limits<int32_t>::max(), "dist should have fewer than 2^31 columns, got ",
+              dist.size(1));
+}
+
+void check_vector(const Tensor& t, const char* name, int64_t n, const char* dim, const Tensor& dist) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " should have shape (", n, ",) (dist's ", dim, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " should be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == dist.device(), name, " should be on the device of dist ", dist.device(), ", got ",
+              t.device());
+}
+
+void check_inputs(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index) {
+  check_dist(dist);
+  check_vector(labels, "labels", dist.size(0), "rows", dist);
+  check_vector(ref_labels, "ref_labels", dist.size(1), "columns", dist);
+  check_vector(self_index, "self_index", dist.size(0), "rows", dist);
+  if (self_index.is_cpu() && self_index.numel() > 0) {  // on the GPU a check would synchronize; the kernels only
+    const auto [lo, hi] = at::aminmax(self_index);       // compare it with column numbers, so any value is safe
+    TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < dist.size(1),
+                "self_index should hold column numbers in [0, ", dist.size(1), ") or -1, got values in [",
+                lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+}
+
+void check_mined(const Tensor& mined, const Tensor& dist, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(mined.sizes() == shape && mined.scalar_type() == dtype, "mined should be the ", dtype, " ", shape,
+              " tensor of the forward, got ", mined.scalar_type(), " ", mined.sizes());
+  TORCH_CHECK(mined.device() == dist.device(), "mined should be on the device of dist ", dist.device());
 }
 
 const Backend& backend_for(const Tensor& dist) {
@@ -46,97 +73,91 @@ Rows empty_rows(const Tensor& dist) {
   return {at::zeros({n}, dist.options().dtype(at::kDouble)), at::zeros({n, kCounts}, dist.options().dtype(at::kLong))};
 }
 
-// (loss, stats): the loss sum over anchors, divided by the stat `denominator` (clamped to 1: an empty
-// batch gives 0, not NaN) unless it is -1; stats = {valid, active, mined triplets, valid, active anchors}.
-std::tuple<Tensor, Tensor> finish(const Rows& rows, int64_t denominator, at::ScalarType dtype) {
+// (loss sum as 0-d float64, stats = {valid, active, mined triplets, valid, active anchors}).
+std::tuple<Tensor, Tensor> finish(const Rows& rows) {
   const Tensor anchors =
       at::stack({rows.counts.select(1, kValid).gt(0).sum(), rows.counts.select(1, kActive).gt(0).sum()});
-  const Tensor stats = at::cat({rows.counts.sum(0), anchors});
-  Tensor loss = rows.loss.sum();
-  if (denominator >= 0) loss = loss / stats.select(0, denominator).clamp_min(1).to(at::kDouble);
-  return {loss.to(dtype), stats};
+  return {rows.loss.sum(), at::cat({rows.counts.sum(0), anchors})};
 }
 
-// The upstream gradient over the loss's denominator, as a 0-d float64 tensor on the device.
-Tensor grad_scale(const Tensor& grad, const Tensor& stats, int64_t denominator) {
-  TORCH_CHECK(grad.numel() == 1, "grad should have one element (the loss is 0-d), got shape ", grad.sizes());
-  TORCH_CHECK(stats.dim() == 1 && stats.size(0) == 5 && stats.scalar_type() == at::kLong,
-              "stats should be the int64 (5,) tensor of the forward, got ", stats.scalar_type(), " ", stats.sizes());
-  Tensor scale = grad.reshape({}).to(at::kDouble);
-  if (denominator >= 0) scale = scale / stats.select(0, denominator).clamp_min(1).to(at::kDouble);
-  return scale.contiguous();
+// The gradient of the loss sum as a 0-d float64 tensor on the device.
+Tensor grad_scale(const Tensor& grad, const Tensor& dist) {
+  TORCH_CHECK(grad.numel() == 1, "grad should have one element (the loss sum is 0-d), got shape ", grad.sizes());
+  TORCH_CHECK(grad.device() == dist.device(), "grad should be on the device of dist ", dist.device());
+  return grad.reshape({}).to(at::kDouble).contiguous();
 }
 
-int64_t batch_all_denominator(int64_t reduction) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction should be 0 (mean_nonzero), 1 (mean) or 2 (sum), got ",
-              reduction);
-  return reduction == 0 ? kActive : reduction == 1 ? kValid : -1;
+struct Inputs {
+  Tensor dist, labels, ref_labels, self_index;
+};
+
+Inputs contiguous(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index) {
+  check_inputs(dist, labels, ref_labels, self_index);
+  return {dist.contiguous(), labels.contiguous(), ref_labels.contiguous(), self_index.contiguous()};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_hard_forward(const Tensor& dist_, const Tensor& labels_, double margin,
-                                                      bool soft) {
-  check_inputs(dist_, labels_);
-  const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
-  Rows rows = empty_rows(dist);
-  Tensor mined = at::full({dist.size(0), 2}, -1, dist.options().dtype(at::kLong));
-  if (dist.numel() > 0) backend_for(dist).batch_hard(dist, labels, margin, soft, rows.loss, rows.counts, mined);
-  auto [loss, stats] = finish(rows, kMined, dist.scalar_type());
+std::tuple<Tensor, Tensor, Tensor> batch_hard_forward(const Tensor& dist_, const Tensor& labels_,
+                                                      const Tensor& ref_labels_, const Tensor& self_index_,
+                                                      double margin, bool soft) {
+  const auto in = contiguous(dist_, labels_, ref_labels_, self_index_);
+  Rows rows = empty_rows(in.dist);
+  Tensor mined = at::full({in.dist.size(0), 2}, -1, in.dist.options().dtype(at::kLong));
+  if (in.dist.numel() > 0)
+    backend_for(in.dist).batch_hard(in.dist, in.labels, in.ref_labels, in.self_index, margin, soft, rows.loss,
+                                    rows.counts, mined);
+  auto [loss, stats] = finish(rows);
   return {loss, stats, mined};
 }
 
-Tensor batch_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor& labels, const Tensor& stats,
-                           const Tensor& mined, double margin, bool soft) {
-  check_inputs(dist_, labels);
+Tensor batch_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor& mined, double margin, bool soft) {
+  check_dist(dist_);
   const Tensor dist = dist_.contiguous();
-  TORCH_CHECK(mined.sizes() == at::IntArrayRef({dist.size(0), 2}) && mined.scalar_type() == at::kLong,
-              "mined should be the int64 (N, 2) tensor of the forward, got ", mined.sizes());
+  check_mined(mined, dist, {dist.size(0), 2}, at::kLong);
   Tensor grad_dist = at::empty_like(dist);
   if (dist.numel() > 0)
-    backend_for(dist).batch_hard_grad(dist, mined.contiguous(), margin, soft, grad_scale(grad, stats, kMined),
-                                      grad_dist);
+    backend_for(dist).batch_hard_grad(dist, mined.contiguous(), margin, soft, grad_scale(grad, dist), grad_dist);
   return grad_dist;
 }
 
-std::tuple<Tensor, Tensor> batch_all_forward(const Tensor& dist_, const Tensor& labels_, double margin,
-                                             int64_t reduction) {
-  check_inputs(dist_, labels_);
-  const int64_t denominator = batch_all_denominator(reduction);
-  const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
-  Rows rows = empty_rows(dist);
-  if (dist.numel() > 0) backend_for(dist).batch_all(dist, labels, margin, rows.loss, rows.counts);
-  return finish(rows, denominator, dist.scalar_type());
+std::tuple<Tensor, Tensor> batch_all_forward(const Tensor& dist_, const Tensor& labels_, const Tensor& ref_labels_,
+                                             const Tensor& self_index_, double margin) {
+  const auto in = contiguous(dist_, labels_, ref_labels_, self_index_);
+  Rows rows = empty_rows(in.dist);
+  if (in.dist.numel() > 0)
+    backend_for(in.dist).batch_all(in.dist, in.labels, in.ref_labels, in.self_index, margin, rows.loss, rows.counts);
+  return finish(rows);
 }
 
-Tensor batch_all_backward(const Tensor& grad, const Tensor& dist_, const Tensor& labels_, const Tensor& stats,
-                          double margin, int64_t reduction) {
-  check_inputs(dist_, labels_);
-  const int64_t denominator = batch_all_denominator(reduction);
-  const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
-  Tensor grad_dist = at::empty_like(dist);
-  if (dist.numel() > 0)
-    backend_for(dist).batch_all_grad(dist, labels, margin, grad_scale(grad, stats, denominator), grad_dist);
+Tensor batch_all_backward(const Tensor& grad, const Tensor& dist_, const Tensor& labels_, const Tensor& ref_labels_,
+                          const Tensor& self_index_, double margin) {
+  const auto in = contiguous(dist_, labels_, ref_labels_, self_index_);
+  Tensor grad_dist = at::empty_like(in.dist);
+  if (in.dist.numel() > 0)
+    backend_for(in.dist).batch_all_grad(in.dist, in.labels, in.ref_labels, in.self_index, margin,
+                                        grad_scale(grad, in.dist), grad_dist);
   return grad_dist;
 }
 
-std::tuple<Tensor, Tensor, Tensor> semi_hard_forward(const Tensor& dist_, const Tensor& labels_, double margin) {
-  check_inputs(dist_, labels_);
-  const Tensor dist = dist_.contiguous(), labels = labels_.contiguous();
-  Rows rows = empty_rows(dist);
-  Tensor mined = at::full(dist.sizes(), -1, dist.options().dtype(at::kInt));
-  if (dist.numel() > 0) backend_for(dist).semi_hard(dist, labels, margin, rows.loss, rows.counts, mined);
-  auto [loss, stats] = finish(rows, kMined, dist.scalar_type());
+std::tuple<Tensor, Tensor, Tensor> semi_hard_forward(const Tensor& dist_, const Tensor& labels_,
+                                                     const Tensor& ref_labels_, const Tensor& self_index_,
+                                                     double margin) {
+  const auto in = contiguous(dist_, labels_, ref_labels_, self_index_);
+  Rows rows = empty_rows(in.dist);
+  Tensor mined = at::full(in.dist.sizes(), -1, in.dist.options().dtype(at::kInt));
+  if (in.dist.numel() > 0)
+    backend_for(in.dist).semi_hard(in.dist, in.labels, in.ref_labels, in.self_index, margin, rows.loss, rows.counts,
+                                   mined);
+  auto [loss, stats] = finish(rows);
   return {loss, stats, mined};
 }
 
-Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor& labels, const Tensor& stats,
-                          const Tensor& mined, double margin) {
-  check_inputs(dist_, labels);
+Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor& mined, double margin) {
+  check_dist(dist_);
   const Tensor dist = dist_.contiguous();
-  TORCH_CHECK(mined.sizes() == dist.sizes() && mined.scalar_type() == at::kInt,
-              "mined should be the int32 (N, N) tensor of the forward, got ", mined.sizes());
+  check_mined(mined, dist, dist.sizes(), at::kInt);
   Tensor grad_dist = at::empty_like(dist);
   if (dist.numel() > 0)
-    backend_for(dist).semi_hard_grad(dist, mined.contiguous(), margin, grad_scale(grad, stats, kMined), grad_dist);
+    backend_for(dist).semi_hard_grad(dist, mined.contiguous(), margin, grad_scale(grad, dist), grad_dist);
   return grad_dist;
 }
 
@@ -149,34 +170,36 @@ std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& exclude
   return {values.contiguous(), index.contiguous()};
 }
 
-Tensor not_positive(const Tensor& labels) {
-  const Tensor eye = at::eye(labels.size(0), labels.options().dtype(at::kBool));
-  return labels.unsqueeze(1).ne(labels.unsqueeze(0)).logical_or(eye);
+Tensor not_positive(const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index) {
+  const Tensor columns = at::arange(ref_labels.size(0), ref_labels.options());
+  return labels.unsqueeze(1).ne(ref_labels.unsqueeze(0)).logical_or(columns.unsqueeze(0).eq(self_index.unsqueeze(1)));
 }
 
 }  // namespace mining
 }  // namespace tripletloss
 
 TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) {
-  // dist: (N, N) float32/float64 distances; labels: (N,) int64; stats: int64 (5,) valid, active and mined
-  // triplets, valid and active anchors. batch-all reduction: 0 mean_nonzero, 1 mean, 2 sum.
+  // dist: (N, M) float32/float64 distances from N anchors to M references; labels: (N,) int64; ref_labels:
+  // (M,) int64; self_index: (N,) int64, the reference column excluded for each anchor (itself) or -1. loss:
+  // the 0-d float64 SUM over anchors; stats: int64 (5,) valid, active and mined triplets, valid and active
+  // anchors; grad: the gradient of the loss sum.
   m.def(
-      "batch_hard_forward(Tensor dist, Tensor labels, float margin, bool soft) "
+      "batch_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin, "
+      "bool soft) -> (Tensor loss, Tensor stats, Tensor mined)");
+  m.def("batch_hard_backward(Tensor grad, Tensor dist, Tensor mined, float margin, bool soft) -> Tensor");
+  m.def(
+      "batch_all_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin) "
+      "-> (Tensor loss, Tensor stats)");
+  m.def(
+      "batch_all_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "
+      "float margin) -> Tensor");
+  m.def(
+      "semi_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin) "
       "-> (Tensor loss, Tensor stats, Tensor mined)");
-  m.def(
-      "batch_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor stats, Tensor mined, float margin, "
-      "bool soft) -> Tensor");
-  m.def("batch_all_forward(Tensor dist, Tensor labels, float margin, int reduction) -> (Tensor loss, Tensor stats)");
-  m.def(
-      "batch_all_backward(Tensor grad, Tensor dist, Tensor labels, Tensor stats, float margin, int reduction) "
-      "-> Tensor");
-  m.def("semi_hard_forward(Tensor dist, Tensor labels, float margin) -> (Tensor loss, Tensor stats, Tensor mined)");
-  m.def(
-      "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor stats, Tensor mined, float margin) "
-      "-> Tensor");
+  m.def("semi_hard_backward(Tensor grad, Tensor dist, Tensor mined, float margin) -> Tensor");
 }
 
-#define TL_MINING_IMPLS(m)                                             \
+#define TL_MINING_IMPLS(m)                                                  \
   m.impl("batch_hard_forward", &tripletloss::mining::batch_hard_forward);   \
   m.impl("batch_hard_backward", &tripletloss::mining::batch_hard_backward); \
   m.impl("batch_all_forward", &tripletloss::mining::batch_all_forward);     \

@@ -1,7 +1,11 @@
 // The per-anchor math of the mining losses, written once for the CPU and CUDA kernels, which only map
-// anchors (rows of the (N, N) distance matrix d) onto threads around it. T is float or double.
+// anchors (rows of the (N, M) distance matrix d between anchors and references) onto threads around it.
+// T is float or double.
 //
-// Anchor i, positives j (y_j == y_i, j != i), negatives k (y_k != y_i). Each forward row function writes
+// Anchor i with label yi and excluded reference column excl (the anchor itself, or -1: none); its row d of
+// M reference distances with reference labels ry: positives j (ry_j == yi, j != excl), negatives k
+// (ry_k != yi, k != excl). Mining a batch against itself is M = N, ry = labels, excl = i. excl is only
+// compared, never dereferenced, so any value is memory-safe. Each forward row function writes
 // the anchor's loss sum (double) and its counts {valid triplets, active triplets, mined triplets}; the
 // backward row functions write row i of dL/dd, scaled by `scale` (the upstream gradient over the loss's
 // denominator). Ties go to the lowest index. The hinge tests are written alike forward and backward, so
@@ -48,12 +52,12 @@ TL_HD int64_t count_below(const T* s, int64_t n, T v) {
 // Batch-hard: the hardest positive (largest d_ij) and negative (smallest d_ik), lowest index among ties.
 // mined[0..1] = {j, k}, or {-1, -1} for an anchor without a positive or a negative.
 template <typename T>
-TL_HD void batch_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, T margin, bool soft, double* loss,
-                          int64_t* counts, int64_t* mined) {
+TL_HD void batch_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, T margin, bool soft,
+                          double* loss, int64_t* counts, int64_t* mined) {
   int64_t p = -1, q = -1, n_pos = 0, n_neg = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (j == i) continue;
-    if (labels[j] == labels[i]) {
+  for (int64_t j = 0; j < m; ++j) {
+    if (j == excl) continue;
+    if (ry[j] == yi) {
       ++n_pos;
       if (p < 0 || d[j] > d[p]) p = j;
     } else {
@@ -76,8 +80,8 @@ TL_HD void batch_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t 
 }
 
 template <typename T>
-TL_HD void batch_hard_grad_row(const T* d, int64_t n, const int64_t* mined, T margin, bool soft, T scale, T* grad) {
-  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+TL_HD void batch_hard_grad_row(const T* d, int64_t m, const int64_t* mined, T margin, bool soft, T scale, T* grad) {
+  for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
   const int64_t p = mined[0], q = mined[1];
   if (p < 0) return;
   const T x = d[p] - d[q];
@@ -105,14 +109,14 @@ TL_HD int64_t first_active(const T* ps, int64_t n_pos, T margin, T d_neg) {
 
 // suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t].
 template <typename T>
-TL_HD void batch_all_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, int64_t n_pos,
-                         T margin, double* suffix, double* loss, int64_t* counts) {
+TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
+                         int64_t n_pos, T margin, double* suffix, double* loss, int64_t* counts) {
   suffix[n_pos] = 0;
   for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
   int64_t n_neg = 0, active = 0;
   double l = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    if (labels[k] == labels[i]) continue;
+  for (int64_t k = 0; k < m; ++k) {
+    if (k == excl || ry[k] == yi) continue;
     ++n_neg;
     const int64_t t = first_active(ps, n_pos, margin, d[k]);
     active += n_pos - t;
@@ -126,11 +130,11 @@ TL_HD void batch_all_row(const T* d, const int64_t* labels, int64_t n, int64_t i
 
 // The histogram of t_k is kept in the positives' own gradient slots (counts below 2^24 are exact in float).
 template <typename T>
-TL_HD void batch_all_grad_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, const int64_t* pi,
-                              int64_t n_pos, T margin, T scale, T* grad) {
-  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
-  for (int64_t k = 0; k < n; ++k) {
-    if (labels[k] == labels[i]) continue;
+TL_HD void batch_all_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
+                              const int64_t* pi, int64_t n_pos, T margin, T scale, T* grad) {
+  for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
+  for (int64_t k = 0; k < m; ++k) {
+    if (k == excl || ry[k] == yi) continue;
     const int64_t t = first_active(ps, n_pos, margin, d[k]);
     grad[k] = -scale * T(n_pos - t);
     if (t < n_pos) grad[pi[t]] += T(1);
@@ -149,14 +153,14 @@ TL_HD void batch_all_grad_row(const T* d, const int64_t* labels, int64_t n, int6
 // positive at sorted position p are the negatives with b_k > p: a running minimum from the top. O(n log n_pos)
 // per anchor, the negatives unsorted. mined[j]: the chosen k; -1 if j is no positive or there is no negative.
 template <typename T>
-TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i, const T* ps, const int64_t* pi,
-                         int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss, int64_t* counts,
-                         int32_t* mined) {
+TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
+                         const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss,
+                         int64_t* counts, int32_t* mined) {
   for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
   int64_t n_neg = 0, largest = -1;
-  for (int64_t k = 0; k < n; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
+  for (int64_t k = 0; k < m; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
     mined[k] = -1;
-    if (labels[k] == labels[i]) continue;
+    if (k == excl || ry[k] == yi) continue;
     ++n_neg;
     if (largest < 0 || d[k] > d[largest]) largest = k;
     const int64_t b = count_below(ps, n_pos, d[k]);
@@ -185,10 +189,10 @@ TL_HD void semi_hard_row(const T* d, const int64_t* labels, int64_t n, int64_t i
 }
 
 template <typename T>
-TL_HD void semi_hard_grad_row(const T* d, int64_t n, const int32_t* mined, T margin, T scale, T* grad) {
-  for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+TL_HD void semi_hard_grad_row(const T* d, int64_t m, const int32_t* mined, T margin, T scale, T* grad) {
+  for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
   // In column order, so that negatives mined by several positives add up in a fixed order.
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < m; ++j) {
     const int64_t k = mined[j];
     if (k < 0 || !(margin + d[j] - d[k] > T(0))) continue;
     grad[j] += scale;

@@ -27,7 +27,16 @@ TL_HD double tl_abs(double x) { return fabs(x); }
 TL_HD float tl_sqrt(float x) { return sqrtf(x); }
 TL_HD double tl_sqrt(double x) { return sqrt(x); }
 TL_HD float tl_pow(float x, float y) { return powf(x, y); }
-TL_HD double tl_pow(double x, double y) { return pow(x, y); }
+TL_HD double tl_pow(double x, double y) {
+#if defined(__CUDA_ARCH__)
+  // CUDA's double pow() calls an out-of-line slow path, and the kernels spilled registers around those calls
+  // (tools/sass_gate.py). Here x >= 0 or NaN and y != 0 (|s|^p, d^(1/p), d^(1-p), |s|^(p-1)), where
+  // exp(y log x) is pow to within a few ulp, with the same 0, inf and NaN cases.
+  return exp(y * log(x));
+#else
+  return pow(x, y);
+#endif
+}
 template <typename T>
 TL_HD T tl_sgn(T x) {
   return T((x > T(0)) - (x < T(0)));
@@ -41,11 +50,13 @@ TL_HD T norm_term(T s, T p) {
   else return tl_pow(tl_abs(s), p);
 }
 
+// The norm from the accumulated sum; inv_p = T(1) / p, divided once per launch by the caller (a division per
+// row cost the CUDA kernels register spills around its out-of-line slow path).
 template <Norm N, typename T>
-TL_HD T norm_finish(T acc, T p) {
+TL_HD T norm_finish(T acc, T inv_p) {
   if constexpr (N == Norm::L1) return acc;
   else if constexpr (N == Norm::L2) return tl_sqrt(acc);
-  else return tl_pow(acc, T(1) / p);
+  else return tl_pow(acc, inv_p);
 }
 
 // The per-row factor of dd/ds, times the upstream gradient w of d: w / d^(p-1), 0 where d == 0.

@@ -132,6 +132,9 @@ BAD_ARGS = [
     ["demo", "--epochs", "x"],
     ["demo", "--impls", "tl,other"],
     ["demo", "--per-class", "1"],
+    ["demo", "--chunk-size", "-1"],
+    ["demo", "--chunk-size", "x"],
+    ["demo", "--memory-cap", "0"],
 ]
 if not torch.cuda.is_available():
     BAD_ARGS += [["bench", "--device", "cuda"], ["demo", "--device", "cuda"]]
@@ -190,6 +193,39 @@ def test_demo_one_epoch(capsys, monkeypatch, tmp_path, mining):
     assert "trained: tripletloss_cuda" in out
     if mining:
         assert (tmp_path / "demo.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_chunk_size(capsys, monkeypatch, tmp_path):
+    """--chunk-size trains with cached_loss_backward: the gradients of the plain step, so the same network
+    within rounding; the memory report measures both steps and the cached one fits a larger batch."""
+    pytest.importorskip("sklearn")
+    calls = []
+    cached = tl.cached_loss_backward
+    monkeypatch.setattr(tl, "cached_loss_backward", lambda *a, **k: calls.append(a[4]) or cached(*a, **k))
+    argv = ["demo", "--epochs", "1", "--device", "cpu", "--impls", "tl", "--no-progress", "--json"]
+    results = {}
+    for name, extra in [("plain", []), ("cached", ["--chunk-size", "16", "--memory-cap", "0.25"])]:
+        code, out, err = run_cli([*argv, str(tmp_path / f"{name}.json"), *extra], capsys)
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert calls and set(calls) == {16}  # the training steps (and the memory report's cached steps)
+    plain, chunked = results["plain"]["per_impl"]["tl"], results["cached"]["per_impl"]["tl"]
+    assert abs(plain["map"] - chunked["map"]) < 1e-3 and abs(plain["final_loss"] - chunked["final_loss"]) < 1e-4
+    memory = results["cached"]["gradcache"]
+    assert "gradcache" not in results["plain"]
+    assert memory["batch"] == 80 and memory["chunk_size"] == 16 and memory["memory_cap_mib"] == 0.25
+    assert 0 < memory["cached_bytes"] < memory["plain_bytes"]
+    assert 0 < memory["largest_batch_plain"] < memory["largest_batch_cached"]
+    assert "largest batch under 0.25 MiB: plain step" in out
+
+
+def test_largest_batch_search():
+    sizes = []
+    measure = lambda n: sizes.append(n) or n * n
+    assert demo.largest_batch(measure, 1000, 2) == 31  # 31² = 961 <= 1000 < 32²
+    assert demo.largest_batch(measure, 3, 2) == 0  # even the first size does not fit
+    assert demo.largest_batch(measure, 10**9, 2, limit=64) == 64  # stops at the limit
+    assert len(sizes) < 30
 
 
 def test_retrieval_metrics():

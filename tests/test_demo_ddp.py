@@ -15,12 +15,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
-def test_demo_two_processes(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--chunk-size", "16", "--memory-cap", "0.5"]], ids=["plain", "chunked"])
+def test_demo_two_processes(tmp_path, extra):
+    """With --chunk-size each rank's steps run cached_loss_backward on the DDP model (no_sync but the last chunk)."""
     pytest.importorskip("sklearn")
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "tripletloss_cuda", "demo", "--epochs", "1", "--device", "cpu", "--impls", "tl,torch"]
-    cmd += ["--no-progress", "--json", str(out)]
+    cmd += ["--no-progress", "--json", str(out), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path, check=False)
@@ -29,3 +31,4 @@ def test_demo_two_processes(tmp_path):
     assert summary["world_size"] == 2
     assert summary["ranks_param_max_diff"] == {"tl": 0.0, "torch": 0.0}  # the replicas stayed identical
     assert summary["map"] > summary["map_untrained"]  # and they did train
+    assert ("gradcache" in summary) == bool(extra)

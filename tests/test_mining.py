@@ -330,24 +330,28 @@ def test_double_backward_through_the_reference():
 
 
 def op_samples(device):
+    """Each op on a square batch (itself, own column excluded) and on queries x references (N != M, some
+    anchors with an excluded column, others with -1)."""
     x, labels = make_batch(12, 3, device=device, seed=8)
-    dist = tl.mining.reference.distance_matrix(x)
-    grad = torch.tensor(0.7, device=device)
+    r, ref_labels = make_batch(9, 3, device=device, seed=18)
+    square = (tl.mining.reference.distance_matrix(x), labels, labels, torch.arange(12, device=device))
+    self_index = torch.tensor([3, -1, 0, 8, -1, -1, 2, 5, -1, 1, -1, 7], device=device)
+    rect = (tl.mining.reference.distance_matrix(x, ref_embeddings=r), labels, ref_labels, self_index)
     ops = torch.ops.tripletloss_cuda
-    for dtype in (torch.float32, torch.float64):
-        d = dist.to(dtype)
-        g = grad.to(dtype)
-        for soft in (False, True):
-            _, stats, mined = ops.batch_hard_forward(d, labels, 0.5, soft)
-            yield ops.batch_hard_forward, (d, labels, 0.5, soft)
-            yield ops.batch_hard_backward, (g, d, labels, stats, mined, 0.5, soft)
-        for reduction in (0, 1, 2):
-            _, stats = ops.batch_all_forward(d, labels, 0.5, reduction)
-            yield ops.batch_all_forward, (d, labels, 0.5, reduction)
-            yield ops.batch_all_backward, (g, d, labels, stats, 0.5, reduction)
-        _, stats, mined = ops.semi_hard_forward(d, labels, 0.5)
-        yield ops.semi_hard_forward, (d, labels, 0.5)
-        yield ops.semi_hard_backward, (g, d, labels, stats, mined, 0.5)
+    for dist, lab, ref_lab, self_idx in (square, rect):
+        for dtype in (torch.float32, torch.float64):
+            d = dist.to(dtype)
+            g = torch.tensor(0.7, device=device, dtype=torch.float64)
+            inputs = (d, lab, ref_lab, self_idx)
+            for soft in (False, True):
+                _, _, mined = ops.batch_hard_forward(*inputs, 0.5, soft)
+                yield ops.batch_hard_forward, (*inputs, 0.5, soft)
+                yield ops.batch_hard_backward, (g, d, mined, 0.5, soft)
+            yield ops.batch_all_forward, (*inputs, 0.5)
+            yield ops.batch_all_backward, (g, *inputs, 0.5)
+            _, _, mined = ops.semi_hard_forward(*inputs, 0.5)
+            yield ops.semi_hard_forward, (*inputs, 0.5)
+            yield ops.semi_hard_backward, (g, d, mined, 0.5)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -360,36 +364,57 @@ def test_opcheck(device):
 
 def test_op_errors():
     ops = torch.ops.tripletloss_cuda
-    labels = torch.zeros(4, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="dist should be a square 2D tensor"):
-        ops.batch_all_forward(torch.zeros(4, 3), labels, 1.0, 0)
+    labels, ref_labels, self_index = (
+        torch.zeros(4, dtype=torch.int64),
+        torch.zeros(3, dtype=torch.int64),
+        -torch.ones(4, dtype=torch.int64),
+    )
+    with pytest.raises(RuntimeError, match="dist should be a 2D tensor"):
+        ops.batch_all_forward(torch.zeros(4), labels, ref_labels, self_index, 1.0)
+    with pytest.raises(RuntimeError, match=r"ref_labels should have shape \(3,\)"):
+        ops.batch_all_forward(torch.zeros(4, 3), labels, labels, self_index, 1.0)
     with pytest.raises(RuntimeError, match="dist should be float32 or float64"):
-        ops.batch_hard_forward(torch.zeros(4, 4, dtype=torch.float16), labels, 1.0, False)
+        ops.batch_hard_forward(torch.zeros(4, 3, dtype=torch.float16), labels, ref_labels, self_index, 1.0, False)
     with pytest.raises(RuntimeError, match="labels should be int64"):
-        ops.semi_hard_forward(torch.zeros(4, 4), labels.int(), 1.0)
-    with pytest.raises(RuntimeError, match="reduction should be"):
-        ops.batch_all_forward(torch.zeros(4, 4), labels, 1.0, 3)
+        ops.semi_hard_forward(torch.zeros(4, 3), labels.int(), ref_labels, self_index, 1.0)
+    with pytest.raises(RuntimeError, match=r"self_index should have shape \(4,\)"):
+        ops.semi_hard_forward(torch.zeros(4, 3), labels, ref_labels, self_index[:3], 1.0)
+    with pytest.raises(RuntimeError, match=r"self_index should hold column numbers in \[0, 3\) or -1"):
+        ops.batch_hard_forward(torch.zeros(4, 3), labels, ref_labels, self_index + 4, 1.0, False)
+    with pytest.raises(RuntimeError, match="mined should be the Long"):
+        ops.batch_hard_backward(torch.tensor(1.0), torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int64), 1.0, False)
 
 
 class _EmbedAndMine(torch.nn.Module):
-    def __init__(self):
+    """A linear embedding and one mining loss under each distance, weighted 1, 2, 3 so that a term whose
+    gradient went missing changes the total."""
+
+    def __init__(self, kind):
         super().__init__()
         self.linear = torch.nn.Linear(16, 8)
+        self.kind = kind
 
     def forward(self, x, labels):
         e = self.linear(x)
-        hard, stats = tl.batch_hard_triplet_loss(e, labels, margin=0.5, return_stats=True)
-        every = tl.batch_all_triplet_loss(e, labels, margin=0.5, distance="cosine", normalize=True)
-        semi = tl.semi_hard_triplet_loss(e, labels, margin=0.5, distance="squared_euclidean")
-        return hard + every + semi + 0 * stats.active_anchor_fraction
+        fn = getattr(tl, f"{self.kind}_triplet_loss")
+        total = 0
+        for weight, (distance, normalize) in enumerate(
+            [("euclidean", False), ("cosine", True), ("squared_euclidean", False)], start=1
+        ):
+            loss, stats = fn(e, labels, margin=0.5, distance=distance, normalize=normalize, return_stats=True)
+            total = total + weight * loss + 0 * stats.active_anchor_fraction
+        return total
 
 
-def test_torch_compile_fullgraph():
-    """torch.compile(fullgraph=True) of a model using the three losses: the eager loss and gradients, with the
-    mining ops in the graph (a graph break would be an error)."""
+@pytest.mark.parametrize("kind", ["batch_hard", "batch_all", "semi_hard"])
+def test_torch_compile_fullgraph(kind):
+    """torch.compile(fullgraph=True) of a model using a mining loss: the eager loss and parameter gradients,
+    with the mining ops in the graph (a graph break would be an error). On torch 2.11 an in-place distance
+    matrix once compiled to the right loss with all-zero gradients: the gradients are compared, and must
+    not be zero."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = _EmbedAndMine()
+    model = _EmbedAndMine(kind)
     x, labels = torch.randn(32, 16), torch.randint(0, 4, (32,))
 
     def step(fn):
@@ -400,6 +425,7 @@ def test_torch_compile_fullgraph():
 
     eager = step(model)
     compiled = step(torch.compile(model, fullgraph=True))
+    assert all(g.abs().sum() > 0 for g in eager[1])
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
@@ -531,7 +557,8 @@ def test_cuda_graph_capture():
 def test_fused_distance_matrix_matches_the_reference(distance):
     """mining._DistanceMatrix (in place, hand-written backward) gives mining_reference.distance_matrix's values
     and gradients, with duplicate rows (distance 0: gradient 0, not NaN); gradcheck and gradgradcheck."""
-    from tripletloss_cuda.mining import api as mining, reference as mining_reference
+    from tripletloss_cuda.mining import api as mining
+    from tripletloss_cuda.mining import reference as mining_reference
 
     x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     x[7] = x[3]

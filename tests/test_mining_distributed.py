@@ -37,9 +37,25 @@ def _batch():
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
 
 
-def _shard(tensor, rank):
-    start = sum(SHARDS[:rank])
-    return tensor[start : start + SHARDS[rank]]
+def _shard(tensor, rank, shards=SHARDS):
+    start = sum(shards[:rank])
+    return tensor[start : start + shards[rank]]
+
+
+REF_SHARDS = (6, 11)  # reference rows per rank
+
+
+def _references():
+    """The global reference set, and each rank's ref_self_index (rows of its own references, or -1)."""
+    g = torch.Generator().manual_seed(1)
+    m = sum(REF_SHARDS)
+    refs, ref_labels = torch.randn(m, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (m,), generator=g)
+    self_index = [torch.randint(-1, REF_SHARDS[r], (SHARDS[r],), generator=g) for r in range(WORLD)]
+    return refs, ref_labels, self_index
+
+
+def _global_self_index(self_index):
+    return torch.cat([torch.where(s >= 0, s + sum(REF_SHARDS[:r]), -1) for r, s in enumerate(self_index)])
 
 
 def _model():
@@ -62,6 +78,32 @@ def _worker(rank, store_path, out_path):
             loss, stats = loss_fn(local, local_labels, distributed=True, return_stats=True)
             loss.backward()
             results[name] = (loss.detach(), tuple(stats), local.grad)
+        # reference sets: both gathered, ref_self_index shifted to the gathered rows; mined in chunks
+        refs, ref_labels, self_index = _references()
+        for name, loss_fn in LOSSES.items():
+            local = _shard(embeddings, rank).clone().requires_grad_()
+            local_refs = _shard(refs, rank, REF_SHARDS).clone().requires_grad_()
+            kwargs = {"ref_labels": _shard(ref_labels, rank, REF_SHARDS), "ref_self_index": self_index[rank]}
+            loss, stats = loss_fn(
+                local,
+                local_labels,
+                ref_embeddings=local_refs,
+                distributed=True,
+                return_stats=True,
+                chunk_size=4,
+                **kwargs,
+            )
+            loss.backward()
+            results[f"{name}+refs"] = (loss.detach(), tuple(stats), local.grad, local_refs.grad)
+        # CrossBatchMemory under distributed=True: every rank enqueues the global batch in rank order
+        memory = tl.CrossBatchMemory(tl.BatchHardTripletLoss(margin=0.5, distributed=True), 6, memory_size=30)
+        steps = []
+        for step in range(3):
+            local = (_shard(embeddings, rank) + 0.1 * step).requires_grad_()
+            loss = memory(local, local_labels)
+            loss.backward()
+            steps.append((loss.detach(), local.grad))
+        results["memory"] = (steps, memory.embedding_memory.clone(), memory.label_memory.clone(), memory.queue_idx)
         # gather itself: this rank's slice is the local tensor, the rest the other rank's rows
         local = _shard(embeddings, rank).clone().requires_grad_()
         gathered, gathered_labels = tl_distributed.gather(local, local_labels)
@@ -130,6 +172,38 @@ def test_distributed_equals_single_process(tmp_path):
             for field, a, b in zip(tl.MiningStats._fields, rank_stats, stats):
                 torch.testing.assert_close(a, b, msg=f"{name} {field} on rank {rank}")
             torch.testing.assert_close(rank_grad, _shard(whole.grad, rank), msg=f"{name} gradient on rank {rank}")
+
+    refs, ref_labels, self_index = _references()
+    for name, loss_fn in LOSSES.items():
+        whole, whole_refs = embeddings.clone().requires_grad_(), refs.clone().requires_grad_()
+        loss, stats = loss_fn(
+            whole, labels, ref_embeddings=whole_refs, ref_labels=ref_labels,
+            ref_self_index=_global_self_index(self_index), return_stats=True,
+        )  # fmt: skip
+        loss.backward()
+        assert loss.item() != 0, f"{name}: pick data with a nonzero loss"
+        for rank, result in enumerate(results):
+            rank_loss, rank_stats, rank_grad, rank_ref_grad = result[f"{name}+refs"]
+            torch.testing.assert_close(rank_loss, loss.detach(), msg=f"{name}+refs loss on rank {rank}")
+            assert [a.item() for a in rank_stats] == [b.item() for b in stats], f"{name}+refs stats on rank {rank}"
+            torch.testing.assert_close(rank_grad, _shard(whole.grad, rank), msg=f"{name}+refs gradient on rank {rank}")
+            expected = _shard(whole_refs.grad, rank, REF_SHARDS)
+            torch.testing.assert_close(rank_ref_grad, expected, msg=f"{name}+refs reference gradient on rank {rank}")
+
+    memory = tl.CrossBatchMemory(tl.BatchHardTripletLoss(margin=0.5), 6, memory_size=30)
+    expected = []
+    for step in range(3):
+        whole = (embeddings + 0.1 * step).requires_grad_()
+        loss = memory(whole, labels)
+        loss.backward()
+        expected.append((loss.detach(), whole.grad))
+    for rank, result in enumerate(results):
+        steps, embedding_memory, label_memory, queue_idx = result["memory"]
+        for step, ((rank_loss, rank_grad), (loss, grad)) in enumerate(zip(steps, expected)):
+            torch.testing.assert_close(rank_loss, loss, msg=f"memory loss, step {step}, rank {rank}")
+            torch.testing.assert_close(rank_grad, _shard(grad, rank), msg=f"memory gradient, step {step}, rank {rank}")
+        torch.testing.assert_close(embedding_memory, memory.embedding_memory, rtol=0, atol=0)
+        assert torch.equal(label_memory, memory.label_memory) and queue_idx == memory.queue_idx == 69 % 30
 
     model = _model()
     tl.batch_hard_triplet_loss(model(embeddings), labels, margin=0.5).backward()

@@ -108,6 +108,67 @@ def test_batch_all_mean_matches_pml_mean_reducer(seed):
     _compare(ours, theirs, torch.float64)
 
 
+# --- reference sets: pml's ref_emb / ref_labels (queries mined against another set) -------------------------------
+# pml (get_matches_and_diffs) drops the diagonal only when ref_labels IS labels: with a reference set every
+# reference of the anchor's label is a positive, which is ours without ref_self_index.
+
+
+def _value_and_grads(loss_fn, embeddings, labels, ref_emb, ref_labels):
+    x, r = embeddings.clone().requires_grad_(), ref_emb.clone().requires_grad_()
+    loss = loss_fn(x, labels, r, ref_labels)
+    return (loss.detach(), *torch.autograd.grad(loss, (x, r)))
+
+
+def _compare_all(ours, theirs, dtype):
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_batch_all_with_reference_set_matches_pml(seed, dtype, chunk_size):
+    embeddings, labels = _batch(seed, dtype, n=30, spread=1.0)
+    ref_emb, ref_labels = _batch(seed + 10, dtype, n=50, spread=1.0)
+    pml = pml_losses.TripletMarginLoss(margin=0.3)  # no miner: all triplets; AvgNonZeroReducer
+    theirs = _value_and_grads(
+        lambda x, y, r, ry: pml(x, y, ref_emb=r, ref_labels=ry), embeddings, labels, ref_emb, ref_labels
+    )
+
+    def fn(x, y, r, ry):
+        return tl.batch_all_triplet_loss(
+            x, y, margin=0.3, normalize=True, ref_embeddings=r, ref_labels=ry, chunk_size=chunk_size
+        )
+
+    ours = _value_and_grads(fn, embeddings, labels, ref_emb, ref_labels)
+    assert theirs[0] > 0
+    _compare_all(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_batch_hard_with_reference_set_matches_pml(seed, dtype, chunk_size):
+    """BatchHardMiner on ref_emb + TripletMarginLoss with MeanReducer (ours averages over all valid anchors)."""
+    embeddings, labels = _batch(seed, dtype, n=30)
+    ref_emb, ref_labels = _batch(seed + 10, dtype, n=50)
+    pml = pml_losses.TripletMarginLoss(margin=MARGIN, reducer=pml_reducers.MeanReducer())
+    miner = pml_miners.BatchHardMiner()
+
+    def theirs_fn(x, y, r, ry):
+        return pml(x, y, miner(x, y, r, ry), ref_emb=r, ref_labels=ry)
+
+    def fn(x, y, r, ry):
+        return tl.batch_hard_triplet_loss(
+            x, y, margin=MARGIN, normalize=True, ref_embeddings=r, ref_labels=ry, chunk_size=chunk_size
+        )
+
+    theirs = _value_and_grads(theirs_fn, embeddings, labels, ref_emb, ref_labels)
+    ours = _value_and_grads(fn, embeddings, labels, ref_emb, ref_labels)
+    assert theirs[0] > 0
+    _compare_all(ours, theirs, dtype)
+
+
 def test_no_triplet_gives_zero_like_pml():
     """One class only: pml's zero loss and ours, both with zero gradients."""
     embeddings, labels = torch.randn(8, 4, dtype=torch.float64), torch.zeros(8, dtype=torch.int64)
@@ -135,3 +196,27 @@ def test_bench_mining_quick(tmp_path, capsys):
     assert values["reference"] == pytest.approx(values["tl"], rel=1e-5)
     assert values["pml"] == pytest.approx(values["tl"], rel=1e-5)
     assert "| batch_all |" in capsys.readouterr().out
+
+
+def test_bench_mining_scale_rows(tmp_path, capsys, monkeypatch):
+    """Smoke test of bench --mining --scale on small cases: default chunking, a forced chunk, the whole matrix,
+    and queries against references; the same loss value for every chunking of a case."""
+    from tripletloss_cuda.cli import bench_mining
+
+    monkeypatch.setattr(
+        bench_mining, "SCALE_CASES", [(256, None, None), (256, None, 64), (256, None, "whole"), (64, 512, None)]
+    )
+    monkeypatch.setattr(bench_mining, "SCALE_D", 16)
+    out = tmp_path / "scale.json"
+    assert bench_mining.main(["--scale", "--losses", "semi_hard", "--json", str(out), "--out-dir", ""]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["n"], r.get("m"), r["chunk"]) for r in rows] == [
+        (256, None, 256),
+        (256, None, 64),
+        (256, None, 256),
+        (64, 512, 64),
+    ]
+    assert all(r["median_s"] > 0 for r in rows)
+    assert rows[1]["loss_value"] == pytest.approx(rows[0]["loss_value"], rel=1e-5)
+    assert rows[2]["loss_value"] == pytest.approx(rows[0]["loss_value"], rel=1e-5)
+    assert "tl chunk_size=64" in capsys.readouterr().out

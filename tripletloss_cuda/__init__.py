@@ -6,6 +6,11 @@ criterion = tl.TripletMarginLoss(margin=1.0)
 
 Online mining on a batch of embeddings with labels (see tripletloss_cuda.mining):
 loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch_all_, semi_hard_
+loss = tl.batch_all_triplet_loss(queries, labels, ref_embeddings=bank, ref_labels=bank_labels, chunk_size=1024)
+criterion = tl.CrossBatchMemory(tl.BatchHardTripletLoss(), embedding_size=128, memory_size=4096)
+
+A mined batch larger than the model fits, embedded in chunks with cached embedding gradients (GradCache):
+loss = tl.cached_loss_backward(model, inputs, labels, tl.batch_hard_triplet_loss, chunk_size=64)
 
 Over index triplets (e.g. a miner's): tl.triplet_margin_loss_from_indices(embeddings, anchors, positives, negatives).
 Drop-in losses for pytorch-metric-learning and sentence-transformers: tripletloss_cuda.integrations.
@@ -13,13 +18,15 @@ Drop-in losses for pytorch-metric-learning and sentence-transformers: tripletlos
 
 import torch
 
-from . import indexed, mining, naive, ops, reference
+from . import gradcache, indexed, mining, naive, ops, reference
 from .functional import triplet_margin_loss
+from .gradcache import cached_loss_backward
 from .indexed import triplet_margin_loss_from_indices
 from .mining import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
     BatchSemiHardTripletLoss,
+    CrossBatchMemory,
     MiningStats,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
@@ -32,10 +39,13 @@ __all__ = [
     "BatchAllTripletLoss",
     "BatchHardTripletLoss",
     "BatchSemiHardTripletLoss",
+    "CrossBatchMemory",
     "MiningStats",
     "TripletMarginLoss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
+    "cached_loss_backward",
+    "gradcache",
     "indexed",
     "info",
     "mining",

@@ -16,27 +16,37 @@ namespace tripletloss {
 namespace mining {
 namespace {
 
-// Anchors per parallel task: enough rows for about 32K distances.
-int64_t grain(int64_t n) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(n, 1)); }
+// Anchors per parallel task: enough rows for about 32K distances (rows of m columns).
+int64_t grain(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(m, 1)); }
 
 template <typename F>
-void for_each_anchor(int64_t n, F&& f) {
-  at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+void for_each_anchor(int64_t n, int64_t m, F&& f) {
+  at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) f(i);
   });
 }
 
-void batch_hard(const Tensor& dist, const Tensor& labels, double margin, bool soft, Tensor& loss, Tensor& counts,
-                Tensor& mined) {
+// The anchors' labels, the references' labels and the excluded columns, as pointers.
+struct Labels {
+  const int64_t *y, *ry, *self;
+  Labels(const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index)
+      : y(labels.const_data_ptr<int64_t>()),
+        ry(ref_labels.const_data_ptr<int64_t>()),
+        self(self_index.const_data_ptr<int64_t>()) {}
+};
+
+void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                double margin, bool soft, Tensor& loss, Tensor& counts, Tensor& mined) {
+  const Labels lab(labels, ref_labels, self_index);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_forward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int64_t* y = labels.const_data_ptr<int64_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
-    int64_t* m = mined.mutable_data_ptr<int64_t>();
-    const int64_t n = dist.size(0);
-    for_each_anchor(n, [&](int64_t i) {
-      batch_hard_row<scalar_t>(d + i * n, y, n, i, scalar_t(margin), soft, l + i, c + i * kCounts, m + i * 2);
+    int64_t* mi = mined.mutable_data_ptr<int64_t>();
+    const int64_t n = dist.size(0), m = dist.size(1);
+    for_each_anchor(n, m, [&](int64_t i) {
+      batch_hard_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], scalar_t(margin), soft, l + i,
+                               c + i * kCounts, mi + i * 2);
     });
   });
 }
@@ -45,24 +55,25 @@ void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, boo
                      Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_backward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int64_t* m = mined.const_data_ptr<int64_t>();
+    const int64_t* mi = mined.const_data_ptr<int64_t>();
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    const int64_t n = dist.size(0);
-    for_each_anchor(n, [&](int64_t i) {
-      batch_hard_grad_row<scalar_t>(d + i * n, n, m + i * 2, scalar_t(margin), soft, s, g + i * n);
+    const int64_t n = dist.size(0), m = dist.size(1);
+    for_each_anchor(n, m, [&](int64_t i) {
+      batch_hard_grad_row<scalar_t>(d + i * m, m, mi + i * 2, scalar_t(margin), soft, s, g + i * m);
     });
   });
 }
 
 // Anchor i's positives sorted ascending into ps, their columns into pi: by (distance, column), NaN last
-// (a strict weak order even with NaN distances, which std::sort requires).
+// (a strict weak order even with NaN distances, which std::sort requires). d: the anchor's row of m.
 template <typename T>
-void sort_positives(const T* d, const int64_t* y, int64_t n, int64_t i, std::vector<std::pair<T, int64_t>>& pairs,
+void sort_positives(const T* d, const Labels& lab, int64_t m, int64_t i, std::vector<std::pair<T, int64_t>>& pairs,
                     std::vector<T>& ps, std::vector<int64_t>& pi) {
   pairs.clear();
-  for (int64_t j = 0; j < n; ++j)
-    if (j != i && y[j] == y[i]) pairs.emplace_back(d[j], j);
+  const int64_t yi = lab.y[i], excl = lab.self[i];
+  for (int64_t j = 0; j < m; ++j)
+    if (j != excl && lab.ry[j] == yi) pairs.emplace_back(d[j], j);
   std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) {
     const bool a_nan = a.first != a.first, b_nan = b.first != b.first;
     if (a_nan != b_nan) return b_nan;
@@ -74,67 +85,70 @@ void sort_positives(const T* d, const int64_t* y, int64_t n, int64_t i, std::vec
   for (size_t t = 0; t < pairs.size(); ++t) std::tie(ps[t], pi[t]) = pairs[t];
 }
 
-void batch_all(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts) {
+void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+               double margin, Tensor& loss, Tensor& counts) {
+  const Labels lab(labels, ref_labels, self_index);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_forward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int64_t* y = labels.const_data_ptr<int64_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
-    const int64_t n = dist.size(0);
-    at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+    const int64_t n = dist.size(0), m = dist.size(1);
+    at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
       std::vector<scalar_t> ps;
       std::vector<int64_t> pi;
       std::vector<double> suffix;
       for (int64_t i = i0; i < i1; ++i) {
-        sort_positives(d + i * n, y, n, i, pairs, ps, pi);
+        sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
         suffix.resize(ps.size() + 1);
-        batch_all_row<scalar_t>(d + i * n, y, n, i, ps.data(), int64_t(ps.size()), scalar_t(margin), suffix.data(),
-                                l + i, c + i * kCounts);
+        batch_all_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), int64_t(ps.size()),
+                                scalar_t(margin), suffix.data(), l + i, c + i * kCounts);
       }
     });
   });
 }
 
-void batch_all_grad(const Tensor& dist, const Tensor& labels, double margin, const Tensor& scale, Tensor& grad) {
+void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                    double margin, const Tensor& scale, Tensor& grad) {
+  const Labels lab(labels, ref_labels, self_index);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_backward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int64_t* y = labels.const_data_ptr<int64_t>();
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    const int64_t n = dist.size(0);
-    at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+    const int64_t n = dist.size(0), m = dist.size(1);
+    at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;
       std::vector<scalar_t> ps;
       std::vector<int64_t> pi;
       for (int64_t i = i0; i < i1; ++i) {
-        sort_positives(d + i * n, y, n, i, pairs, ps, pi);
-        batch_all_grad_row<scalar_t>(d + i * n, y, n, i, ps.data(), pi.data(), int64_t(ps.size()), scalar_t(margin),
-                                     s, g + i * n);
+        sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
+        batch_all_grad_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), pi.data(),
+                                     int64_t(ps.size()), scalar_t(margin), s, g + i * m);
       }
     });
   });
 }
 
-void semi_hard(const Tensor& dist, const Tensor& labels, double margin, Tensor& loss, Tensor& counts,
-               Tensor& mined) {
+void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+               double margin, Tensor& loss, Tensor& counts, Tensor& mined) {
+  const Labels lab(labels, ref_labels, self_index);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int64_t* y = labels.const_data_ptr<int64_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
-    int32_t* m = mined.mutable_data_ptr<int32_t>();
-    const int64_t n = dist.size(0);
-    at::parallel_for(0, n, grain(n), [&](int64_t i0, int64_t i1) {
+    int32_t* mi = mined.mutable_data_ptr<int32_t>();
+    const int64_t n = dist.size(0), m = dist.size(1);
+    at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
       std::vector<scalar_t> ps, best_d;
       std::vector<int64_t> pi, best_k;
       for (int64_t i = i0; i < i1; ++i) {
-        sort_positives(d + i * n, y, n, i, pairs, ps, pi);
+        sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
         best_d.resize(ps.size() + 1);
         best_k.resize(ps.size() + 1);
-        semi_hard_row<scalar_t>(d + i * n, y, n, i, ps.data(), pi.data(), int64_t(ps.size()), scalar_t(margin),
-                                best_d.data(), best_k.data(), l + i, c + i * kCounts, m + i * n);
+        semi_hard_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), pi.data(),
+                                int64_t(ps.size()), scalar_t(margin), best_d.data(), best_k.data(), l + i,
+                                c + i * kCounts, mi + i * m);
       }
     });
   });
@@ -143,12 +157,12 @@ void semi_hard(const Tensor& dist, const Tensor& labels, double margin, Tensor& 
 void semi_hard_grad(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_backward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int32_t* m = mined.const_data_ptr<int32_t>();
+    const int32_t* mi = mined.const_data_ptr<int32_t>();
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    const int64_t n = dist.size(0);
-    for_each_anchor(n, [&](int64_t i) {
-      semi_hard_grad_row<scalar_t>(d + i * n, n, m + i * n, scalar_t(margin), s, g + i * n);
+    const int64_t n = dist.size(0), m = dist.size(1);
+    for_each_anchor(n, m, [&](int64_t i) {
+      semi_hard_grad_row<scalar_t>(d + i * m, m, mi + i * m, scalar_t(margin), s, g + i * m);
     });
   });
 }

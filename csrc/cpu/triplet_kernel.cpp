@@ -69,8 +69,8 @@ Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
 }
 
 template <typename T>
-struct Params {  // margin, p, eps in the accumulation type
-  T margin, p, eps;
+struct Params {  // margin, p, eps in the accumulation type, and 1 / p
+  T margin, p, eps, inv_p;
 };
 
 // Rows [i0, i1): distances into dist, per-row loss into out (reduction none); returns the rows' loss sum.
@@ -85,8 +85,8 @@ TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t
     for (int64_t j = 0; j < in.cols; ++j) {
       accumulate<NORM, SWAP>(load(a[j]), load(p[j]), load(n[j]), k.eps, k.p, ap, an, pn);
     }
-    const acc_t d_ap = norm_finish<NORM>(ap, k.p), d_an = norm_finish<NORM>(an, k.p);
-    const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, k.p) : acc_t(0);
+    const acc_t d_ap = norm_finish<NORM>(ap, k.inv_p), d_an = norm_finish<NORM>(an, k.inv_p);
+    const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, k.inv_p) : acc_t(0);
     dist[3 * i] = d_ap, dist[3 * i + 1] = d_an, dist[3 * i + 2] = d_pn;
     const acc_t l = hinge_loss(d_ap, d_an, d_pn, k.margin, SWAP);
     if (per_row) out[i] = scalar_t(l);
@@ -220,7 +220,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& anchor, const Tensor& posit
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
       forward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(rows_of<scalar_t>(a, pos, neg),
-                                                                         {acc_t(margin), acc_t(p), acc_t(eps)},
+                                                                         {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)},
                                                                          reduction, loss, dist);
     });
   });
@@ -240,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
       backward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(
-          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps)}, g, dst, reduction,
+          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)}, g, dst, reduction,
           grad_at_zero_hinge, ga, gp, gn);
     });
   });

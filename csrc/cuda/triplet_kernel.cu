@@ -35,6 +35,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
+// __launch_bounds__'s minimum blocks per SM: 0 leaves ptxas its own occupancy target (L1, L2: memory-bound);
+// for general p (pow, compute-bound) 1, since aiming at 4 blocks of 256 threads made ptxas spill the float64
+// kernels at 64 registers (tools/sass_gate.py).
+constexpr int min_blocks(Norm norm) { return norm == Norm::Lp ? 1 : 0; }
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -68,9 +72,10 @@ __device__ T group_sum(T v, int group, T* smem) {
 }
 
 template <typename T, Norm NORM, bool SWAP, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    forward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> eps,
-                   int reduction, T* __restrict__ loss, at::opmath_type<T>* __restrict__ dist,
+__global__ void __launch_bounds__(kThreads, min_blocks(NORM))
+    forward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> inv_p,
+                   at::opmath_type<T> eps, int reduction, at::opmath_type<T> loss_scale, T* __restrict__ loss,
+                   at::opmath_type<T>* __restrict__ dist,
                    at::opmath_type<T>* __restrict__ partials, unsigned* __restrict__ ticket) {
   using acc_t = at::opmath_type<T>;
   using P = Pack<T, VEC>;
@@ -80,13 +85,15 @@ __global__ void __launch_bounds__(kThreads)
   const int rows_per_block = blockDim.x / group;
   const int64_t nvec = in.cols / VEC;
   acc_t local = 0;  // this thread's share of the mean/sum (lane 0 of each group)
+  // General p calls pow (compute-bound): unrolling it gains nothing and adds register pressure.
+  constexpr int kUnroll = NORM == Norm::Lp ? 1 : 4;
   for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group; row < in.rows;
        row += int64_t(gridDim.x) * rows_per_block) {
     const T* a = in.a + row * in.sa;
     const T* pos = in.p + row * in.sp;
     const T* neg = in.n + row * in.sn;
     acc_t ap = 0, an = 0, pn = 0;
-#pragma unroll 4
+#pragma unroll(kUnroll)
     for (int64_t j = lane; j < nvec; j += group) {
       const P va = reinterpret_cast<const P*>(a)[j];
       const P vp = reinterpret_cast<const P*>(pos)[j];
@@ -101,8 +108,8 @@ __global__ void __launch_bounds__(kThreads)
     an = group_sum(an, group, smem);
     if constexpr (SWAP) pn = group_sum(pn, group, smem);
     if (lane == 0) {
-      const acc_t d_ap = norm_finish<NORM>(ap, p), d_an = norm_finish<NORM>(an, p);
-      const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, p) : acc_t(0);
+      const acc_t d_ap = norm_finish<NORM>(ap, inv_p), d_an = norm_finish<NORM>(an, inv_p);
+      const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, inv_p) : acc_t(0);
       dist[3 * row] = d_ap, dist[3 * row + 1] = d_an, dist[3 * row + 2] = d_pn;
       const acc_t l = hinge_loss(d_ap, d_an, d_pn, margin, SWAP);
       if (reduction == 0) loss[row] = T(l);
@@ -123,11 +130,11 @@ __global__ void __launch_bounds__(kThreads)
   acc_t total = 0;
   for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(partials + b);
   total = group_sum(total, blockDim.x, smem);
-  if (threadIdx.x == 0) loss[0] = T(reduction == 1 ? total / acc_t(in.rows) : total);
+  if (threadIdx.x == 0) loss[0] = T(total * loss_scale);  // loss_scale: 1 / N for mean (no division here: spills)
 }
 
 template <typename T, Norm NORM, bool SWAP, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks(NORM))
     backward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> eps,
                     const T* __restrict__ grad, int64_t grad_stride, at::opmath_type<T> grad_scale,
                     bool grad_at_zero_hinge, const at::opmath_type<T>* __restrict__ dist, T* __restrict__ ga,
@@ -250,7 +257,8 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
           C10_CUDA_CHECK(cudaMemsetAsync(ticket.mutable_data_ptr(), 0, sizeof(int), stream));
         }
         kernel<<<cfg.blocks, kThreads, 0, stream>>>(
-            in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps), int(reduction), loss.mutable_data_ptr<scalar_t>(),
+            in, cfg.group, acc_t(margin), acc_t(p), acc_t(1) / acc_t(p), acc_t(eps), int(reduction),
+            reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1), loss.mutable_data_ptr<scalar_t>(),
             dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
             reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,6 +24,12 @@ peak is reset (writing 5 to /proc/self/clear_refs), and the peak is VmHWM after 
 the physical memory the call touched at its busiest, freed-and-reused memory counted once (if clear_refs is
 unavailable, ru_maxrss minus the RSS before the call, which includes the warm-up's peak).
 
+``--scale`` runs instead the memory-bounded mining rows of issue 10 (CPU, 2 threads unless --threads, D = 128,
+32 per class, tl only; a few calls per row): the three losses at N = 32768 with the default chunk size (peak
+memory growth should stay <= 2 GiB, where the whole N x N path grew by 16 GiB); at N = 8192 the default chunking,
+a forced chunk of 1024 anchors and the whole matrix (chunk_size = N: the unchunked path, time ratio in the "tl
+speedup" column, to be within 1.5x); and N = 1024 queries against M = 65536 references (gradients to both).
+
 Skipped rows say why: pml's batch-all and semi-hard build N x N x N masks (64 Gi elements at N = 4096), so a pml
 case whose N^3 bytes exceed half the available memory is not run; a row whose process exceeds its time limit is
 killed. Results: progress on stderr, a markdown table on stdout (speedup = other time / tl time, memory ratio =
@@ -53,19 +59,27 @@ MARGIN = 0.2
 BUDGET_S = {"full": 2.0, "quick": 0.05}  # seconds of timed calls per row (after the measured first call)
 REPEATS = {"full": (3, 50), "quick": (2, 3)}  # least and most timed calls per row
 ROW_TIMEOUT_S = 240  # a row's process is killed after this long
+# --scale: (loss-independent) cases (N, M or None, chunk_size: None = the default, or "whole" = N)
+SCALE_CASES = [(32768, None, None), (8192, None, None), (8192, None, 1024), (8192, None, "whole"), (1024, 65536, None)]
+SCALE_D, SCALE_PER_CLASS, SCALE_THREADS, SCALE_REPEATS, SCALE_TIMEOUT_S = 128, 32, 2, (1, 3), 1500
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (results go to benchmarks/results)
 
 
 # ---------------------------------------------------------------- the implementations (imported lazily)
 
 
-def make_loss(loss, impl):
-    """A function (embeddings, labels) -> loss for one loss and implementation."""
+def make_loss(loss, impl, chunk_size=None):
+    """A function (embeddings, labels[, ref_embeddings, ref_labels]) -> loss for one loss and implementation."""
     import tripletloss_cuda as tl
 
     if impl == "tl":
         fn = getattr(tl, f"{loss}_triplet_loss")
-        return lambda x, y: fn(x, y, margin=MARGIN, normalize=True)
+
+        def tl_loss(x, y, r=None, ry=None):
+            chunk = x.shape[0] if chunk_size == "whole" else chunk_size
+            return fn(x, y, margin=MARGIN, normalize=True, chunk_size=chunk, ref_embeddings=r, ref_labels=ry)
+
+        return tl_loss
     if impl == "reference":
         from tripletloss_cuda.mining import reference as ref
 
@@ -133,12 +147,13 @@ def measure_row(spec):
     device = spec["device"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    fn = make_loss(spec["loss"], spec["impl"])
+    fn = make_loss(spec["loss"], spec["impl"], spec.get("chunk_size"))
     x, y = make_inputs(spec["n"], spec["d"], spec["per_class"], device)
+    refs = make_inputs(spec["m"], spec["d"], spec["per_class"], device, seed=2) if spec.get("m") else ()
 
     def call():
-        loss = fn(x, y)
-        torch.autograd.grad(loss, x)
+        loss = fn(x, y, *refs)
+        torch.autograd.grad(loss, (x, refs[0]) if refs else x)
         return loss.detach()
 
     # A small call first loads libraries and code paths (and pml's imports) outside the measurement.
@@ -175,7 +190,13 @@ def measure_row(spec):
         times.append(time.perf_counter() - start)
     times = times or [first]
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    chunk = spec.get("chunk_size")
+    if spec["impl"] == "tl" and chunk is None:
+        from tripletloss_cuda.mining import ops
+
+        chunk = ops.default_chunk(spec.get("m") or spec["n"], torch.float32)
     return {
+        "chunk": spec["n"] if chunk == "whole" or (chunk or 0) >= spec["n"] else chunk,
         "median_s": statistics.median(times),
         "p20_s": q[0],
         "p80_s": q[3],
@@ -229,6 +250,20 @@ def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=N
                         yield row
 
 
+def iter_scale_rows(device, losses, threads=None):
+    """The --scale rows (SCALE_CASES for each loss), tl only."""
+    threads = threads or SCALE_THREADS
+    for loss in losses:
+        for n, m, chunk_size in SCALE_CASES:
+            impl = "tl" if chunk_size is None else f"tl chunk_size={'N' if chunk_size == 'whole' else chunk_size}"
+            row = {"loss": loss, "n": n, "m": m, "d": SCALE_D, "per_class": SCALE_PER_CLASS, "impl": impl}
+            spec = dict(row, impl="tl", chunk_size=chunk_size, device=device, budget_s=BUDGET_S["full"])
+            spec.update(repeats=list(SCALE_REPEATS), threads=threads)
+            row.update(run_row(spec, SCALE_TIMEOUT_S))
+            log(f"{loss} N={n} M={m or n} chunk {chunk_size or 'default'}: " + _row_summary(row))
+            yield row
+
+
 def _row_summary(row):
     if row.get("skipped"):
         return row["skipped"]
@@ -247,7 +282,7 @@ def annotate(rows):
 
 
 def _case(row):
-    return row["loss"], row["n"], row["d"], row["per_class"]
+    return row["loss"], row["n"], row.get("m"), row["d"], row["per_class"]
 
 
 def _fmt_time(seconds):
@@ -272,11 +307,15 @@ def markdown(meta, rows):
     lines = [
         header,
         "",
-        "| loss | N | D | per class | implementation | loss value | median | p20–p80 | peak memory | tl speedup | tl memory ratio |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| loss | N | M | D | per class | implementation | chunk | loss value | median | p20–p80 | peak memory "
+            "| tl speedup | tl memory ratio |"
+        ),
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        head = [r["loss"], str(r["n"]), str(r["d"]), str(r["per_class"]), IMPLS.get(r["impl"], r["impl"])]
+        head = [r["loss"], str(r["n"]), str(r.get("m") or r["n"]), str(r["d"]), str(r["per_class"])]
+        head += [IMPLS.get(r["impl"], r["impl"]), str(r.get("chunk") or "")]
         if r.get("skipped"):
             cells = ["", r["skipped"], "", "", "", ""]
         else:
@@ -327,6 +366,7 @@ def _parse_args(argv):
         "--threads", type=int, help="CPU threads (torch.set_num_threads) in every row (default: torch's default)"
     )
     parser.add_argument("--quick", action="store_true", help="N=64, D=32, 4 per class, few repeats, no files")
+    parser.add_argument("--scale", action="store_true", help="the memory-bounded mining rows (see above), tl only")
     parser.add_argument("--json", help="also write the results JSON to this file")
     parser.add_argument("--out-dir", help="folder for mining-<device>-<date>.{json,md} (default: benchmarks/results)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one row (JSON spec), print JSON
@@ -357,10 +397,15 @@ def main(argv=None):
     started_at = datetime.datetime.fromisoformat(meta["date"])
     log(f"{device}: {meta['device_name']}; torch {meta['torch']}; pml {meta['pytorch_metric_learning']}")
     rows = []
+    if args.scale:
+        meta["threads"] = args.threads or SCALE_THREADS
     try:
-        rows.extend(
-            iter_rows(device, args.n, args.d, args.per_class, args.losses, args.impls, args.quick, args.repeats)
-        )
+        if args.scale:
+            rows.extend(iter_scale_rows(device, args.losses, args.threads))
+        else:
+            rows.extend(
+                iter_rows(device, args.n, args.d, args.per_class, args.losses, args.impls, args.quick, args.repeats)
+            )
     except KeyboardInterrupt:
         meta["interrupted"] = True
         log(f"interrupted: keeping the {len(rows)} rows measured")
@@ -368,7 +413,8 @@ def main(argv=None):
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     table = markdown(meta, rows)
     print(table)
-    stem = args.out_dir and f"{args.out_dir}/mining-{device}-{started_at:%Y%m%d-%H%M%S}"
+    kind = "mining-scale" if args.scale else "mining"
+    stem = args.out_dir and f"{args.out_dir}/{kind}-{device}-{started_at:%Y%m%d-%H%M%S}"
     written = write_results(meta, rows, table, args.json, stem)
     log(f"done in {meta['elapsed_s']} s; wrote {', '.join(written) or 'no files'}")
     return 0

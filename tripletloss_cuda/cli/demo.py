@@ -23,6 +23,17 @@ Under torchrun (RANK and WORLD_SIZE set): one process per rank, each on its own 
 the model wrapped in DistributedDataParallel, mining across ranks (`distributed=True`) for "tl" ("naive" and
 "torch" mine within each rank's batch); rank 0 prints and writes the files; at the end the ranks' parameters
 are compared and the demo exits 1 if they differ.
+
+With --chunk-size C every implementation trains with `tl.cached_loss_backward` (GradCache): the batch is
+embedded C images at a time without a graph, the loss and its gradient with respect to the embeddings are
+computed on the whole batch, then each chunk runs again with grad and backpropagates its slice, so the mined
+batch is the whole batch while the activations in memory are one chunk's. The gradients are those of the
+plain step (up to rounding), so the figures match a run without it. The demo then measures, on rank 0, the
+peak activation memory of one plain step and one cached step at the training batch size, and the largest
+batch each fits under --memory-cap MiB (searched by doubling then bisection, each candidate measured on
+random inputs with P classes). Activation memory is measured, not estimated, with
+`tl.gradcache.SavedTensorMemory`: the bytes of the tensors autograd saves for backward (the parameters
+excluded), live at once; the cached step adds its two N x D caches (embeddings and their gradient).
 """
 
 import datetime
@@ -179,9 +190,14 @@ def train(impl, args, data, device, dist_info):
         total = torch.zeros((), device=device)
         for idx in bar:
             idx = idx.to(device)
-            loss = loss_fn(net(x_shard[idx]), y_shard[idx], gen)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if args.chunk_size:
+                loss = tl.cached_loss_backward(
+                    net, x_shard[idx], y_shard[idx], lambda emb, labels: loss_fn(emb, labels, gen), args.chunk_size
+                )
+            else:
+                loss = loss_fn(net(x_shard[idx]), y_shard[idx], gen)
+                loss.backward()
             optimizer.step()
             total += loss.detach()
         _sync(device)
@@ -217,6 +233,79 @@ def _init_distributed(requested):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def step_memory(model, x, labels, loss_fn, chunk_size=None):
+    """Peak activation memory (bytes) of one training step: the plain step, or with chunk_size the cached
+    step plus its two N x D caches. Measured with tl.gradcache.SavedTensorMemory; the gradients are cleared."""
+    with tl.gradcache.SavedTensorMemory(exclude=model.parameters()) as memory:
+        if chunk_size:
+            tl.cached_loss_backward(model, x, labels, loss_fn, chunk_size)
+        else:
+            loss_fn(model(x), labels).backward()
+    model.zero_grad(set_to_none=True)
+    if not chunk_size:
+        return memory.peak_bytes
+    with torch.no_grad():
+        row = model(x[:1])
+    return memory.peak_bytes + 2 * x.shape[0] * row[0].numel() * row.element_size()
+
+
+def largest_batch(measure, cap_bytes, start, limit=1 << 16):
+    """The largest n in [start, limit] with measure(n) <= cap_bytes (0 if even start does not fit): doubling,
+    then bisection; measure is assumed to grow with n."""
+    if measure(start) > cap_bytes:
+        return 0
+    lo, hi = start, start * 2
+    while hi <= limit and measure(hi) <= cap_bytes:
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if measure(mid) <= cap_bytes else (lo, mid)
+    return lo
+
+
+def memory_report(args, d_in, device):
+    """The cached step against the plain step: peak activation memory at the training batch size, and the
+    largest batch each fits under --memory-cap MiB (batch-hard loss, the demo's model, random inputs)."""
+    torch.manual_seed(args.seed)
+    model = EmbeddingNet(d_in, args.hidden, args.dim).to(device)
+    loss_fn = lambda emb, labels: tl.batch_hard_triplet_loss(emb, labels, margin=args.margin)
+    gen = torch.Generator().manual_seed(args.seed)
+    classes = args.classes_per_batch
+
+    def measure(n, chunk_size):
+        x = torch.rand(n, d_in, generator=gen).to(device)
+        return step_memory(model, x, (torch.arange(n) % classes).to(device), loss_fn, chunk_size)
+
+    cap = int(args.memory_cap * 2**20)
+    batch = args.classes_per_batch * args.per_class
+    return {
+        "batch": batch,
+        "chunk_size": args.chunk_size,
+        "plain_bytes": measure(batch, None),
+        "cached_bytes": measure(batch, args.chunk_size),
+        "memory_cap_mib": args.memory_cap,
+        "largest_batch_plain": largest_batch(lambda n: measure(n, None), cap, 2 * classes),
+        "largest_batch_cached": largest_batch(lambda n: measure(n, args.chunk_size), cap, 2 * classes),
+        "method": "peak bytes of autograd's saved tensors (parameters excluded), tl.gradcache.SavedTensorMemory; "
+        "cached: plus the N x D embedding and gradient caches",
+    }
+
+
+def _memory_lines(m):
+    mib = 2**20
+    at_batch = (
+        f"peak activation memory at batch {m['batch']}: plain step {m['plain_bytes'] / mib:.2f} MiB, "
+        f"cached step (chunks of {m['chunk_size']}) {m['cached_bytes'] / mib:.2f} MiB"
+    )
+    under_cap = (
+        f"largest batch under {m['memory_cap_mib']:g} MiB: plain step {m['largest_batch_plain']}, "
+        f"cached step {m['largest_batch_cached']}"
+    )
+    return at_batch + "\n" + under_cap
 
 
 def plot(path, panels, title):
@@ -260,6 +349,18 @@ def _parse_args(argv):
     parser.add_argument("--hidden", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--dim", type=int, default=32, help="embedding size (default: %(default)s)")
     parser.add_argument("--random-triplets", action="store_true", help="random triplets even with mining available")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="train with tl.cached_loss_backward, embedding this many images at a time (default: the plain step)",
+    )
+    parser.add_argument(
+        "--memory-cap",
+        type=float,
+        default=4.0,
+        help="with --chunk-size: the activation memory (MiB) under which to find the largest batch (default: %(default)s)",
+    )
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument("--plot", help="save a 2-D projection of the held-out embeddings to this image")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -270,6 +371,10 @@ def _parse_args(argv):
     for name in ("epochs", "classes_per_batch", "hidden", "dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.chunk_size < 0:
+        parser.error(f"--chunk-size: expected a positive number (0: the plain step), got {args.chunk_size}")
+    if not args.memory_cap > 0:
+        parser.error(f"--memory-cap: expected a positive number of MiB, got {args.memory_cap}")
     if args.per_class < 2:
         parser.error(f"--per-class: expected at least 2 (an anchor needs a positive), got {args.per_class}")
     if not args.margin > 0 or not args.lr > 0:
@@ -320,7 +425,8 @@ def _run(args, data, rank, world, device):
     if rank == 0:
         print(
             f"digits: {len(y_train)} training images ({world} rank(s)), {len(y_test)} held out; device {device}; "
-            f"triplets: {triplets}; seed {args.seed}; {args.epochs} epochs",
+            f"triplets: {triplets}; seed {args.seed}; {args.epochs} epochs"
+            + (f"; cached_loss_backward, chunks of {args.chunk_size}" if args.chunk_size else ""),
             file=sys.stderr,
         )
     torch.manual_seed(args.seed)
@@ -347,6 +453,9 @@ def _run(args, data, rank, world, device):
     if rank != 0:
         return 1 if any(diffs.values()) else 0
     print(_report(results))
+    memory = memory_report(args, x_train.shape[1], device) if args.chunk_size else None
+    if memory:
+        print(_memory_lines(memory))
     main_impl = "tl" if "tl" in results["trained"] else args.impls[0]
     trained = results["trained"][main_impl]
     summary = {
@@ -370,6 +479,8 @@ def _run(args, data, rank, world, device):
     }
     if world > 1:
         summary["ranks_param_max_diff"] = diffs
+    if memory:
+        summary["gradcache"] = memory
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

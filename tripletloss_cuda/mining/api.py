@@ -6,21 +6,38 @@
 
 Shared semantics (embeddings (N, D) float16/bfloat16/float32/float64, labels (N,) of any integer dtype):
 
-- Distances d_ij form an (N, N) matrix computed from one matrix product in float32 (float64 for float64
-  embeddings): ``"euclidean"`` ||x_i - x_j|| (not squared; its gradient at distance 0 is 0, never NaN),
+- Distances d_ij form an (N, M) matrix between the N anchors and the M references (by default the batch
+  itself, M = N), computed from one matrix product in float32 (float64 for float64 embeddings):
+  ``"euclidean"`` ||x_i - x_j|| (not squared; its gradient at distance 0 is 0, never NaN),
   ``"squared_euclidean"``, or ``"cosine"`` 1 - cos(x_i, x_j). ``normalize=True`` L2-normalizes the rows first.
+  Mined whole against itself, the squared norms are the Gram matrix's own diagonal, so duplicate rows are
+  exactly 0 apart; against a reference set or in chunks they are computed apart, so identical rows come
+  out 0 up to rounding (clamped at 0; the gradient stays finite; each anchor's own column is excluded anyway).
 - A valid triplet (i, j, k) has y_i == y_j, i != j (j is a positive of anchor i) and y_k != y_i (a negative).
-- Memory is O(N^2): nothing of size N x N x N and no list of triplets is built, forward or backward.
+- Reference sets (as pytorch-metric-learning's ``ref_emb``/``ref_labels``): with ``ref_embeddings`` (M, D)
+  (the embeddings' dtype and device) and ``ref_labels`` (M,), anchors come from ``embeddings``, positives and
+  negatives from the references: every reference with the anchor's label is a positive, every other one a
+  negative, except for ``ref_self_index`` (N,) int64: the reference row that IS anchor i (neither positive
+  nor negative), or -1. Its range is checked (on the GPU that costs one host synchronization). Gradients
+  flow to both ``embeddings`` and ``ref_embeddings``.
+- Memory: nothing of size N x M x M and no list of triplets is built. ``chunk_size`` bounds the rest: the
+  anchors are mined in blocks of ``chunk_size`` rows, each block's (chunk_size, M) distances computed,
+  mined and dropped, and recomputed in the backward, so nothing of size N x M is held. The default
+  (None) picks the largest block whose working set stays under ops.MEMORY_BUDGET_BYTES (1 GiB, counted as
+  8 distance-dtype elements per matrix entry: 4096 rows at M = 8192 in float32) and mines the whole matrix
+  at once, keeping it for the backward, when that covers all anchors. Results equal the unchunked ones up
+  to float summation order, and are deterministic for a given chunk size.
 - A batch without a valid triplet gives a loss of 0 with zero gradients. Ties between equal distances go
   to the lowest index, so results are deterministic. A NaN or infinite embedding gives a NaN loss.
 - The loss has the embeddings' dtype. ``return_stats=True`` also returns a :class:`MiningStats` of 0-d
   tensors (no host synchronization).
 - ``distributed=True`` with an initialized torch.distributed process group of more than one process mines
-  over the global batch (all ranks' embeddings gathered); gradients flow to each rank's own embeddings
-  and the loss equals the single-process loss on the concatenated batch.
+  over the global batch (all ranks' embeddings gathered, and the reference sets too, in rank order, with
+  ``ref_self_index`` shifted to the gathered rows); gradients flow to each rank's own embeddings and
+  the loss equals the single-process loss on the concatenated sets.
 
 The mining runs in compiled CPU/CUDA kernels on the distance matrix (tripletloss_cuda::batch_*_forward/
-backward, see tripletloss_cuda/ops.py) where they are built, else in the pure-PyTorch
+backward, see tripletloss_cuda/mining/ops.py) where they are built, else in the pure-PyTorch
 tripletloss_cuda/mining/reference.py.
 """
 
@@ -81,10 +98,70 @@ def _check(embeddings, labels, margin, distance):
         raise ValueError(f"margin should be non-negative, got {margin}")
 
 
-def _global_batch(embeddings, labels, distributed):
-    """The batch to mine: the local one, or with ``distributed`` every rank's (see distributed.gather)."""
+def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, check_range=True):
+    if ref_embeddings is None:
+        if ref_labels is not None or ref_self_index is not None:
+            name = "ref_labels" if ref_labels is not None else "ref_self_index"
+            raise ValueError(f"{name} needs ref_embeddings (without them the batch mines against itself)")
+        return
+    if not isinstance(ref_embeddings, torch.Tensor) or not isinstance(ref_labels, torch.Tensor):
+        raise TypeError(
+            "ref_embeddings and ref_labels should be tensors (ref_embeddings needs ref_labels), got "
+            f"{type(ref_embeddings).__name__} and {type(ref_labels).__name__}"
+        )
+    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"ref_embeddings should be a 2D tensor (M, {embeddings.shape[1]}) (the width of embeddings), "
+            f"got shape {tuple(ref_embeddings.shape)}"
+        )
+    if ref_embeddings.dtype != embeddings.dtype:
+        raise TypeError(
+            f"ref_embeddings should have the dtype of embeddings {embeddings.dtype}, got {ref_embeddings.dtype}"
+        )
+    m = ref_embeddings.shape[0]
+    if ref_labels.dim() != 1 or ref_labels.shape[0] != m:
+        raise ValueError(
+            f"ref_labels should be a 1D tensor of {m} elements (one per reference), got shape {tuple(ref_labels.shape)}"
+        )
+    if ref_labels.dtype.is_floating_point or ref_labels.dtype.is_complex or ref_labels.dtype == torch.bool:
+        raise TypeError(f"ref_labels should be an integer tensor, got {ref_labels.dtype}")
+    for name, t in (("ref_embeddings", ref_embeddings), ("ref_labels", ref_labels), ("ref_self_index", ref_self_index)):
+        if t is not None and isinstance(t, torch.Tensor) and t.device != embeddings.device:
+            raise ValueError(f"{name} should be on the device of embeddings {embeddings.device}, got {t.device}")
+    if ref_self_index is None:
+        return
+    if not isinstance(ref_self_index, torch.Tensor):
+        raise TypeError(f"ref_self_index should be a tensor, got {type(ref_self_index).__name__}")
+    if ref_self_index.dtype != torch.int64:
+        raise TypeError(f"ref_self_index should be int64, got {ref_self_index.dtype}")
+    if ref_self_index.dim() != 1 or ref_self_index.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"ref_self_index should be a 1D tensor of {embeddings.shape[0]} elements (one per embedding), "
+            f"got shape {tuple(ref_self_index.shape)}"
+        )
+    if check_range and ref_self_index.numel() and not torch.compiler.is_compiling():  # a host sync on the GPU
+        lo, hi = (int(v) for v in torch.aminmax(ref_self_index))
+        if lo < -1 or hi >= m:
+            raise ValueError(
+                f"ref_self_index should hold row numbers of ref_embeddings in [0, {m}) or -1, "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size should be None or an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size should be at least 1, got {chunk_size}")
+
+
+def _global_batch(embeddings, labels, ref_embeddings, ref_labels, ref_self_index, distributed):
+    """The sets to mine: the local ones, or with ``distributed`` every rank's (see distributed.gather)."""
+    local = embeddings, labels, ref_embeddings, ref_labels, ref_self_index
     if not distributed:
-        return embeddings, labels
+        return local
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -93,15 +170,16 @@ def _global_batch(embeddings, labels, distributed):
             "(call torch.distributed.init_process_group first)"
         )
     if dist.get_world_size() == 1:
-        return embeddings, labels
+        return local
     from . import distributed as tl_distributed  # imported here: only distributed runs need it
 
-    return tl_distributed.gather(embeddings, labels)
+    return tl_distributed.gather_sets(*local)
 
 
 class _DistanceMatrix(torch.autograd.Function):
-    """The (N, N) distance matrix of float32/float64 rows from one matrix product, built in place in the
-    product's buffer, with a hand-written backward: one matrix product and a few passes over (N, N).
+    """The (N, M) distance matrix between float32/float64 rows x and y (y None: x against itself) from one
+    matrix product, built in place in the product's buffer, with a hand-written backward: one matrix product
+    per input and a few passes over (N, M).
 
     It computes what reference.distance_matrix computes (that one stays plain autograd, as the
     oracle), but autograd through those PyTorch ops allocates and touches about ten fresh N×N buffers each
@@ -110,52 +188,92 @@ class _DistanceMatrix(torch.autograd.Function):
     x @ x.T). The backward is written in differentiable ops, so double backward works too."""
 
     @staticmethod
-    def forward(ctx, x, distance):
-        gram = x @ x.T
+    def forward(ctx, x, y, distance):
+        gram = x @ (x if y is None else y).T
         ctx.distance = distance
+        # In place in eager mode (no fresh N×N buffers); out of place under torch.compile, which fuses these
+        # passes anyway, and where torch 2.11 drops the gradient of a Function output that the forward
+        # mutated in place (the compiled backward gave all-zero parameter gradients).
+        inplace = not torch.compiler.is_compiling()
         if distance == "cosine":
-            ctx.save_for_backward(x)
-            return gram.neg_().add_(1)
-        # d2_ij = g_ii + g_jj - 2 g_ij: the squared norms are the product's own diagonal, so that the
-        # diagonal (and duplicate rows) come out exactly 0.
-        sq = gram.diagonal().clone()
-        out = gram.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
+            ctx.save_for_backward(x, y)
+            return gram.neg_().add_(1) if inplace else 1 - gram
+        if y is None:
+            # d2_ij = g_ii + g_jj - 2 g_ij: the squared norms are the product's own diagonal, so that the
+            # diagonal (and duplicate rows) come out exactly 0.
+            sq_x = sq_y = gram.diagonal().clone()
+        else:
+            sq_x, sq_y = (x * x).sum(1), (y * y).sum(1)
+        # Both forms round alike: (-2 g_ij + sq_x_i) + sq_y_j.
+        if inplace:
+            out = gram.mul_(-2).add_(sq_x[:, None]).add_(sq_y[None, :]).clamp_min_(0)
+        else:
+            out = (gram * -2 + sq_x[:, None] + sq_y[None, :]).clamp_min(0)
         if distance == "euclidean":
-            out.sqrt_()
-        ctx.save_for_backward(x, out)
+            out = out.sqrt_() if inplace else out.sqrt()
+        ctx.save_for_backward(x, y, out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.distance == "cosine":
-            (x,) = ctx.saved_tensors
-            return -((grad + grad.T) @ x), None
-        x, out = ctx.saved_tensors
+            x, y = ctx.saved_tensors
+            if y is None:
+                return -((grad + grad.T) @ x), None, None
+            return -(grad @ y), -(grad.T @ x), None
+        x, y, out = ctx.saved_tensors
         if ctx.distance == "euclidean":
             # dL/d(d2) = G / (2 d), and 0 at d = 0 (an infinite denominator there, rather than a where()
             # after the division, keeps double backward free of 0/0): the gradient at distance 0 is 0.
             s = grad / (2 * out).masked_fill_(out == 0, torch.inf)
         else:
             s = grad  # at d2 = 0 (the diagonal, duplicate rows) x_i - x_j = 0: any coefficient gives 0
-        # d(d2_ij)/dx_i = 2 (x_i - x_j): dx = 2 (rowsum(T) x - T x) with T = S + S^T.
-        t = s + s.T
-        return 2 * (t.sum(1, keepdim=True) * x - t @ x), None
+        if y is None:
+            # d(d2_ij)/dx_i = 2 (x_i - x_j): dx = 2 (rowsum(T) x - T x) with T = S + S^T.
+            t = s + s.T
+            return 2 * (t.sum(1, keepdim=True) * x - t @ x), None, None
+        # d(d2_ij)/dx_i = 2 (x_i - y_j), d(d2_ij)/dy_j = 2 (y_j - x_i)
+        return 2 * (s.sum(1, keepdim=True) * x - s @ y), 2 * (s.sum(0)[:, None] * y - s.T @ x), None
 
 
-def _distance_matrix(embeddings, distance, normalize):
+def _rows(embeddings, distance, normalize):
     x = embeddings.to(reference.acc_dtype(embeddings.dtype))
-    if normalize or distance == "cosine":
-        x = torch.nn.functional.normalize(x, dim=1)
-    return _DistanceMatrix.apply(x, distance)
+    return torch.nn.functional.normalize(x, dim=1) if normalize or distance == "cosine" else x
 
 
-def _prepare(embeddings, labels, margin, distance, normalize, distributed):
-    """Checks the arguments; returns the (N, N) distance matrix and int64 labels of the batch to mine, and
-    whether all its embeddings are finite (a 0-d tensor: no host synchronization)."""
+def _distance_matrix(embeddings, distance, normalize, ref_embeddings=None):
+    x = _rows(embeddings, distance, normalize)
+    y = None if ref_embeddings is None else _rows(ref_embeddings, distance, normalize)
+    return _DistanceMatrix.apply(x, y, distance)
+
+
+def _mining_loss(
+    kind, extra, embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size, check_self_index=True
+):
+    """Checks the arguments, mines (whole or in blocks of anchors), returns (loss as float32/64, stats, finite:
+    whether all embeddings are finite, a 0-d tensor: no host synchronization). check_self_index=False skips
+    the range check of ref_self_index (a host synchronization on the GPU) for callers that built it."""
     _check(embeddings, labels, margin, distance)
-    embeddings, labels = _global_batch(embeddings, labels, distributed)
+    _check_references(embeddings, *refs, check_range=check_self_index)
+    _check_chunk_size(chunk_size)
+    embeddings, labels, ref_embeddings, ref_labels, self_index = _global_batch(embeddings, labels, *refs, distributed)
     finite = torch.isfinite(embeddings).all()
-    return _distance_matrix(embeddings, distance, normalize), labels.to(torch.int64), finite
+    labels = labels.to(torch.int64)
+    if ref_embeddings is not None:
+        finite = finite & torch.isfinite(ref_embeddings).all()
+        ref_labels = ref_labels.to(torch.int64)
+    x = _rows(embeddings, distance, normalize)
+    # The batch as its own reference set is one tensor (torch.compile traces no Function given one tensor twice).
+    same = ref_embeddings is None or ref_embeddings is embeddings
+    y = None if same else _rows(ref_embeddings, distance, normalize)
+    n, m = x.shape[0], (x if y is None else y).shape[0]
+    chunk = chunk_size if chunk_size is not None else ops.default_chunk(m, x.dtype)
+    if chunk >= n:  # one block: the whole matrix, kept for the backward
+        dist = _DistanceMatrix.apply(x, y, distance)
+        loss, stats = ops.run(kind, dist, labels, float(margin), extra, ref_labels, self_index)
+    else:
+        loss, stats = ops.run_chunked(kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk)
+    return loss, stats, finite
 
 
 def _finish(loss, stats, finite, dtype, return_stats):
@@ -174,6 +292,10 @@ def batch_hard_triplet_loss(
     normalize=False,
     distributed=False,
     return_stats=False,
+    ref_embeddings=None,
+    ref_labels=None,
+    ref_self_index=None,
+    chunk_size=None,
 ):
     """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss").
 
@@ -181,10 +303,13 @@ def batch_hard_triplet_loss(
     [margin + max_j d_ij - min_k d_ik]_+ over its positives j and negatives k, or, with ``soft=True``,
     softplus(max_j d_ij - min_k d_ik) = log(1 + exp(.)) (margin unused). The loss is the mean over those
     anchors (0 if there is none). The hardest positive and negative are the lowest index among ties; the
-    gradient flows through them only. See the module docstring for distances, dtypes and ``return_stats``.
+    gradient flows through them only. See the module docstring for distances, dtypes, ``return_stats``, the
+    reference sets (``ref_embeddings``, ``ref_labels``, ``ref_self_index``) and ``chunk_size``.
     """
-    dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
-    loss, stats = ops.batch_hard(dist, labels, float(margin), bool(soft))
+    refs = (ref_embeddings, ref_labels, ref_self_index)
+    loss, stats, finite = _mining_loss(
+        "batch_hard", bool(soft), embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size
+    )
     return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
@@ -197,6 +322,10 @@ def batch_all_triplet_loss(
     reduction="mean_nonzero",
     distributed=False,
     return_stats=False,
+    ref_embeddings=None,
+    ref_labels=None,
+    ref_self_index=None,
+    chunk_size=None,
 ):
     """Batch-all triplet loss: [margin + d_ij - d_ik]_+ over every valid triplet (i, j, k) of the batch
     (y_i == y_j, i != j, y_k != y_i), reduced by ``reduction``:
@@ -212,8 +341,11 @@ def batch_all_triplet_loss(
     """
     if reduction not in BATCH_ALL_REDUCTIONS:
         raise ValueError(f"reduction should be one of {', '.join(map(repr, BATCH_ALL_REDUCTIONS))}, got {reduction!r}")
-    dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
-    loss, stats = ops.batch_all(dist, labels, float(margin), BATCH_ALL_REDUCTIONS[reduction])
+    refs = (ref_embeddings, ref_labels, ref_self_index)
+    extra = BATCH_ALL_REDUCTIONS[reduction]
+    loss, stats, finite = _mining_loss(
+        "batch_all", extra, embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size
+    )
     return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
@@ -225,6 +357,10 @@ def semi_hard_triplet_loss(
     normalize=False,
     distributed=False,
     return_stats=False,
+    ref_embeddings=None,
+    ref_labels=None,
+    ref_self_index=None,
+    chunk_size=None,
 ):
     """Semi-hard triplet loss (Schroff et al. 2015, FaceNet), as TensorFlow Addons' TripletSemiHardLoss
     computes it: for every positive pair (i, j) whose anchor has a negative, the negative k with the
@@ -232,8 +368,10 @@ def semi_hard_triplet_loss(
     index among ties); [margin + d_ij - d_ik]_+, averaged over those positive pairs (0 if there is none;
     TensorFlow Addons gives NaN there). See the module docstring for the rest.
     """
-    dist, labels, finite = _prepare(embeddings, labels, margin, distance, normalize, distributed)
-    loss, stats = ops.semi_hard(dist, labels, float(margin))
+    refs = (ref_embeddings, ref_labels, ref_self_index)
+    loss, stats, finite = _mining_loss(
+        "semi_hard", None, embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size
+    )
     return _finish(loss, stats, finite, embeddings.dtype, return_stats)
 
 
@@ -249,18 +387,35 @@ class _MiningLoss(Module):
             raise ValueError(f"{type(self).__name__}: margin should be non-negative, got {margin}")
         if distance not in DISTANCES:
             raise ValueError(f"{type(self).__name__}: distance should be one of {DISTANCES}, got {distance!r}")
+        _check_chunk_size(kwargs.get("chunk_size"))
         self.kwargs = kwargs
         self.last_stats = None
         for name, value in kwargs.items():
             setattr(self, name, value)
 
-    def forward(self, embeddings, labels):
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_self_index=None):
         kwargs = {name: getattr(self, name) for name in self.kwargs}
-        loss, self.last_stats = type(self)._function(embeddings, labels, return_stats=True, **kwargs)
+        refs = {"ref_embeddings": ref_embeddings, "ref_labels": ref_labels, "ref_self_index": ref_self_index}
+        loss, self.last_stats = type(self)._function(embeddings, labels, return_stats=True, **refs, **kwargs)
         return loss
 
     def extra_repr(self):
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.kwargs)
+
+    def _compute(self, embeddings, labels, refs, check_self_index=True, **kwargs):
+        """(loss, MiningStats) of the loss with these keyword arguments against refs = (ref_embeddings,
+        ref_labels, ref_self_index)."""
+        kind = type(self)._function.__name__.removesuffix("_triplet_loss")
+        extra = {
+            "batch_hard": lambda: bool(kwargs.pop("soft")),
+            "batch_all": lambda: BATCH_ALL_REDUCTIONS[kwargs.pop("reduction")],
+        }
+        extra = extra[kind]() if kind in extra else None
+        loss, stats, finite = _mining_loss(
+            kind, extra, embeddings, labels, kwargs["margin"], kwargs["distance"], kwargs["normalize"],
+            kwargs.get("distributed", False), refs, kwargs.get("chunk_size"), check_self_index,
+        )  # fmt: skip
+        return _finish(loss, stats, finite, embeddings.dtype, True)
 
 
 class BatchHardTripletLoss(_MiningLoss):
@@ -268,8 +423,17 @@ class BatchHardTripletLoss(_MiningLoss):
 
     _function = staticmethod(batch_hard_triplet_loss)
 
-    def __init__(self, margin=1.0, distance="euclidean", soft=False, normalize=False, distributed=False):
-        super().__init__(margin=margin, distance=distance, soft=soft, normalize=normalize, distributed=distributed)
+    def __init__(
+        self, margin=1.0, distance="euclidean", soft=False, normalize=False, distributed=False, chunk_size=None
+    ):
+        super().__init__(
+            margin=margin,
+            distance=distance,
+            soft=soft,
+            normalize=normalize,
+            distributed=distributed,
+            chunk_size=chunk_size,
+        )
 
 
 class BatchAllTripletLoss(_MiningLoss):
@@ -277,13 +441,26 @@ class BatchAllTripletLoss(_MiningLoss):
 
     _function = staticmethod(batch_all_triplet_loss)
 
-    def __init__(self, margin=1.0, distance="euclidean", normalize=False, reduction="mean_nonzero", distributed=False):
+    def __init__(
+        self,
+        margin=1.0,
+        distance="euclidean",
+        normalize=False,
+        reduction="mean_nonzero",
+        distributed=False,
+        chunk_size=None,
+    ):
         if reduction not in BATCH_ALL_REDUCTIONS:
             raise ValueError(
                 f"BatchAllTripletLoss: reduction should be one of {tuple(BATCH_ALL_REDUCTIONS)}, got {reduction!r}"
             )
         super().__init__(
-            margin=margin, distance=distance, normalize=normalize, reduction=reduction, distributed=distributed
+            margin=margin,
+            distance=distance,
+            normalize=normalize,
+            reduction=reduction,
+            distributed=distributed,
+            chunk_size=chunk_size,
         )
 
 
@@ -292,5 +469,7 @@ class BatchSemiHardTripletLoss(_MiningLoss):
 
     _function = staticmethod(semi_hard_triplet_loss)
 
-    def __init__(self, margin=1.0, distance="euclidean", normalize=False, distributed=False):
-        super().__init__(margin=margin, distance=distance, normalize=normalize, distributed=distributed)
+    def __init__(self, margin=1.0, distance="euclidean", normalize=False, distributed=False, chunk_size=None):
+        super().__init__(
+            margin=margin, distance=distance, normalize=normalize, distributed=distributed, chunk_size=chunk_size
+        )

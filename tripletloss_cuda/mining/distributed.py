@@ -70,7 +70,7 @@ def _all_gather_padded(tensor, sizes, rank):
     return torch.cat([tensor if r == rank else part for r, part in enumerate(parts)])
 
 
-def gather(embeddings, labels):
+def gather(embeddings, labels, return_sizes=False):
     """All ranks' ``embeddings`` (N_r, D) and ``labels`` (N_r,) concatenated in rank order, on every rank.
 
     This rank's slice of the result is its local tensor (gradients flow to it); the other slices are constants.
@@ -81,7 +81,7 @@ def gather(embeddings, labels):
     _check(embeddings, labels)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == 1:
-        return embeddings, labels
+        return (embeddings, labels, [embeddings.shape[0]]) if return_sizes else (embeddings, labels)
     # One small all_gather of (N, D, dtype codes) first: sizes for the padding, and agreement on the rest. NCCL
     # needs the header on the GPU; gloo takes CPU (or CUDA) tensors, so the embeddings' device works for both.
     codes = [_DTYPE_CODES.get(t, -1) for t in (embeddings.dtype, labels.dtype)]
@@ -97,4 +97,20 @@ def gather(embeddings, labels):
             )
         )
     sizes = [h[0] for h in headers]
-    return _all_gather_padded(embeddings, sizes, rank), _all_gather_padded(labels, sizes, rank)
+    out = _all_gather_padded(embeddings, sizes, rank), _all_gather_padded(labels, sizes, rank)
+    return (*out, sizes) if return_sizes else out
+
+
+def gather_sets(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_self_index=None):
+    """What distributed=True mines: (embeddings, labels, ref_embeddings, ref_labels, ref_self_index) of all
+    ranks, each set concatenated in rank order; ``ref_self_index`` (rows of this rank's references, or -1)
+    shifted to rows of the gathered references. Without reference sets the last three stay None."""
+    embeddings, labels, sizes = gather(embeddings, labels, return_sizes=True)
+    if ref_embeddings is None:
+        return embeddings, labels, None, None, None
+    ref_embeddings, ref_labels, ref_sizes = gather(ref_embeddings, ref_labels, return_sizes=True)
+    if ref_self_index is not None:
+        rank = dist.get_rank()
+        shifted = torch.where(ref_self_index >= 0, ref_self_index + sum(ref_sizes[:rank]), -1)
+        ref_self_index = _all_gather_padded(shifted, sizes, rank)
+    return embeddings, labels, ref_embeddings, ref_labels, ref_self_index

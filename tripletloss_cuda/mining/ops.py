@@ -1,18 +1,25 @@
-"""The compiled mining ops: fake (meta) kernels for torch.compile, the autograd.Function, and the fallback
-to the pure-PyTorch reference where no kernel is compiled for the device.
+"""The compiled mining ops: fake (meta) kernels for torch.compile, the autograd Functions (on a distance matrix,
+and on embeddings mined in blocks of anchors), and the fallback to the pure-PyTorch reference where no kernel
+is compiled for the device.
 
-Ops (schemas in csrc/mining.cpp), on an (N, N) float32/float64 distance matrix ``dist`` and (N,) int64
-``labels``; ``stats`` is the int64 (5,) vector of reference.STATS_FIELDS:
-    batch_hard_forward(dist, labels, margin, soft) -> (loss, stats, mined)
+Ops (schemas in csrc/mining.cpp), on an (N, M) float32/float64 distance matrix ``dist`` between N anchors and M
+references, with (N,) int64 ``labels``, (M,) int64 ``ref_labels`` and (N,) int64 ``self_index`` (the reference
+column excluded for each anchor, or -1); ``stats`` is the int64 (5,) vector of reference.STATS_FIELDS and
+``loss`` the 0-d float64 loss SUM (the caller divides by its denominator, a stat):
+    batch_hard_forward(dist, labels, ref_labels, self_index, margin, soft) -> (loss, stats, mined)
         mined: (N, 2) int64, the hardest positive and negative of each anchor (-1 where the anchor has none)
-    batch_hard_backward(grad, dist, labels, stats, mined, margin, soft) -> grad_dist
-    batch_all_forward(dist, labels, margin, reduction) -> (loss, stats)      reduction 0/1/2 =
-    batch_all_backward(grad, dist, labels, stats, margin, reduction) -> grad_dist   mean_nonzero/mean/sum
-    semi_hard_forward(dist, labels, margin) -> (loss, stats, mined)
-        mined: (N, N) int32, the negative mined for each positive pair (i, j) (-1 elsewhere)
-    semi_hard_backward(grad, dist, labels, stats, mined, margin) -> grad_dist
-loss is 0-d in the dtype of dist; grad_dist is (N, N). The backward ops turn the mined coefficients into
-dL/d dist in one pass; autograd through the distance matrix (a matrix product) carries it to the embeddings.
+    batch_hard_backward(grad, dist, mined, margin, soft) -> grad_dist
+    batch_all_forward(dist, labels, ref_labels, self_index, margin) -> (loss, stats)
+    batch_all_backward(grad, dist, labels, ref_labels, self_index, margin) -> grad_dist
+    semi_hard_forward(dist, labels, ref_labels, self_index, margin) -> (loss, stats, mined)
+        mined: (N, M) int32, the negative mined for each positive pair (i, j) (-1 elsewhere)
+    semi_hard_backward(grad, dist, mined, margin) -> grad_dist
+grad is the 0-d gradient of the loss sum; grad_dist is (N, M).
+
+Memory-bounded mining (ChunkedMiningFunction): blocks of ``chunk`` anchors at a time, each block's (chunk, M)
+distance rows from one matrix product, mined and dropped; the backward recomputes each block's rows and turns
+its dL/dD block into gradients of both sets with matrix products. Block sums and counts are reduced in block
+order, then divided by the global denominator (a device tensor: no host synchronization).
 """
 
 import torch
@@ -22,6 +29,17 @@ from . import reference
 
 NAMESPACE = "tripletloss_cuda"
 KINDS = ("batch_hard", "batch_all", "semi_hard")
+
+# Working-set budget of the default chunk size: the distance rows of a block with their gradient, the mined
+# indices and the per-anchor scratch of the kernels, counted as 8 elements of the distance dtype per entry.
+MEMORY_BUDGET_BYTES = 1 << 30
+BYTES_PER_ENTRY = 8
+
+
+def default_chunk(m, dtype):
+    """Anchors per block so that a block's (chunk, m) working set stays under MEMORY_BUDGET_BYTES."""
+    entry = BYTES_PER_ENTRY * dtype.itemsize
+    return max(1, MEMORY_BUDGET_BYTES // (max(m, 1) * entry))
 
 
 def _op(name):
@@ -48,107 +66,305 @@ def _has_kernel(key):
 KERNEL_DEVICES = frozenset(t for t, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key))
 
 
-def _check_op_inputs(dist, labels):
-    # The same messages as csrc/mining.h `check_mining_inputs`.
-    torch._check(
-        dist.dim() == 2 and dist.shape[0] == dist.shape[1],
-        lambda: f"dist should be a square 2D tensor, got shape {tuple(dist.shape)}",
-    )
+def _check_dist(dist):
+    # The same messages as csrc/mining.cpp `check_dist` / `check_inputs`.
+    torch._check(dist.dim() == 2, lambda: f"dist should be a 2D tensor (N, M), got shape {tuple(dist.shape)}")
     torch._check(
         dist.dtype in (torch.float32, torch.float64), lambda: f"dist should be float32 or float64, got {dist.dtype}"
     )
+
+
+def _check_vector(t, name, n, dim):
     torch._check(
-        labels.dim() == 1 and labels.shape[0] == dist.shape[0],
-        lambda: f"labels should have shape ({dist.shape[0]},), got {tuple(labels.shape)}",
+        t.dim() == 1 and t.shape[0] == n,
+        lambda: f"{name} should have shape ({n},) (dist's {dim}), got {tuple(t.shape)}",
     )
-    torch._check(labels.dtype == torch.int64, lambda: f"labels should be int64, got {labels.dtype}")
+    torch._check(t.dtype == torch.int64, lambda: f"{name} should be int64, got {t.dtype}")
+
+
+def _check_op_inputs(dist, labels, ref_labels, self_index):
+    _check_dist(dist)
+    _check_vector(labels, "labels", dist.shape[0], "rows")
+    _check_vector(ref_labels, "ref_labels", dist.shape[1], "columns")
+    _check_vector(self_index, "self_index", dist.shape[0], "rows")
 
 
 if "cpu" in KERNEL_DEVICES or "cuda" in KERNEL_DEVICES:
 
-    def _stats_like(dist):
-        return dist.new_empty((len(reference.STATS_FIELDS),), dtype=torch.int64)
+    def _sum_and_stats(dist):
+        stats = dist.new_empty((len(reference.STATS_FIELDS),), dtype=torch.int64)
+        return dist.new_empty((), dtype=torch.float64), stats
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_hard_forward")
-    def _batch_hard_forward_fake(dist, labels, margin, soft):
-        _check_op_inputs(dist, labels)
-        return dist.new_empty(()), _stats_like(dist), dist.new_empty((dist.shape[0], 2), dtype=torch.int64)
+    def _batch_hard_forward_fake(dist, labels, ref_labels, self_index, margin, soft):
+        _check_op_inputs(dist, labels, ref_labels, self_index)
+        return *_sum_and_stats(dist), dist.new_empty((dist.shape[0], 2), dtype=torch.int64)
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_all_forward")
-    def _batch_all_forward_fake(dist, labels, margin, reduction):
-        _check_op_inputs(dist, labels)
-        return dist.new_empty(()), _stats_like(dist)
+    def _batch_all_forward_fake(dist, labels, ref_labels, self_index, margin):
+        _check_op_inputs(dist, labels, ref_labels, self_index)
+        return _sum_and_stats(dist)
 
     @torch.library.register_fake(f"{NAMESPACE}::semi_hard_forward")
-    def _semi_hard_forward_fake(dist, labels, margin):
-        _check_op_inputs(dist, labels)
-        return dist.new_empty(()), _stats_like(dist), dist.new_empty(dist.shape, dtype=torch.int32)
+    def _semi_hard_forward_fake(dist, labels, ref_labels, self_index, margin):
+        _check_op_inputs(dist, labels, ref_labels, self_index)
+        return *_sum_and_stats(dist), dist.new_empty(dist.shape, dtype=torch.int32)
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_hard_backward")
-    def _batch_hard_backward_fake(grad, dist, labels, stats, mined, margin, soft):
-        _check_op_inputs(dist, labels)
+    def _batch_hard_backward_fake(grad, dist, mined, margin, soft):
+        _check_dist(dist)
         return dist.new_empty(dist.shape)
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_all_backward")
-    def _batch_all_backward_fake(grad, dist, labels, stats, margin, reduction):
-        _check_op_inputs(dist, labels)
+    def _batch_all_backward_fake(grad, dist, labels, ref_labels, self_index, margin):
+        _check_op_inputs(dist, labels, ref_labels, self_index)
         return dist.new_empty(dist.shape)
 
     @torch.library.register_fake(f"{NAMESPACE}::semi_hard_backward")
-    def _semi_hard_backward_fake(grad, dist, labels, stats, mined, margin):
-        _check_op_inputs(dist, labels)
+    def _semi_hard_backward_fake(grad, dist, mined, margin):
+        _check_dist(dist)
         return dist.new_empty(dist.shape)
 
 
-REFERENCE = {"batch_hard": reference.batch_hard, "batch_all": reference.batch_all, "semi_hard": reference.semi_hard}
+# ---------------------------------------------------------------- per kind: sums, denominators, block mining
+
+SUMS = {
+    "batch_hard": reference.batch_hard_sum,
+    "batch_all": reference.batch_all_sum,
+    "semi_hard": reference.semi_hard_sum,
+}
+_MINED = 2  # the stat batch-hard and semi-hard average over
+_BATCH_ALL_DENOMINATOR = {0: 1, 1: 0, 2: -1}  # reduction -> stat (active, valid triplets; -1: the sum)
+
+
+def denominator(kind, reduction=None):
+    """The index of the stat the loss sum is divided by, or -1 (batch-all's "sum")."""
+    return _BATCH_ALL_DENOMINATOR[reduction] if kind == "batch_all" else _MINED
+
+
+def divide(total, stats, den):
+    """total / stats[den] (clamped to 1: no valid triplet gives 0, not NaN), or total for den = -1."""
+    return total if den < 0 else total / stats[den].clamp_min(1).to(total.dtype)
+
+
+def _mine(kind, kernel, dist, labels, ref_labels, self_index, args):
+    """(loss sum as float64, stats, what the backward needs) of one block of anchor rows, without gradient."""
+    if kernel:
+        out = getattr(torch.ops.tripletloss_cuda, f"{kind}_forward")(dist, labels, ref_labels, self_index, *args)
+        return out[0], out[1], out[2:]
+    with torch.no_grad():
+        total, stats = SUMS[kind](dist, labels, *args, ref_labels, self_index)
+    return total.to(torch.float64), stats, ()
+
+
+def _mine_grad(kind, kernel, scale, dist, labels, ref_labels, self_index, saved, args):
+    """dL/d dist of one block, for the gradient ``scale`` (0-d float64) of the loss sum."""
+    if kernel:
+        op = getattr(torch.ops.tripletloss_cuda, f"{kind}_backward")
+        if kind == "batch_all":
+            return op(scale, dist, labels, ref_labels, self_index, *args)
+        return op(scale, dist, *saved, *args)
+    with torch.enable_grad():
+        d = dist.detach().requires_grad_()
+        total, _ = SUMS[kind](d, labels, *args, ref_labels, self_index)
+        (grad,) = torch.autograd.grad(total, d, scale.to(d.dtype))
+    return grad
 
 
 class MiningFunction(torch.autograd.Function):
-    """loss, stats = MiningFunction.apply(kind, dist, labels, *args) with the compiled forward and backward
-    ops of ``kind``; args are (margin, soft), (margin, reduction) or (margin,). Saves dist, labels, stats
-    and the mined indices (O(N^2))."""
+    """loss, stats = MiningFunction.apply(kind, dist, labels, ref_labels, self_index, den, *args) with the
+    compiled forward and backward ops of ``kind`` on a whole (N, M) distance matrix; ref_labels and
+    self_index as reference.self_references (None: the batch against itself); args are (margin, soft) or
+    (margin,); den the stat the sum is divided by. Saves dist, the labels, stats and the mined indices."""
 
     @staticmethod
-    def forward(ctx, kind, dist, labels, *args):
-        out = getattr(torch.ops.tripletloss_cuda, f"{kind}_forward")(dist, labels, *args)
-        loss, stats = out[0], out[1]
-        ctx.save_for_backward(dist, labels, *out[1:])
-        ctx.kind, ctx.args = kind, args
+    def forward(ctx, kind, dist, labels, ref_labels, self_index, den, *args):
+        refs = reference.self_references(labels, ref_labels, self_index)
+        total, stats, saved = _mine(kind, True, dist, labels, *refs, args)
+        ctx.save_for_backward(dist, labels, *refs, stats, *saved)
+        ctx.kind, ctx.den, ctx.args = kind, den, args
         ctx.mark_non_differentiable(stats)
-        return loss, stats
+        return divide(total, stats, den).to(dist.dtype), stats
 
     @staticmethod
     def backward(ctx, grad, _grad_stats):
-        dist, labels, *saved = ctx.saved_tensors
-        kind, args = ctx.kind, ctx.args
+        dist, labels, ref_labels, self_index, stats, *saved = ctx.saved_tensors
+        kind, den, args = ctx.kind, ctx.den, ctx.args
+        nones = (None,) * (4 + len(args))
         if not ctx.needs_input_grad[1]:
-            return (None,) * (3 + len(args))
+            return (None, None, *nones)
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference instead, so that higher orders work.
-            loss, _ = REFERENCE[kind](dist, labels, *args)
-            (grad_dist,) = torch.autograd.grad(loss, dist, grad, create_graph=True)
+            total, ref_stats = SUMS[kind](dist, labels, *args, ref_labels, self_index)
+            (grad_dist,) = torch.autograd.grad(divide(total, ref_stats, den), dist, grad, create_graph=True)
         else:
-            backward = getattr(torch.ops.tripletloss_cuda, f"{kind}_backward")
-            grad_dist = backward(grad.to(dist.dtype), dist, labels, *saved, *args)
-        return (None, grad_dist, None) + (None,) * len(args)
+            scale = divide(grad.to(torch.float64), stats, den)
+            grad_dist = _mine_grad(kind, True, scale, dist, labels, ref_labels, self_index, saved, args)
+        return None, grad_dist, *nones
 
 
-def _run(kind, dist, labels, *args):
+# ---------------------------------------------------------------- distances between rows, in blocks
+
+
+def _squared_norms(x, distance):
+    return None if distance == "cosine" else (x * x).sum(1)
+
+
+def block_distances(xb, y, sq_xb, sq_y, distance):
+    """(B, M) distances between the rows of xb and y (rows already normalized for cosine), without gradient:
+    one matrix product, the rest in place."""
+    d = xb @ y.T
+    if distance == "cosine":
+        return d.neg_().add_(1)
+    d = d.mul_(-2).add_(sq_xb[:, None]).add_(sq_y[None, :]).clamp_min_(0)
+    return d.sqrt_() if distance == "euclidean" else d
+
+
+def block_gradients(grad, d, xb, y, distance, need_y=True):
+    """(dL/dxb, dL/dy) from dL/dd = grad for d = block_distances(xb, y): matrix products. The euclidean
+    gradient at distance 0 is 0 (never NaN)."""
+    if distance == "cosine":
+        return -(grad @ y), (-(grad.T @ xb) if need_y else None)
+    s = grad / (2 * d).masked_fill_(d == 0, torch.inf) if distance == "euclidean" else grad
+    # d(d2_ij)/dx_i = 2 (x_i - y_j), d(d2_ij)/dy_j = 2 (y_j - x_i)
+    gx = 2 * (s.sum(1, keepdim=True) * xb - s @ y)
+    gy = 2 * (s.sum(0)[:, None] * y - s.T @ xb) if need_y else None
+    return gx, gy
+
+
+def _blocks(n, chunk):
+    return [(i0, min(i0 + chunk, n)) for i0 in range(0, n, chunk)]
+
+
+class ChunkedMiningFunction(torch.autograd.Function):
+    """loss, stats = ChunkedMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk,
+    kernel, den, *args): the mining loss of anchors x (N, D) against references y (M, D) (y None: x against
+    itself, with ref_labels and self_index None; rows already L2-normalized where the distance needs it),
+    ``chunk`` anchors at a time. Nothing of size N x M is kept: the forward keeps the loss sum and stats (and
+    batch-hard's (N, 2) mined indices); the backward recomputes each block's distances (and semi-hard's mined
+    negatives)."""
+
+    @staticmethod
+    def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, kernel, den, *args):
+        ref_labels, self_index = reference.self_references(labels, ref_labels, self_index)
+        refs = x if y is None else y
+        sq_x, sq_y = _squared_norms(x, distance), _squared_norms(refs, distance)
+        totals, stats, mined = [], [], []
+        for i0, i1 in _blocks(x.shape[0], chunk):
+            d = block_distances(x[i0:i1], refs, None if sq_x is None else sq_x[i0:i1], sq_y, distance)
+            total, block_stats, saved = _mine(kind, kernel, d, labels[i0:i1], ref_labels, self_index[i0:i1], args)
+            totals.append(total)
+            stats.append(block_stats)
+            if kind == "batch_hard" and kernel:
+                mined.append(saved[0])
+        # Fixed block order: deterministic.
+        total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
+        stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
+        saved = [torch.cat(mined)] if mined else []
+        ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, *saved)
+        ctx.kind, ctx.distance, ctx.chunk, ctx.kernel, ctx.den, ctx.args = kind, distance, chunk, kernel, den, args
+        ctx.mark_non_differentiable(stats)
+        return divide(total, stats, den).to(x.dtype), stats
+
+    @staticmethod
+    def backward(ctx, grad, _grad_stats):
+        x, y, labels, ref_labels, self_index, stats, *saved = ctx.saved_tensors
+        kind, distance, chunk, kernel, den, args = ctx.kind, ctx.distance, ctx.chunk, ctx.kernel, ctx.den, ctx.args
+        nones = (None,) * (7 + len(args))
+        same = y is None  # the batch against itself: x's gradient is that of the anchors plus the references'
+        need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2] or (same and ctx.needs_input_grad[1])
+        if not (need_x or need_y):
+            return (None, None, None, *nones)
+        refs = x if same else y
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
+            d = _differentiable_distances(x, refs, distance)
+            total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
+            loss = divide(total, ref_stats, den)
+            if same:
+                return None, torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
+            gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
+            return None, gx, gy, *nones
+        scale = divide(grad.to(torch.float64), stats, den)
+        sq_x, sq_y = _squared_norms(x, distance), _squared_norms(refs, distance)
+        gx = torch.zeros_like(x)
+        gy = torch.zeros_like(refs) if need_y else None
+        for i0, i1 in _blocks(x.shape[0], chunk):
+            xb, lb, sb = x[i0:i1], labels[i0:i1], self_index[i0:i1]
+            d = block_distances(xb, refs, None if sq_x is None else sq_x[i0:i1], sq_y, distance)
+            block_saved = ()
+            if kernel and kind == "batch_hard":
+                block_saved = (saved[0][i0:i1],)
+            elif kernel and kind == "semi_hard":  # recomputed rather than kept: (N, M) int32
+                block_saved = _mine(kind, kernel, d, lb, ref_labels, sb, args)[2]
+            grad_d = _mine_grad(kind, kernel, scale, d, lb, ref_labels, sb, block_saved, args)
+            gxb, gyb = block_gradients(grad_d, d, xb, refs, distance, need_y)
+            gx[i0:i1] = gxb
+            if need_y:
+                gy += gyb  # blocks in a fixed order: deterministic
+        if same:
+            return None, gx + gy, None, *nones
+        return None, gx if need_x else None, gy, *nones
+
+
+def _differentiable_distances(x, y, distance):
+    """block_distances of the whole (N, M) matrix with autograd (for double backward)."""
+    g = x @ y.T
+    if distance == "cosine":
+        return 1 - g
+    d2 = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * g).clamp_min(0)
+    return d2 if distance == "squared_euclidean" else reference.safe_sqrt(d2)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _kind_args(kind, margin, extra):
+    """(kernel args, denominator) of a loss: extra is soft (batch-hard), the reduction (batch-all) or None."""
+    if kind == "batch_hard":
+        return (margin, extra), _MINED
+    if kind == "batch_all":
+        return (margin,), denominator(kind, extra)
+    return (margin,), _MINED
+
+
+def _contiguous(labels, ref_labels, self_index):
+    # torch.compile traces no Function given one tensor twice: ref_labels may be the labels themselves.
+    ref_labels = ref_labels.clone() if ref_labels is labels else ref_labels
+    return [None if t is None else t.contiguous() for t in (labels, ref_labels, self_index)]
+
+
+def run(kind, dist, labels, margin, extra=None, ref_labels=None, self_index=None):
+    """(loss, stats) of a mining loss on a whole (N, M) distance matrix (gradients flow to dist); ref_labels
+    None: dist is the batch against itself."""
+    args, den = _kind_args(kind, margin, extra)
     if dist.device.type in KERNEL_DEVICES:
-        return MiningFunction.apply(kind, dist.contiguous(), labels.contiguous(), *args)
-    return REFERENCE[kind](dist, labels, *args)
+        inputs = _contiguous(labels, ref_labels, self_index)
+        return MiningFunction.apply(kind, dist.contiguous(), *inputs, den, *args)
+    total, stats = SUMS[kind](dist, labels, *args, ref_labels, self_index)
+    return divide(total, stats, den), stats
 
 
-def batch_hard(dist, labels, margin, soft):
+def run_chunked(kind, x, y, labels, margin, extra, ref_labels, self_index, distance, chunk):
+    """(loss, stats) of a mining loss of the anchors x against the references y (None: x against itself;
+    rows normalized where the distance needs it), ``chunk`` anchors at a time."""
+    args, den = _kind_args(kind, margin, extra)
+    kernel = x.device.type in KERNEL_DEVICES
+    y = None if y is None or y is x else y.contiguous()
+    inputs = _contiguous(labels, ref_labels, self_index)
+    return ChunkedMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, kernel, den, *args)
+
+
+def batch_hard(dist, labels, margin, soft, ref_labels=None, self_index=None):
     """(loss, stats) of the batch-hard loss on a distance matrix (see reference.batch_hard)."""
-    return _run("batch_hard", dist, labels, margin, soft)
+    return run("batch_hard", dist, labels, margin, soft, ref_labels, self_index)
 
 
-def batch_all(dist, labels, margin, reduction):
+def batch_all(dist, labels, margin, reduction, ref_labels=None, self_index=None):
     """(loss, stats) of the batch-all loss; reduction 0/1/2 = mean_nonzero/mean/sum."""
-    return _run("batch_all", dist, labels, margin, reduction)
+    return run("batch_all", dist, labels, margin, reduction, ref_labels, self_index)
 
 
-def semi_hard(dist, labels, margin):
+def semi_hard(dist, labels, margin, ref_labels=None, self_index=None):
     """(loss, stats) of the semi-hard loss on a distance matrix (see reference.semi_hard)."""
-    return _run("semi_hard", dist, labels, margin)
+    return run("semi_hard", dist, labels, margin, None, ref_labels, self_index)

@@ -1,0 +1,193 @@
+"""Machine-code gate for the CUDA kernels, read from the built extension with cuobjdump (no GPU needed).
+
+    python tools/sass_gate.py [EXTENSION.so] [--markdown]
+
+For every kernel of ours in the extension's sm_90 cubin it checks:
+- no local memory and no stack frame (no register spills);
+- the vectorized instantiations of the triplet kernels (VEC = 16 / sizeof(T)) issue 128-bit global loads
+  (LDG.E.128), and the backward's also 128-bit stores (STG.E.128);
+and prints registers per thread and the theoretical occupancy at the kernel's block size on sm_90
+(65536 registers, 64 warps, 32 blocks and 228 KiB of shared memory per SM; registers allocated per warp in
+units of 256). --markdown prints the README table (one row per kernel, dtype and vector width; the register
+and occupancy ranges cover the norm and swap variants). Exits 1 when a check fails or when there is no
+cubin to read (a build without the CUDA kernels), 2 when cuobjdump is not found.
+
+cuobjdump comes from the CUDA toolkit, or from the Triton that ships with torch
+(triton/backends/nvidia/bin/cuobjdump).
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Block size of each kernel (threads), as its launcher uses it (kThreads in csrc/cuda/*.cu).
+BLOCK_SIZE = {
+    "forward_kernel": 256,
+    "backward_kernel": 256,
+}
+DEFAULT_BLOCK_SIZE = 128  # the mining launchers' kThreads
+DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
+SIZEOF = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
+NORMS = {"0": "L1", "1": "L2", "2": "Lp"}
+
+
+def find_cuobjdump():
+    for candidate in (
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+    ):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    try:
+        import triton
+
+        candidate = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(candidate):
+            return candidate
+    except ImportError:
+        pass
+    return None
+
+
+def demangle(names):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+class Kernel:
+    """One kernel instantiation: its names, resources and the global memory instructions it issues."""
+
+    def __init__(self, mangled, pretty, regs, stack, local, shared):
+        self.mangled, self.pretty = mangled, pretty
+        self.regs, self.stack, self.local, self.shared = regs, stack, local, shared
+        # "void tripletloss::(anonymous namespace)::forward_kernel<float, (tripletloss::Norm)1, false, 4>(...)"
+        name = pretty.removeprefix("void ").replace("(anonymous namespace)", "anon")
+        head, _, rest = name.partition("<")
+        self.base = head.split("(")[0].split("::")[-1]
+        self.args = [a.strip() for a in rest.split(">(")[0].split(",")] if rest else []
+        self.sass = ""
+
+    @property
+    def block(self):
+        return BLOCK_SIZE.get(self.base, DEFAULT_BLOCK_SIZE)
+
+    @property
+    def triplet(self):
+        return self.base in BLOCK_SIZE  # forward/backward kernels: <T, Norm, swap, VEC>
+
+    @property
+    def vec(self):
+        return int(self.args[3]) if self.triplet else 1
+
+    @property
+    def vectorized(self):
+        return self.triplet and self.vec * SIZEOF[self.args[0]] == 16
+
+    def occupancy(self):
+        """Theoretical occupancy on sm_90 at this kernel's block size: (blocks per SM, fraction of 64 warps)."""
+        warps = (self.block + 31) // 32
+        regs_per_warp = -(-self.regs * 32 // 256) * 256
+        by_regs = (65536 // regs_per_warp) // warps if self.regs else 32
+        by_threads = 2048 // self.block
+        by_smem = (228 * 1024) // (self.shared + 1024)
+        blocks = min(by_regs, by_threads, by_smem, 32)
+        return blocks, blocks * warps / 64
+
+    def problems(self):
+        found = []
+        if self.local or self.stack:
+            found.append(f"local memory {self.local} B, stack {self.stack} B (register spills)")
+        if self.vectorized:
+            if "LDG.E.128" not in self.sass:
+                found.append("no 128-bit global load (LDG.E.128) in a vectorized instantiation")
+            if self.base == "backward_kernel" and "STG.E.128" not in self.sass:
+                found.append("no 128-bit global store (STG.E.128) in the vectorized backward")
+        return found
+
+    def label(self):
+        if not self.triplet:
+            return f"{self.base}<{DTYPES.get(self.args[0], self.args[0]) if self.args else ''}>"
+        dtype, norm, swap, vec = self.args
+        return f"{self.base}<{DTYPES[dtype]}, {NORMS.get(norm[-1], norm)}, swap={swap}, vec={vec}>"
+
+
+def read_kernels(cuobjdump, path):
+    res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"sass_gate: cuobjdump -res-usage failed on {path}: {res.stderr.strip()}")
+    found = re.findall(
+        r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout, flags=re.MULTILINE
+    )
+    names = demangle([f[0] for f in found])
+    kernels = {
+        m: Kernel(m, names[m], int(regs), int(stack), int(local), int(shared))
+        for m, regs, stack, shared, local in found
+        if names[m].removeprefix("void ").startswith("tripletloss::")
+    }
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        if name in kernels:
+            kernels[name].sass = chunk
+    return list(kernels.values())
+
+
+def markdown(kernels):
+    rows = collections.OrderedDict()
+    for k in sorted(kernels, key=lambda k: (not k.triplet, k.base, k.args[:1], -k.vec)):
+        dtype = DTYPES.get(k.args[0], k.args[0]) if k.args else ""
+        rows.setdefault((k.base, dtype, k.vec, k.block), []).append(k)
+    lines = [
+        "| kernel | dtype | vector width | block | registers | occupancy (sm_90) | spills |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for (base, dtype, vec, block), group in rows.items():
+        regs = sorted({k.regs for k in group})
+        occ = sorted({round(100 * k.occupancy()[1]) for k in group})
+        span = lambda v, unit="": f"{v[0]}{unit}" if len(v) == 1 else f"{v[0]}–{v[-1]}{unit}"  # noqa: E731
+        width = f"{vec} ({vec * (SIZEOF.get(group[0].args[0], 0) if group[0].args else 0) * 8} bit)"
+        spills = "none" if all(not k.local and not k.stack for k in group) else "**yes**"
+        lines.append(f"| `{base}` | {dtype} | {width} | {block} | {span(regs)} | {span(occ, ' %')} | {spills} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="sass_gate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("extension", nargs="?", help="the built _C*.so (default: tripletloss_cuda/_C*.so)")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    args = parser.parse_args(argv)
+    path = args.extension or next(iter(sorted(glob.glob(os.path.join(ROOT, "tripletloss_cuda", "_C.*.so")))), None)
+    if not path or not os.path.exists(path):
+        print("sass_gate: no built extension (tripletloss_cuda/_C*.so); build it first", file=sys.stderr)
+        return 1
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        print("sass_gate: cuobjdump not found (CUDA toolkit, or torch's bundled Triton)", file=sys.stderr)
+        return 2
+    kernels = read_kernels(cuobjdump, path)
+    if not kernels:
+        print(f"sass_gate: no CUDA kernel of ours in {path} (built without TRIPLETLOSS_CUDA?)", file=sys.stderr)
+        return 1
+    if args.markdown:
+        print(markdown(kernels))
+        return 0
+    failed = 0
+    for k in sorted(kernels, key=lambda k: k.label()):
+        blocks, occ = k.occupancy()
+        problems = k.problems()
+        failed += bool(problems)
+        status = "FAIL " + "; ".join(problems) if problems else "ok"
+        print(f"{k.label():60} regs {k.regs:3}  block {k.block:3}  {blocks:2} blocks/SM  {occ:4.0%}  {status}")
+    vectorized = sum(k.vectorized for k in kernels)
+    print(f"sass_gate: {len(kernels)} kernels ({vectorized} vectorized), {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
