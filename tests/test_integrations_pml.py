@@ -107,6 +107,26 @@ def test_reference_set_matches_pml(distance, reducer, miner):
     assert_same(value_and_grads(ours, x, y, indices, ref, ref_y), value_and_grads(theirs, x, y, indices, ref, ref_y))
 
 
+@pytest.mark.parametrize("same_tensor", [False, True])
+@pytest.mark.parametrize("m", [12, 7])
+def test_ref_labels_is_labels(m, same_tensor):
+    """ref_labels passed as the labels object itself: PML drops (i, i) pairs (its fill_diagonal_)."""
+    x, y = batch(n=12, seed=6)
+    ref = x if same_tensor and m == 12 else batch(n=m, seed=7)[0]
+    ref_y = y if m == 12 else y[:m]
+    if m != 12:  # a different object: both libraries treat it as a separate set
+        assert ref_y is not y
+    for kwargs in ({}, {"swap": False, "smooth_loss": True}):
+        ours, theirs = drop_in.TripletMarginLoss(margin=0.3, **kwargs), losses.TripletMarginLoss(margin=0.3, **kwargs)
+        if same_tensor and m == 12:
+            got = value_and_grads(lambda x, y, i, r, ry, f=ours: f(x, y, i, x, y), x, y)
+            want = value_and_grads(lambda x, y, i, r, ry, f=theirs: f(x, y, i, x, y), x, y)
+        else:
+            got = value_and_grads(ours, x, y, None, ref, ref_y)
+            want = value_and_grads(theirs, x, y, None, ref, ref_y)
+        assert_same(got, want)
+
+
 def correct_swap_oracle(x, y, indices, ref, ref_y, margin, distance):
     """Gathered rows, swap's d(p, n) between the two reference rows (what PML's issue #748 asks for)."""
     a, p, n = indices

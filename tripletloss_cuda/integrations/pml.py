@@ -15,11 +15,11 @@ turned into triplets as PML does: every (a1, p) with every (a2, n) of the same a
 (BatchHardMiner, TripletMarginMiner of every type, BatchEasyHardMiner, ...); ``ref_emb``/``ref_labels``.
 
 How each call runs:
-- no ``indices_tuple`` and no ``ref_emb`` (PML: every valid triplet of the batch): the fused batch-all loss
-  (tl.batch_all_triplet_loss: sort and prefix sums, O(N^2) memory where PML builds the N^3 triplet list), unless
-  ``swap``, ``smooth_loss`` or a negative margin asks for what batch-all does not do: those, and ``ref_emb`` without
-  ``indices_tuple``, list every triplet as PML does and run the indexed loss, up to MAX_ALL_TRIPLETS_CUBE = N*M*M
-  (else NotImplementedError naming the option: mining against a reference set belongs to the mining API);
+- no ``indices_tuple`` (PML: every valid triplet of the batch, or of the queries against ``ref_emb``): the fused
+  batch-all loss (tl.batch_all_triplet_loss, with ``ref_embeddings``/``ref_labels`` for a reference set: sort and
+  prefix sums, O(N M) memory where PML builds the N M^2 triplet list), unless ``swap``, ``smooth_loss`` or a
+  negative margin asks for what batch-all does not do: those list every triplet as PML does and run the indexed
+  loss, up to MAX_ALL_TRIPLETS_CUBE = N*M*M (else NotImplementedError naming the option);
 - an ``indices_tuple``: tl.triplet_margin_loss_from_indices, which reads the rows by index instead of building the
   full (N, M) distance matrix as PML does; except, without ``ref_emb``, for more than N^2 / 2 triplets (a
   TripletMarginMiner over a whole batch mines ~15 N^2 at N = 1024), where the distances are gathered from one
@@ -38,6 +38,9 @@ Differences from PML 2.9:
   reducers (ThresholdReducer bounds other than AvgNonZeroReducer's, DoNothingReducer, ...), ``triplets_per_anchor``
   other than "all" without an ``indices_tuple`` (PML samples random triplets), ``embedding_regularizer``,
   ``collect_stats=True``; ``ref_emb`` without ``ref_labels`` and without an ``indices_tuple``.
+- As in PML, ``ref_emb`` with ``ref_labels`` is a separate reference set (every reference of the anchor's label a
+  positive), except when ``ref_labels`` is the very ``labels`` object: then reference i is anchor i and not its
+  own positive (PML's fill_diagonal_ on the label matrix; ref_self_index for the batch-all op).
 """
 
 import torch
@@ -116,11 +119,11 @@ def _class_ids(labels, ref_labels):
     return ids[: labels.shape[0]], None if ref_labels is None else ids[labels.shape[0] :]
 
 
-def all_triplets(labels, ref_labels=None):
+def all_triplets(labels, ref_labels=None, self_ref=False):
     """Every valid triplet as PML's get_all_triplets_indices lists them: (a, p, n) with y_a == y_p, y_a != y_n,
-    p != a when the batch is its own reference set."""
-    same_ref = ref_labels is None
-    ref_labels = labels if same_ref else ref_labels
+    p != a when the batch is its own reference set (or ``self_ref``: PML's ref_labels is labels)."""
+    same_ref = ref_labels is None or self_ref
+    ref_labels = labels if ref_labels is None else ref_labels
     matches = labels[:, None] == ref_labels[None, :]
     diffs = ~matches
     if same_ref:
@@ -169,6 +172,8 @@ class TripletMarginLoss(Module):
         labels = _check_labels(embeddings, labels)
         if labels is None and indices_tuple is None:
             raise ValueError("labels and indices_tuple cannot both be None")
+        # PML drops the pairs (i, i) from the triplets it lists when ref_labels is the labels object itself.
+        self_ref = ref_emb is not None and ref_labels is not None and ref_labels is labels
         if ref_emb is not None:
             tensor_argument("TripletMarginLoss.forward", "ref_emb", 4, ref_emb)
             ref_labels = _check_labels(ref_emb, ref_labels, "ref_emb")
@@ -179,10 +184,21 @@ class TripletMarginLoss(Module):
                     f"TripletMarginLoss: triplets_per_anchor={self.triplets_per_anchor!r} without an indices_tuple "
                     "(PML samples random triplets) is not reproduced; use 'all' or pass a miner's indices_tuple"
                 )
-            if ref_emb is None and not self.swap and not self.smooth_loss and self.margin >= 0:
-                labels, _ = _class_ids(labels, None)
-                return mining.batch_all_triplet_loss(embeddings, labels, reduction=self._reduction, **kwargs)
-            indices_tuple = self._all_triplets(embeddings, labels, ref_emb, ref_labels)
+            if (
+                not self.swap
+                and not self.smooth_loss
+                and self.margin >= 0
+                and (ref_emb is None or ref_labels is not None)
+            ):
+                # With a reference set, PML's all triplets are every reference of the anchor's label as a
+                # positive (no self exclusion): the reference-set batch-all's semantics without ref_self_index.
+                labels, ref_labels = _class_ids(labels, ref_labels)
+                refs = {} if ref_emb is None else {"ref_embeddings": ref_emb, "ref_labels": ref_labels}
+                if self_ref:
+                    i = torch.arange(labels.shape[0], device=labels.device)
+                    refs["ref_self_index"] = torch.where(i < ref_emb.shape[0], i, -1)
+                return mining.batch_all_triplet_loss(embeddings, labels, reduction=self._reduction, **refs, **kwargs)
+            indices_tuple = self._all_triplets(embeddings, labels, ref_emb, ref_labels, self_ref)
         elif len(indices_tuple) == 4:
             indices_tuple = pairs_to_triplets(*indices_tuple)
         elif len(indices_tuple) != 3:
@@ -219,12 +235,11 @@ class TripletMarginLoss(Module):
         losses = torch.nn.functional.softplus(h) if self.smooth_loss else torch.relu(h)
         return indexed.reference.reduce(losses, indexed.REDUCTIONS[self._reduction]).to(embeddings.dtype)
 
-    def _all_triplets(self, embeddings, labels, ref_emb, ref_labels):
+    def _all_triplets(self, embeddings, labels, ref_emb, ref_labels, self_ref):
         n = embeddings.shape[0]
         m = n if ref_emb is None else ref_emb.shape[0]
         options = [o for o, on in (("swap=True", self.swap), ("smooth_loss=True", self.smooth_loss)) if on]
         options += ["margin < 0"] if self.margin < 0 else []
-        options += ["ref_emb"] if ref_emb is not None else []
         if ref_emb is not None and ref_labels is None:
             raise ValueError("TripletMarginLoss: ref_emb without an indices_tuple needs ref_labels")
         if n * m * m > MAX_ALL_TRIPLETS_CUBE:
@@ -232,7 +247,7 @@ class TripletMarginLoss(Module):
                 f"TripletMarginLoss: {', '.join(options)} without an indices_tuple lists every triplet as PML does, "
                 f"refused for N*M*M = {n * m * m} > {MAX_ALL_TRIPLETS_CUBE}; pass a miner's indices_tuple"
             )
-        return all_triplets(labels, ref_labels)
+        return all_triplets(labels, ref_labels, self_ref)
 
     def extra_repr(self):
         return (
