@@ -99,7 +99,7 @@ main() {
 
     if ! step build 300 'python3 setup.py build_ext --inplace'; then
         local name
-        for name in info check demo tests memcheck racecheck leak bench; do skip "$name" "build failed"; done
+        for name in info check demo tests memcheck racecheck leak bench bench_integrations; do skip "$name" "build failed"; done
         return 1
     fi
     local kernels=1
@@ -143,6 +143,12 @@ main() {
         find benchmarks/results -name 'cuda-*' -newer "$STARTED" -exec cp {} "$OUT/" \;
     else
         skip bench "no CUDA kernel"
+    fi
+    if ((kernels)) && python3 -c "import pytorch_metric_learning" 2>/dev/null; then
+        step bench_integrations 240 'python3 -m tripletloss_cuda bench --integrations --device cuda'
+        find benchmarks/results -name 'integrations-cuda-*' -newer "$STARTED" -exec cp {} "$OUT/" \;
+    else
+        skip bench_integrations "no CUDA kernel or pytorch-metric-learning"
     fi
     log "done in ${SECONDS}s: $(grep -c $'\tpass\t' "$STEPS") passed, $(grep -c $'\tfail\t' "$STEPS") failed," \
         "$(grep -c $'\tskipped\t' "$STEPS") skipped"

@@ -63,10 +63,38 @@ def main(argv=None):
         except AssertionError as err:
             failures.append(name)
             print(f"FAIL {name}: {str(err).strip().splitlines()[0] if str(err) else 'not finite or wrong shape'}")
+    indexed_failures, indexed_count = indexed_cases(device, gen)
+    failures += indexed_failures
     if device == "cuda":
         torch.cuda.synchronize()  # an asynchronous kernel error surfaces here at the latest
-    print(f"{len(cases) - len(failures)}/{len(cases)} cases ok on {device}")
+    print(f"{len(cases) + indexed_count - len(failures)}/{len(cases) + indexed_count} cases ok on {device}")
     return 1 if failures else 0
+
+
+def indexed_cases(device, gen):
+    """tl.triplet_margin_loss_from_indices with and without a reference set, duplicate indices, and (on CUDA) an
+    out-of-range index, which must read nothing (NaN loss, no illegal access): (failures, number of cases)."""
+    failures, count = [], 0
+    for ref_rows, swap, distance in itertools.product((None, 9), (False, True), ("euclidean", "cosine")):
+        x = torch.randn(11, 37, dtype=torch.float64, device=device, generator=gen).requires_grad_()
+        ref = None if ref_rows is None else torch.randn(ref_rows, 37, dtype=torch.float64, device=device, generator=gen)
+        rows = 11 if ref is None else ref_rows
+        a, p, n = (torch.randint(0, m, (300,), device=device, generator=gen) for m in (11, rows, rows))
+        kwargs = {"ref_embeddings": ref, "swap": swap, "distance": distance, "reduction": "sum"}
+        loss = tl.triplet_margin_loss_from_indices(x, a, p, n, **kwargs)
+        (grad,) = torch.autograd.grad(loss, x)
+        count += 1
+        if not (loss.isfinite() and grad.isfinite().all()):
+            failures.append(f"indexed ref={ref_rows} swap={swap} {distance}")
+        if device == "cuda":
+            bad = n.clone()
+            bad[5] = rows + 1000
+            count += 1
+            if not tl.triplet_margin_loss_from_indices(x, a, p, bad, **kwargs).isnan():
+                failures.append(f"indexed out-of-range ref={ref_rows} swap={swap} {distance}: not NaN")
+    for name in failures:
+        print(f"FAIL {name}")
+    return failures, count
 
 
 if __name__ == "__main__":

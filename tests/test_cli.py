@@ -95,6 +95,29 @@ def test_bench_mining_dispatches(capsys, monkeypatch):
     assert calls == [["--quick"]]
 
 
+def test_bench_integrations_dispatches(capsys, monkeypatch):
+    calls = []
+    fake = types.ModuleType("tripletloss_cuda.cli.bench_integrations")
+    fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, None)
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    assert run_cli(["bench", "--integrations", "--quick"], capsys)[0] == 0
+    assert calls == [["--quick"]]
+
+
+@pytest.mark.parametrize(
+    "case,impl", [("indexed", "tl_indexed"), ("indexed", "gather_F"), ("indexed", "pml_indices"), ("no_miner", "tl")]
+)
+def test_bench_integrations_row(case, impl):
+    """One small row measured in process: every implementation computes the same loss."""
+    pytest.importorskip("pytorch_metric_learning")
+    from tripletloss_cuda.cli import bench_integrations
+
+    spec = {"case": case, "impl": impl, "n": 64, "triplets": 200, "device": "cpu", "budget_s": 0.0, "repeats": [1, 1]}
+    row = bench_integrations.measure_row(spec)
+    assert row["repeats"] == 1 and row["peak_bytes"] >= 0 and row["loss_value"] > 0
+
+
 BAD_ARGS = [
     [],
     ["bogus"],

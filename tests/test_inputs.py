@@ -257,3 +257,19 @@ def test_large_p_overflows_like_pytorch():
     inputs = make_triplet((4, 8), torch.float32, seed=5, scale=10.0)
     ours, theirs = _both(lambda mod: mod.triplet_margin_loss(*inputs, p=40.0, reduction="none"))
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("position,name", [(1, "anchor"), (2, "positive"), (3, "negative")])
+def test_non_tensor_input_raises_pytorch_type_error(position, name):
+    """A list (or any non-tensor) gives PyTorch's TypeError (not an AttributeError); a bad margin is checked first,
+    as torch.nn.functional does."""
+    args = [torch.ones(2, 3)] * 3
+    args[position - 1] = [[1.0, 2.0, 3.0]] * 2
+    message = rf"triplet_margin_loss\(\): argument '{name}' \(position {position}\) must be Tensor, not list"
+    for fn in (torch.nn.functional.triplet_margin_loss, tl.triplet_margin_loss):
+        with pytest.raises(TypeError, match=message):
+            fn(*args)
+        with pytest.raises(ValueError, match="margin must be greater than 0"):
+            fn(*args, margin=-1.0)
+    with pytest.raises(TypeError, match=message):
+        tl.TripletMarginLoss()(*args)

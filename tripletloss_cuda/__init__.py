@@ -11,13 +11,17 @@ criterion = tl.CrossBatchMemory(tl.BatchHardTripletLoss(), embedding_size=128, m
 
 A mined batch larger than the model fits, embedded in chunks with cached embedding gradients (GradCache):
 loss = tl.cached_loss_backward(model, inputs, labels, tl.batch_hard_triplet_loss, chunk_size=64)
+
+Over index triplets (e.g. a miner's): tl.triplet_margin_loss_from_indices(embeddings, anchors, positives, negatives).
+Drop-in losses for pytorch-metric-learning and sentence-transformers: tripletloss_cuda.integrations.
 """
 
 import torch
 
-from . import gradcache, mining, naive, ops, reference
+from . import gradcache, indexed, mining, naive, ops, reference
 from .functional import triplet_margin_loss
 from .gradcache import cached_loss_backward
+from .indexed import triplet_margin_loss_from_indices
 from .mining import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
@@ -42,6 +46,7 @@ __all__ = [
     "batch_hard_triplet_loss",
     "cached_loss_backward",
     "gradcache",
+    "indexed",
     "info",
     "mining",
     "naive",
@@ -49,6 +54,7 @@ __all__ = [
     "reference",
     "semi_hard_triplet_loss",
     "triplet_margin_loss",
+    "triplet_margin_loss_from_indices",
 ]
 
 
@@ -64,6 +70,7 @@ def info():
         "extension_error": None if ops.EXTENSION_ERROR is None else str(ops.EXTENSION_ERROR),
         "kernels": sorted(ops.KERNEL_DEVICES),
         "mining_kernels": sorted(mining.ops.KERNEL_DEVICES),
+        "indexed_kernels": sorted(indexed.ops.KERNEL_DEVICES),
         "cuda_architectures": build.get("cuda_archs", ""),
         "cuda_available": cuda_ok,
         "cuda_device": torch.cuda.get_device_name() if cuda_ok else None,

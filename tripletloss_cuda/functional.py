@@ -69,6 +69,16 @@ def _fused_inputs(anchor, positive, negative, p):
     return rows, batch, 1.0 if d == 1 else p, float32_loss
 
 
+def _check_tensor_arguments(anchor, positive, negative):
+    """PyTorch's TypeError for a non-tensor input (raised by torch.triplet_margin_loss's argument parser, after
+    torch.nn.functional's margin check)."""
+    for position, (name, x) in enumerate((("anchor", anchor), ("positive", positive), ("negative", negative)), 1):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"triplet_margin_loss(): argument '{name}' (position {position}) must be Tensor, not {type(x).__name__}"
+            )
+
+
 def _autocast_inputs(*tensors):
     """The inputs as autocast's float32 policy passes them to PyTorch's triplet_margin_loss: 16-bit floating
     tensors cast to float32 where autocast is enabled for their device, everything else as it is."""
@@ -113,6 +123,7 @@ def triplet_margin_loss(
         raise ValueError(f"margin must be greater than 0, got {margin}")
     fused = _fused_inputs(anchor, positive, negative, float(p))
     if fused is None:
+        _check_tensor_arguments(anchor, positive, negative)
         anchor, positive, negative = _autocast_inputs(anchor, positive, negative)
         return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction_enum)
     (a, pos, neg), batch, p, float32_loss = fused

@@ -2,12 +2,13 @@
 
     tripletloss-cuda info            versions, compiled kernels (CPU, CUDA and its architectures), the device that runs
     tripletloss-cuda check           verify an installation: gradcheck, values and gradients vs PyTorch and the reference
-    tripletloss-cuda bench [...]     the benchmark (bench --help); bench --mining: the mining benchmark, when built
+    tripletloss-cuda bench [...]     the benchmark (bench --help); bench --mining: the mining benchmark;
+                                     bench --integrations: the drop-ins against pytorch-metric-learning
     tripletloss-cuda demo [...]      train a small embedding network on scikit-learn's digits (demo --help)
 
 Bad arguments give a one-line error and exit status 2; a failure while running gives a one-line error and
 exit status 1 (TRIPLETLOSS_CUDA_TRACEBACK=1 shows the traceback instead); `check` exits 1 when a check fails.
-The command modules (check, bench, bench_mining, demo) sit beside this one and are imported only when
+The command modules (check, bench, bench_mining, bench_integrations, demo) sit beside this one and are imported only when
 their command runs; this package imports only the standard library at the top, so that argument errors are quick.
 """
 
@@ -28,7 +29,11 @@ COMMANDS = {
         "main",
         "verify the installation on every device and dtype (exit 1 on failure)",
     ),
-    "bench": ("tripletloss_cuda.cli.bench", "main", "benchmark against PyTorch (--mining: the mining losses, when built)"),
+    "bench": (
+        "tripletloss_cuda.cli.bench",
+        "main",
+        "benchmark against PyTorch (--mining: the mining losses, when built)",
+    ),
     "demo": ("tripletloss_cuda.cli.demo", "main", "train an embedding network on scikit-learn's digits"),
 }
 
@@ -68,6 +73,10 @@ def _bench_mining(argv):
     return importlib.import_module("tripletloss_cuda.cli.bench_mining").main(argv)
 
 
+def _bench_integrations(argv):
+    return importlib.import_module("tripletloss_cuda.cli.bench_integrations").main(argv)
+
+
 def _parser():
     parser = ArgumentParser(
         prog=PROG,
@@ -93,6 +102,8 @@ def main(argv=None):
     try:
         if args.command == "bench" and "--mining" in rest:
             return _bench_mining([a for a in rest if a != "--mining"])
+        if args.command == "bench" and "--integrations" in rest:
+            return _bench_integrations([a for a in rest if a != "--integrations"])
         module, function, _ = COMMANDS[args.command]
         return getattr(importlib.import_module(module), function)(rest) or 0
     except KeyboardInterrupt:
