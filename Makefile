@@ -66,8 +66,8 @@ demo: build
 
 lint: setup
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check tripletloss_cuda tests benchmarks setup.py
-	$(PY) -m ruff format --check tripletloss_cuda tests benchmarks setup.py
+	$(PY) -m ruff check tripletloss_cuda tests benchmarks setup.py tools
+	$(PY) -m ruff format --check tripletloss_cuda tests benchmarks setup.py tools
 
 sass-gate: build
 	$(PY) tools/sass_gate.py

@@ -82,7 +82,7 @@ def emulated_extension(mode):
         link += sanitize
     else:
         flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tests/mutants.py: -O1 (compiles faster)
-    sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp"]
+    sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp", "csrc/indexed.cpp"]
     return CppExtension(f"tripletloss_cuda.{name}", sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
 
 

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "indexed.h"
+#include "schemas.h"
 #include "indexed_math.h"
 
 namespace tripletloss {
@@ -54,7 +55,7 @@ void check_inputs(const Tensor& x, const std::optional<Tensor>& ref, const Tenso
 }
 
 // CPU only (free there): IndexError naming the first out-of-range index, before anything is read.
-void check_range_cpu(const Tensor& idx, const char* name, int64_t rows, const char* table) {
+[[maybe_unused]] void check_range_cpu(const Tensor& idx, const char* name, int64_t rows, const char* table) {
   if (!idx.is_cpu() || idx.numel() == 0) return;
   const int64_t* p = idx.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < idx.numel(); ++t)
@@ -63,10 +64,15 @@ void check_range_cpu(const Tensor& idx, const char* name, int64_t rows, const ch
 }
 
 const Backend& backend_for(const Tensor& x) {
+#ifdef TRIPLETLOSS_EMULATED
+  (void)x;
+  return cuda_backend();  // the emulated CUDA launchers, on CPU tensors
+#else
 #ifdef TRIPLETLOSS_WITH_CUDA
   if (x.is_cuda()) return cuda_backend();
 #endif
   return cpu_backend();
+#endif
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -80,9 +86,13 @@ Inputs prepare(const Tensor& x, const std::optional<Tensor>& ref, const Tensor& 
   check_inputs(x, ref, anchors, positives, negatives, distance, reduction);
   const char* table = ref.has_value() ? "ref_embeddings" : "embeddings";
   const int64_t m = ref.has_value() ? ref->size(0) : x.size(0);
+#ifndef TRIPLETLOSS_EMULATED  // the emulated CUDA build takes the CUDA path: the kernels check each triplet
   check_range_cpu(anchors, "anchors", x.size(0), "embeddings");
   check_range_cpu(positives, "positives", m, table);
   check_range_cpu(negatives, "negatives", m, table);
+#else
+  (void)table, (void)m;
+#endif
   const Tensor xc = x.contiguous();
   return {xc, ref.has_value() ? ref->contiguous() : xc, anchors.contiguous(), positives.contiguous(),
           negatives.contiguous()};
@@ -157,27 +167,19 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad, const Tensor& x_, const 
 }  // namespace indexed
 }  // namespace tripletloss
 
-TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) {
-  // distance: 0 euclidean, 1 squared euclidean, 2 dot (1 - <x, y>: cosine on normalized rows); reduction:
-  // 0 none, 1 mean, 2 sum, 3 mean_nonzero. saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet.
-  m.def(
-      "indexed_triplet_forward(Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, Tensor positives, "
-      "Tensor negatives, int distance, float margin, bool swap, bool soft, int reduction) "
-      "-> (Tensor loss, Tensor saved)");
-  m.def(
-      "indexed_triplet_backward(Tensor grad, Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, "
-      "Tensor positives, Tensor negatives, Tensor saved, int distance, float margin, bool swap, bool soft, "
-      "int reduction) -> (Tensor grad_embeddings, Tensor grad_ref_embeddings)");
-}
+#define TL_INDEXED_IMPLS(m)                                                 \
+  m.impl("indexed_triplet_forward", &tripletloss::indexed::forward); \
+  m.impl("indexed_triplet_backward", &tripletloss::indexed::backward)
 
 // The same device-generic code for both: only the launchers (backend_for) differ.
-TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) {
-  m.impl("indexed_triplet_forward", &tripletloss::indexed::forward);
-  m.impl("indexed_triplet_backward", &tripletloss::indexed::backward);
-}
+#ifndef TRIPLETLOSS_EMULATED
+TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) { TL_INDEXED_SCHEMAS(m); }
+TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) { TL_INDEXED_IMPLS(m); }
 #ifdef TRIPLETLOSS_WITH_CUDA
-TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) {
-  m.impl("indexed_triplet_forward", &tripletloss::indexed::forward);
-  m.impl("indexed_triplet_backward", &tripletloss::indexed::backward);
-}
+TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) { TL_INDEXED_IMPLS(m); }
+#endif
+#else
+// The emulated CUDA build (_C_emu): CPU tensors through the CUDA launchers on the emulator; the schemas are
+// defined in emu/module.cpp.
+TORCH_LIBRARY_IMPL(tripletloss_cuda_emu, CPU, m) { TL_INDEXED_IMPLS(m); }
 #endif

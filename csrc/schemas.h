@@ -32,3 +32,15 @@
       "semi_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin) "   \
       "-> (Tensor loss, Tensor stats, Tensor mined)");                                                       \
   m.def("semi_hard_backward(Tensor grad, Tensor dist, Tensor mined, float margin) -> Tensor")
+
+// distance: 0 euclidean, 1 squared euclidean, 2 dot (1 - <x, y>: cosine on normalized rows); reduction:
+// 0 none, 1 mean, 2 sum, 3 mean_nonzero. saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet.
+#define TL_INDEXED_SCHEMAS(m)                                                                                 \
+  m.def(                                                                                                     \
+      "indexed_triplet_forward(Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, Tensor positives, " \
+      "Tensor negatives, int distance, float margin, bool swap, bool soft, int reduction) "                   \
+      "-> (Tensor loss, Tensor saved)");                                                                     \
+  m.def(                                                                                                     \
+      "indexed_triplet_backward(Tensor grad, Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, "     \
+      "Tensor positives, Tensor negatives, Tensor saved, int distance, float margin, bool swap, bool soft, "  \
+      "int reduction) -> (Tensor grad_embeddings, Tensor grad_ref_embeddings)")

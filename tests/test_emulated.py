@@ -7,11 +7,23 @@ the vector and scalar paths, bitwise equality across block orders, and the six m
 Run with `pytest -m emulated_cuda tests` (needs `make build-emu`); hardware-only properties (CUDA graphs,
 streams, device memory) stay in test_cuda.py (`-m cuda`)."""
 
+import importlib.util
+import pathlib
 import re
 
 import pytest
 import torch
-from emulated import DEVICES, THREADS, blocks_per_sm, emu, expected_launch, launch_group, require, set_device
+from emulated import (
+    DEVICES,
+    REGISTERS,
+    THREADS,
+    blocks_per_sm,
+    emu,
+    expected_launch,
+    launch_group,
+    require,
+    set_device,
+)
 from helpers import FLOAT_DTYPES, KINK_GUARD, ids, make_triplet, seed_of, upstream_grad, value_scale
 
 import tripletloss_cuda as tl
@@ -266,40 +278,50 @@ def test_emulator_rules(rule):
 MINING = [
     ("batch_hard", {"soft": False}),
     ("batch_hard", {"soft": True}),
-    ("batch_all", {"reduction": 0}),
-    ("batch_all", {"reduction": 1}),
-    ("batch_all", {"reduction": 2}),
+    ("batch_all", {}),
     ("semi_hard", {}),
 ]
 
 
-def mining_run(ns, kind, dist, labels, kw, margin=0.2):
-    """The forward outputs and the gradient of dist of a mining op of namespace ns."""
+def mining_run(ns, kind, dist, labels, ref_labels, self_index, kw, margin=0.2):
+    """The forward outputs and the gradient of dist of a mining op of namespace ns (the ops return and take
+    the gradient of the loss sum)."""
     forward, backward = getattr(ns, f"{kind}_forward"), getattr(ns, f"{kind}_backward")
-    grad = torch.tensor(1.5, dtype=dist.dtype)
+    grad = torch.tensor(1.5, dtype=torch.float64)
     if kind == "batch_hard":
-        loss, stats, mined = forward(dist, labels, margin, kw["soft"])
-        return (loss, stats, mined), backward(grad, dist, labels, stats, mined, margin, kw["soft"])
+        loss, stats, mined = forward(dist, labels, ref_labels, self_index, margin, kw["soft"])
+        return (loss, stats, mined), backward(grad, dist, mined, margin, kw["soft"])
     if kind == "batch_all":
-        loss, stats = forward(dist, labels, margin, kw["reduction"])
-        return (loss, stats), backward(grad, dist, labels, stats, margin, kw["reduction"])
-    loss, stats, mined = forward(dist, labels, margin)
-    return (loss, stats, mined), backward(grad, dist, labels, stats, mined, margin)
+        loss, stats = forward(dist, labels, ref_labels, self_index, margin)
+        return (loss, stats), backward(grad, dist, labels, ref_labels, self_index, margin)
+    loss, stats, mined = forward(dist, labels, ref_labels, self_index, margin)
+    return (loss, stats, mined), backward(grad, dist, mined, margin)
 
 
+@pytest.mark.parametrize("refs", ("self", "reference_set"))
 @pytest.mark.parametrize("classes", ("two", "many"))
 @pytest.mark.parametrize("n", (1, 6, 40, 129, 300))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=ids)
 @pytest.mark.parametrize(("kind", "kw"), MINING, ids=lambda v: None if isinstance(v, dict) else v)
-def test_mining(kind, kw, dtype, n, classes):
+def test_mining(kind, kw, dtype, n, classes, refs):
     """The six mining ops through the CUDA row launchers (one thread per anchor, blocks of 128) equal the
-    CPU ops: the same row functions, so stats and mined indices are equal and values agree to rounding."""
-    gen = torch.Generator().manual_seed(seed_of(kind, n, classes))
+    CPU ops: the same row functions, so stats and mined indices are equal and values agree to rounding. With
+    the batch against itself (an (N, N) matrix, anchor i excluded as its own positive) and against a
+    reference set ((N, M), some anchors with a self row, others with -1)."""
+    gen = torch.Generator().manual_seed(seed_of(kind, n, classes, refs))
     x = torch.randn(n, 8, generator=gen, dtype=torch.float64)
-    dist = torch.cdist(x, x).to(dtype)
-    labels = torch.randint(0, 2 if classes == "two" else max(n // 3, 1), (n,), generator=gen)
-    ours = mining_run(torch.ops.tripletloss_cuda_emu, kind, dist, labels, kw)
-    cpu = mining_run(torch.ops.tripletloss_cuda, kind, dist, labels, kw)
+    label_count = 2 if classes == "two" else max(n // 3, 1)
+    labels = torch.randint(0, label_count, (n,), generator=gen)
+    if refs == "self":
+        y, ref_labels, self_index = x, labels, torch.arange(n)
+    else:
+        m = n // 2 + 3
+        y = torch.randn(m, 8, generator=gen, dtype=torch.float64)
+        ref_labels = torch.randint(0, label_count, (m,), generator=gen)
+        self_index = torch.where(torch.rand(n, generator=gen) < 0.5, torch.randint(0, m, (n,), generator=gen), -1)
+    dist = torch.cdist(x, y).to(dtype)
+    ours = mining_run(torch.ops.tripletloss_cuda_emu, kind, dist, labels, ref_labels, self_index, kw)
+    cpu = mining_run(torch.ops.tripletloss_cuda, kind, dist, labels, ref_labels, self_index, kw)
     tol = TOL[dtype]
     close(ours[0][0], cpu[0][0], tol, cpu[0][0].abs().clamp_min(1), "loss")
     for x, y in zip(ours[0][1:], cpu[0][1:]):
@@ -307,3 +329,104 @@ def test_mining(kind, kw, dtype, n, classes):
     close(ours[1], cpu[1], tol, cpu[1].abs().max().clamp_min(1e-30), "grad dist")
     launches = emu.launches()
     assert len(launches) == (2 if n else 0) and all(r["grid"] == -(-n // 128) and r["block"] == 128 for r in launches)
+
+
+# --- the loss over index triplets -------------------------------------------------------------------------
+
+INDEXED_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def indexed_run(ns, x, r, a, p, n, distance, swap, soft, reduction, margin=0.3):
+    """Forward outputs and both gradients of the indexed op of namespace ns."""
+    loss, saved = ns.indexed_triplet_forward(x, r, a, p, n, distance, margin, swap, soft, reduction)
+    grad = torch.full_like(loss, 1.25)
+    grads = ns.indexed_triplet_backward(grad, x, r, a, p, n, saved, distance, margin, swap, soft, reduction)
+    return loss, saved, grads
+
+
+@pytest.mark.parametrize("reduction", (0, 1, 3))
+@pytest.mark.parametrize(("swap", "soft"), ((False, False), (True, False), (False, True)))
+@pytest.mark.parametrize("distance", (0, 1, 2))
+@pytest.mark.parametrize("refs", (False, True))
+@pytest.mark.parametrize("dtype", INDEXED_DTYPES, ids=ids)
+def test_indexed(dtype, refs, distance, swap, soft, reduction):
+    """The loss over index triplets through the CUDA launchers (a thread per triplet forward, a thread per
+    destination row backward, contributions added in the CSR order) equals the CPU op, with duplicated rows
+    (a row in many triplets and in several roles), and bitwise across block orders."""
+    gen = torch.Generator().manual_seed(seed_of(dtype, refs, distance, swap, soft, reduction))
+    n_rows, m_rows, t = 37, 29 if refs else 37, 300
+    x = torch.randn(n_rows, 24, generator=gen).to(dtype)
+    r = torch.randn(m_rows, 24, generator=gen).to(dtype) if refs else None
+    a = torch.randint(0, n_rows, (t,), generator=gen)
+    p, n = (torch.randint(0, m_rows, (t,), generator=gen) for _ in range(2))
+    emu.set_seed(1)
+    ours = indexed_run(torch.ops.tripletloss_cuda_emu, x, r, a, p, n, distance, swap, soft, reduction)
+    cpu = indexed_run(torch.ops.tripletloss_cuda, x, r, a, p, n, distance, swap, soft, reduction)
+    tol = TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
+    for name, o, c in (("loss", ours[0], cpu[0]), ("saved", ours[1], cpu[1])):
+        close(o, c, tol, c.double().abs().nan_to_num().max().clamp_min(1), name)
+    for o, c in zip(ours[2], cpu[2]):
+        assert o.shape == c.shape
+        if not c.numel():  # no reference set: an empty grad_ref_embeddings
+            continue
+        scale = c.double().abs().max().clamp_min(1e-30)
+        close(o, c, 4e-3 if dtype == torch.float16 else tol, scale, "grad")
+    emu.set_seed(2)
+    again = indexed_run(torch.ops.tripletloss_cuda_emu, x, r, a, p, n, distance, swap, soft, reduction)
+    assert all(torch.equal(u, v) for u, v in zip((ours[0], ours[1], *ours[2]), (again[0], again[1], *again[2])))
+
+
+@pytest.mark.parametrize("t", (0, 1, 129))
+def test_indexed_sizes_and_launches(t):
+    """T = 0 launches nothing forward; grids cover every triplet (forward) and every row (backward)."""
+    x = torch.randn(40, 8, dtype=torch.float64)
+    a, p, n = (torch.randint(0, 40, (t,)) for _ in range(3))
+    ours = indexed_run(torch.ops.tripletloss_cuda_emu, x, None, a, p, n, 0, False, False, 2)
+    cpu = indexed_run(torch.ops.tripletloss_cuda, x, None, a, p, n, 0, False, False, 2)
+    close(ours[0], cpu[0], TOL[torch.float64], 1, "loss")
+    close(ours[2][0], cpu[2][0], TOL[torch.float64], 1, "grad")
+    grids = [(r["grid"], r["block"]) for r in emu.launches()]
+    assert all(block == 128 for _, block in grids)
+
+
+def test_indexed_out_of_range_reads_nothing():
+    """On the CUDA path the range is checked per triplet in the kernel (no host synchronization): a bad
+    triplet reads no row, its loss is NaN and it sends no gradient; the valid ones are unaffected."""
+    x = torch.randn(10, 8, dtype=torch.float64)
+    a, p, n = torch.tensor([0, 1, 2]), torch.tensor([3, 10, 4]), torch.tensor([5, 6, -1])
+    loss, _, (gx, _) = indexed_run(torch.ops.tripletloss_cuda_emu, x, None, a, p, n, 0, False, False, 0)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    ref, _, (gref, _) = indexed_run(torch.ops.tripletloss_cuda, x, None, a[:1], p[:1], n[:1], 0, False, False, 0)
+    torch.testing.assert_close(loss[:1], ref)
+    torch.testing.assert_close(gx, gref)
+
+
+def test_h200_register_table_matches_the_build():
+    """The fake H200's occupancy comes from emulated.REGISTERS: it must be the register counts of the CUDA
+    build in this tree (read with tools/sass_gate.py), so that a kernel change cannot leave it stale."""
+    spec = importlib.util.spec_from_file_location("sass_gate", pathlib.Path(__file__).parents[1] / "tools/sass_gate.py")
+    sass_gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_gate)
+    cuobjdump = sass_gate.find_cuobjdump()
+    built = sorted(pathlib.Path(__file__).parents[1].glob("tripletloss_cuda/_C.*.so"))
+    kernels = sass_gate.read_kernels(cuobjdump, str(built[0])) if cuobjdump and built else []
+    triplet = [k for k in kernels if k.triplet]
+    if not triplet:
+        pytest.skip("no CUDA build of _C here (CI always has one)")
+    table = {
+        (kernel, dtype, norm, swap, vec): int(regs)
+        for (kernel, dtype), entries in REGISTERS.items()
+        for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in entries.split())
+    }
+    norms = {"0": "L1", "1": "L2", "2": "Lp"}
+    built_table = {
+        (
+            k.base.removesuffix("_kernel"),
+            k.args[0],
+            norms[k.args[1][-1]],
+            "swap" if k.args[2] == "true" else "noswap",
+            k.args[3],
+        ): k.regs
+        for k in triplet
+    }
+    assert built_table == table, "update REGISTERS in tests/emulated.py from `python tools/sass_gate.py`"

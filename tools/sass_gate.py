@@ -7,8 +7,8 @@ For every kernel of ours in the extension's sm_90 cubin it checks:
 - the vectorized instantiations of the triplet kernels (VEC = 16 / sizeof(T)) issue 128-bit global loads
   (LDG.E.128), and the backward's also 128-bit stores (STG.E.128);
 and prints registers per thread and the theoretical occupancy at the kernel's block size on sm_90
-(65536 registers, 64 warps, 32 blocks and 228 KiB of shared memory per SM; registers allocated per warp in
-units of 256). --markdown prints the README table (one row per kernel, dtype and vector width; the register
+(64 warps, 32 blocks and 228 KiB of shared memory per SM; 64K registers in four partitions of 16K,
+allocated per warp in units of 256). --markdown prints the README table (one row per kernel, dtype and vector width; the register
 and occupancy ranges cover the norm and swap variants). Exits 1 when a check fails or when there is no
 cubin to read (a build without the CUDA kernels), 2 when cuobjdump is not found.
 
@@ -26,12 +26,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Block size of each kernel (threads), as its launcher uses it (kThreads in csrc/cuda/*.cu).
-BLOCK_SIZE = {
-    "forward_kernel": 256,
-    "backward_kernel": 256,
-}
-DEFAULT_BLOCK_SIZE = 128  # the mining launchers' kThreads
+# Block size of each family's kernels (threads), as its launchers use it (kThreads in csrc/cuda/*.cu).
+BLOCK_SIZE = {"triplet": 256, "mining": 128, "indexed": 128}
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 SIZEOF = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 NORMS = {"0": "L1", "1": "L2", "2": "Lp"}
@@ -70,16 +66,17 @@ class Kernel:
         name = pretty.removeprefix("void ").replace("(anonymous namespace)", "anon")
         head, _, rest = name.partition("<")
         self.base = head.split("(")[0].split("::")[-1]
+        self.family = next((f for f in ("mining", "indexed") if f"::{f}::" in head), "triplet")
         self.args = [a.strip() for a in rest.split(">(")[0].split(",")] if rest else []
         self.sass = ""
 
     @property
     def block(self):
-        return BLOCK_SIZE.get(self.base, DEFAULT_BLOCK_SIZE)
+        return BLOCK_SIZE[self.family]
 
     @property
     def triplet(self):
-        return self.base in BLOCK_SIZE  # forward/backward kernels: <T, Norm, swap, VEC>
+        return self.family == "triplet"  # forward/backward kernels: <T, Norm, swap, VEC>
 
     @property
     def vec(self):
@@ -93,7 +90,8 @@ class Kernel:
         """Theoretical occupancy on sm_90 at this kernel's block size: (blocks per SM, fraction of 64 warps)."""
         warps = (self.block + 31) // 32
         regs_per_warp = -(-self.regs * 32 // 256) * 256
-        by_regs = (65536 // regs_per_warp) // warps if self.regs else 32
+        # 64K registers in four partitions of 16K, each holding whole warps
+        by_regs = 4 * (16384 // regs_per_warp) // warps if self.regs else 32
         by_threads = 2048 // self.block
         by_smem = (228 * 1024) // (self.shared + 1024)
         blocks = min(by_regs, by_threads, by_smem, 32)
@@ -112,13 +110,13 @@ class Kernel:
 
     def label(self):
         if not self.triplet:
-            return f"{self.base}<{DTYPES.get(self.args[0], self.args[0]) if self.args else ''}>"
+            return f"{self.family}::{self.base}<{DTYPES.get(self.args[0], self.args[0]) if self.args else ''}>"
         dtype, norm, swap, vec = self.args
         return f"{self.base}<{DTYPES[dtype]}, {NORMS.get(norm[-1], norm)}, swap={swap}, vec={vec}>"
 
 
 def read_kernels(cuobjdump, path):
-    res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
+    res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"sass_gate: cuobjdump -res-usage failed on {path}: {res.stderr.strip()}")
     found = re.findall(
@@ -140,9 +138,10 @@ def read_kernels(cuobjdump, path):
 
 def markdown(kernels):
     rows = collections.OrderedDict()
-    for k in sorted(kernels, key=lambda k: (not k.triplet, k.base, k.args[:1], -k.vec)):
+    for k in sorted(kernels, key=lambda k: (k.family != "triplet", k.family, k.base, k.args[:1], -k.vec)):
         dtype = DTYPES.get(k.args[0], k.args[0]) if k.args else ""
-        rows.setdefault((k.base, dtype, k.vec, k.block), []).append(k)
+        name = k.base if k.triplet else f"{k.family}::{k.base}"
+        rows.setdefault((name, dtype, k.vec, k.block), []).append(k)
     lines = [
         "| kernel | dtype | vector width | block | registers | occupancy (sm_90) | spills |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
@@ -150,7 +149,7 @@ def markdown(kernels):
     for (base, dtype, vec, block), group in rows.items():
         regs = sorted({k.regs for k in group})
         occ = sorted({round(100 * k.occupancy()[1]) for k in group})
-        span = lambda v, unit="": f"{v[0]}{unit}" if len(v) == 1 else f"{v[0]}–{v[-1]}{unit}"  # noqa: E731
+        span = lambda v, unit="": f"{v[0]}{unit}" if len(v) == 1 else f"{v[0]}–{v[-1]}{unit}"
         width = f"{vec} ({vec * (SIZEOF.get(group[0].args[0], 0) if group[0].args else 0) * 8} bit)"
         spills = "none" if all(not k.local and not k.stack for k in group) else "**yes**"
         lines.append(f"| `{base}` | {dtype} | {width} | {block} | {span(regs)} | {span(occ, ' %')} | {spills} |")

@@ -6,12 +6,10 @@
 // triplet on the device (see indexed.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "../indexed.h"
 #include "../indexed_math.h"
+#include "cuda_compat.h"
 
 namespace tripletloss {
 namespace indexed {
@@ -50,16 +48,17 @@ int blocks_for(int64_t count) { return int((count + kThreads - 1) / kThreads); }
 
 void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives,
              const Tensor& negatives, int64_t distance, double margin, bool swap, bool soft, Tensor& saved) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const tl_cuda::DeviceGuard guard(x.device());
+  const tl_cuda::Stream stream = tl_cuda::current_stream();
   const int64_t count = anchors.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "indexed_triplet_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t><<<blocks_for(count), kThreads, 0, stream>>>(
+    constexpr auto kernel = forward_kernel<scalar_t, acc_t>;  // one macro argument
+    TL_LAUNCH(kernel, blocks_for(count), kThreads, 0, stream,
         x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), x.size(1), x.size(0), r.size(0),
         anchors.const_data_ptr<int64_t>(), positives.const_data_ptr<int64_t>(), negatives.const_data_ptr<int64_t>(),
         count, int(distance), acc_t(margin), swap, soft, saved.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    TL_LAUNCH_CHECK();
   });
 }
 
@@ -67,18 +66,19 @@ void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Ten
               const Tensor& negatives, const Tensor& saved, const Tensor& w, const Tensor& entries,
               const Tensor& offsets, int64_t distance, double margin, bool swap, bool soft, Tensor& grad_x,
               Tensor& grad_r) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const tl_cuda::DeviceGuard guard(x.device());
+  const tl_cuda::Stream stream = tl_cuda::current_stream();
   const int64_t rows = offsets.size(0) - 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "indexed_triplet_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+    constexpr auto kernel = backward_kernel<scalar_t, acc_t>;  // one macro argument
+    TL_LAUNCH(kernel, blocks_for(rows), kThreads, 0, stream,
         x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), x.size(1), x.size(0),
         anchors.const_data_ptr<int64_t>(), positives.const_data_ptr<int64_t>(), negatives.const_data_ptr<int64_t>(),
         anchors.size(0), saved.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), entries.const_data_ptr<int64_t>(),
         offsets.const_data_ptr<int64_t>(), rows, int(distance), acc_t(margin), swap, soft,
         grad_x.mutable_data_ptr<acc_t>(), grad_r.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    TL_LAUNCH_CHECK();
   });
 }
 

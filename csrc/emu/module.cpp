@@ -15,6 +15,7 @@ long selftest(const std::string& name);  // selftest.cpp
 TORCH_LIBRARY(tripletloss_cuda_emu, m) {
   TL_TRIPLET_SCHEMAS(m);
   TL_MINING_SCHEMAS(m);
+  TL_INDEXED_SCHEMAS(m);
 }
 
 namespace {
