@@ -1,7 +1,7 @@
 """CrossBatchMemory: the ring buffer (enqueue order, wrap-around, filling), the loss against the memory with each
 anchor's own slot excluded (= the mining loss with ref_embeddings/ref_labels/ref_self_index), pytorch-metric-
-learning 2.9's CrossBatchMemory (TripletMarginLoss, no miner), state_dict, errors. (Distributed: the 2-process
-test in tests/test_mining_distributed.py.)"""
+learning 2.9's CrossBatchMemory (TripletMarginLoss, no miner) against ours with BatchAllTripletLoss and with the
+PML drop-in, state_dict, errors. (Distributed: the 2-process test in tests/test_mining_distributed.py.)"""
 
 import pytest
 import torch
@@ -78,6 +78,118 @@ def test_matches_pml_cross_batch_memory():
         assert ours.queue_idx == pml.queue_idx and ours.filled == pml.has_been_filled
 
 
+def _pml_distance(name):
+    from pytorch_metric_learning import distances
+
+    return {
+        "default": None,
+        "lp-unnormalized": distances.LpDistance(normalize_embeddings=False),
+        "lp-squared": distances.LpDistance(power=2),
+        "cosine": distances.CosineSimilarity(),
+    }[name]
+
+
+DISTANCES, REDUCERS = ("default", "lp-unnormalized", "lp-squared", "cosine"), ("default", "MeanReducer", "SumReducer")
+LISTED = ({"margin": 0.2, "smooth_loss": True}, {"margin": -0.05})  # the drop-in's listed-triplets path
+# Margins at the scale of the distances, so that the own slot (d(a, p) = 0) would give active triplets.
+PML_CASES = [(d, r, {"margin": 3.0 if d == "lp-unnormalized" else 1.0}) for d in DISTANCES for r in REDUCERS]
+PML_CASES += [(d, r, o) for d, r in (("default", "default"), ("cosine", "MeanReducer")) for o in LISTED]
+
+
+@pytest.mark.parametrize(
+    ("distance", "reducer", "options"),
+    PML_CASES,
+    ids=lambda v: "-".join(map(str, v.values())) if isinstance(v, dict) else v,
+)
+def test_pml_drop_in_matches_pml_cross_batch_memory(distance, reducer, options):
+    """The PML drop-in in our CrossBatchMemory is PML 2.9's CrossBatchMemory(TripletMarginLoss(...)) (no miner):
+    losses, embedding gradients and the memory, over batches that fill the ring, wrap around within a call and
+    after it (8, 8, 8, 8, 3 rows into 20 slots, then 5, 7). smooth_loss and a negative margin take the drop-in's
+    listed-triplets path, the others the fused batch-all, both with each anchor's own slot excluded."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    from pytorch_metric_learning import reducers
+
+    from tripletloss_cuda.integrations import pml as drop_in
+
+    kw = dict(options, distance=_pml_distance(distance))
+    make_reducer = None if reducer == "default" else getattr(reducers, reducer)
+    pml = pml_losses.CrossBatchMemory(
+        pml_losses.TripletMarginLoss(**kw, reducer=make_reducer and make_reducer()), embedding_size=6, memory_size=20
+    )
+    ours = tl.CrossBatchMemory(
+        drop_in.TripletMarginLoss(**kw, reducer=make_reducer and make_reducer()), embedding_size=6, memory_size=20
+    )
+    for step, (x, y) in enumerate(_batches((8, 8, 8, 8, 3, 5, 7), seed=3)):
+        results = []
+        for criterion in (pml, ours):
+            leaf = x.clone().requires_grad_()
+            loss = criterion(leaf, y)
+            results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0]))
+        torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-10, msg=f"step {step}")
+        torch.testing.assert_close(ours.embedding_memory, pml.embedding_memory, rtol=0, atol=0)
+        assert torch.equal(ours.label_memory, pml.label_memory)
+        assert ours.queue_idx == pml.queue_idx and ours.filled == pml.has_been_filled
+    assert ours.last_stats is None
+
+
+def test_pml_drop_in_swap_against_brute_force():
+    """swap=True in the memory (PML 2.9 indexes its (N, M) matrix with memory rows there, its issue #748): every
+    triplet (a, p, n) of the batch against the memory, p not a's own slot, listed by loops, with
+    [margin + d(a, p) - min(d(a, n), d(p, n))]+ on normalized rows, averaged over the nonzero ones."""
+    from tripletloss_cuda.integrations import pml as drop_in
+
+    ours = tl.CrossBatchMemory(drop_in.TripletMarginLoss(margin=1.0, swap=True), embedding_size=6, memory_size=10)
+    ring_x, ring_y, slot, size = torch.zeros(10, 6, dtype=torch.float64), torch.zeros(10, dtype=torch.int64), 0, 0
+    for step, (x, y) in enumerate(_batches((4, 5, 4, 6), seed=7)):
+        leaf = x.clone().requires_grad_()
+        loss = ours(leaf, y)
+        slots = [(slot + i) % 10 for i in range(x.shape[0])]
+        ring_x[slots], ring_y[slots] = x, y
+        slot, size = (slot + x.shape[0]) % 10, min(10, size + x.shape[0])
+        oracle_leaf = x.clone().requires_grad_()
+        a_rows = torch.nn.functional.normalize(oracle_leaf, dim=1)
+        mem = torch.nn.functional.normalize(ring_x[:size], dim=1)
+        losses = [
+            torch.relu(
+                1.0 + (a_rows[a] - mem[p]).norm() - torch.minimum((a_rows[a] - mem[n]).norm(), (mem[p] - mem[n]).norm())
+            )
+            for a in range(x.shape[0])
+            for p in range(size)
+            for n in range(size)
+            if ring_y[p] == y[a] and p != slots[a] and ring_y[n] != y[a]
+        ]
+        losses = torch.stack(losses)
+        expected = losses.sum() / (losses > 0).sum()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+        torch.testing.assert_close(
+            torch.autograd.grad(loss, leaf)[0], torch.autograd.grad(expected, oracle_leaf)[0], rtol=1e-9, atol=1e-12
+        )
+
+
+def test_pml_drop_in_float_labels_and_errors():
+    """Float labels are kept as floats in the label memory (as PML does); PML's options we do not reproduce raise."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    from tripletloss_cuda.integrations import pml as drop_in
+
+    pml = pml_losses.CrossBatchMemory(pml_losses.TripletMarginLoss(margin=0.3), embedding_size=6, memory_size=12)
+    ours = tl.CrossBatchMemory(drop_in.TripletMarginLoss(margin=0.3), embedding_size=6, memory_size=12)
+    for x, y in _batches((7, 7, 7), seed=5):
+        y = y.double() / 2
+        torch.testing.assert_close(ours(x, y), pml(x, y), rtol=1e-9, atol=1e-10)
+    assert ours.label_memory.dtype == torch.float64
+    with pytest.raises(NotImplementedError, match="miner is not reproduced"):
+        tl.CrossBatchMemory(drop_in.TripletMarginLoss(), 6, miner=object())
+    for name in ("indices_tuple", "enqueue_mask"):
+        with pytest.raises(NotImplementedError, match=f"{name} is not reproduced"):
+            ours(x, y, **{name: torch.zeros(7, dtype=torch.bool)})
+    with pytest.raises(TypeError, match=r"argument 'labels' \(position 2\) must be Tensor, not list"):
+        ours(x, [0] * 7)
+    with pytest.raises(ValueError, match="labels \\(N,\\)"):
+        ours(x, y[:3])
+    with pytest.raises(ValueError, match="embeddings should have 6 columns"):
+        ours(x[:, :5], y)
+
+
 def test_state_dict_and_reset():
     criterion = tl.CrossBatchMemory(tl.BatchHardTripletLoss(), embedding_size=6, memory_size=10)
     for x, y in _batches((4, 4, 4), dtype=torch.float32):
@@ -113,3 +225,7 @@ def test_errors():
         criterion(x[:3, :5], y[:3])
     with pytest.raises(ValueError, match="labels should be a 1D tensor of 3"):
         criterion(x[:3], y[:2])
+    with pytest.raises(NotImplementedError, match="enqueue_mask is not reproduced"):
+        criterion(x[:3], y[:3], enqueue_mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="miner is not reproduced"):
+        tl.CrossBatchMemory(tl.BatchHardTripletLoss(), 6, miner=object())

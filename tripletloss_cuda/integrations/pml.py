@@ -41,6 +41,9 @@ Differences from PML 2.9:
 - As in PML, ``ref_emb`` with ``ref_labels`` is a separate reference set (every reference of the anchor's label a
   positive), except when ``ref_labels`` is the very ``labels`` object: then reference i is anchor i and not its
   own positive (PML's fill_diagonal_ on the label matrix; ref_self_index for the batch-all op).
+- In tl.CrossBatchMemory (PML's CrossBatchMemory without a miner) the memory is the reference set and each anchor's
+  own slot is excluded (PML's remove_self_comparisons), passed as ref_self_index through the private ``_forward``;
+  there ``swap`` takes d(p, n) between memory rows (PML: its issue #748, as above).
 """
 
 import torch
@@ -119,15 +122,16 @@ def _class_ids(labels, ref_labels):
     return ids[: labels.shape[0]], None if ref_labels is None else ids[labels.shape[0] :]
 
 
-def all_triplets(labels, ref_labels=None, self_ref=False):
+def all_triplets(labels, ref_labels=None, self_index=None):
     """Every valid triplet as PML's get_all_triplets_indices lists them: (a, p, n) with y_a == y_p, y_a != y_n,
-    p != a when the batch is its own reference set (or ``self_ref``: PML's ref_labels is labels)."""
-    same_ref = ref_labels is None or self_ref
+    p != self_index[a] (N,) (-1: none; default: p != a when the batch is its own reference set)."""
+    if self_index is None and ref_labels is None:
+        self_index = torch.arange(labels.shape[0], device=labels.device)
     ref_labels = labels if ref_labels is None else ref_labels
     matches = labels[:, None] == ref_labels[None, :]
     diffs = ~matches
-    if same_ref:
-        matches.fill_diagonal_(False)
+    if self_index is not None:
+        matches &= torch.arange(ref_labels.shape[0], device=labels.device) != self_index[:, None]
     return torch.where(matches[:, :, None] & diffs[:, None, :])
 
 
@@ -168,12 +172,19 @@ class TripletMarginLoss(Module):
         self._reduction = _reduction(reducer)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=None):
+        """forward; ``ref_self_index`` (N,) int64 (private: CrossBatchMemory's slots), without an indices_tuple:
+        the reference that is anchor i itself (or -1), not among its positives (PML's remove_self_comparisons)."""
         tensor_argument("TripletMarginLoss.forward", "embeddings", 1, embeddings)
+        # PML drops the pairs (i, i) from the triplets it lists when ref_labels is the labels object itself.
+        if ref_self_index is None and ref_emb is not None and ref_labels is not None and ref_labels is labels:
+            i = torch.arange(embeddings.shape[0], device=embeddings.device)
+            ref_self_index = torch.where(i < ref_emb.shape[0], i, -1)
         labels = _check_labels(embeddings, labels)
         if labels is None and indices_tuple is None:
             raise ValueError("labels and indices_tuple cannot both be None")
-        # PML drops the pairs (i, i) from the triplets it lists when ref_labels is the labels object itself.
-        self_ref = ref_emb is not None and ref_labels is not None and ref_labels is labels
         if ref_emb is not None:
             tensor_argument("TripletMarginLoss.forward", "ref_emb", 4, ref_emb)
             ref_labels = _check_labels(ref_emb, ref_labels, "ref_emb")
@@ -194,11 +205,10 @@ class TripletMarginLoss(Module):
                 # positive (no self exclusion): the reference-set batch-all's semantics without ref_self_index.
                 labels, ref_labels = _class_ids(labels, ref_labels)
                 refs = {} if ref_emb is None else {"ref_embeddings": ref_emb, "ref_labels": ref_labels}
-                if self_ref:
-                    i = torch.arange(labels.shape[0], device=labels.device)
-                    refs["ref_self_index"] = torch.where(i < ref_emb.shape[0], i, -1)
+                if ref_self_index is not None:
+                    refs["ref_self_index"] = ref_self_index
                 return mining.batch_all_triplet_loss(embeddings, labels, reduction=self._reduction, **refs, **kwargs)
-            indices_tuple = self._all_triplets(embeddings, labels, ref_emb, ref_labels, self_ref)
+            indices_tuple = self._all_triplets(embeddings, labels, ref_emb, ref_labels, ref_self_index)
         elif len(indices_tuple) == 4:
             indices_tuple = pairs_to_triplets(*indices_tuple)
         elif len(indices_tuple) != 3:
@@ -235,7 +245,7 @@ class TripletMarginLoss(Module):
         losses = torch.nn.functional.softplus(h) if self.smooth_loss else torch.relu(h)
         return indexed.reference.reduce(losses, indexed.REDUCTIONS[self._reduction]).to(embeddings.dtype)
 
-    def _all_triplets(self, embeddings, labels, ref_emb, ref_labels, self_ref):
+    def _all_triplets(self, embeddings, labels, ref_emb, ref_labels, ref_self_index):
         n = embeddings.shape[0]
         m = n if ref_emb is None else ref_emb.shape[0]
         options = [o for o, on in (("swap=True", self.swap), ("smooth_loss=True", self.smooth_loss)) if on]
@@ -247,7 +257,7 @@ class TripletMarginLoss(Module):
                 f"TripletMarginLoss: {', '.join(options)} without an indices_tuple lists every triplet as PML does, "
                 f"refused for N*M*M = {n * m * m} > {MAX_ALL_TRIPLETS_CUBE}; pass a miner's indices_tuple"
             )
-        return all_triplets(labels, ref_labels, self_ref)
+        return all_triplets(labels, ref_labels, ref_self_index)
 
     def extra_repr(self):
         return (

@@ -15,28 +15,49 @@ Under torch.distributed, a loss built with ``distributed=True`` makes every rank
 order, as the mining losses do), enqueue all of it in that same order, and mine the global batch against the
 memory, so that all ranks hold identical memories and compute the same loss (gradients flow to each rank's own
 rows; see tripletloss_cuda/mining/distributed.py for the scale under DistributedDataParallel).
+
+The loss may also be the pytorch-metric-learning drop-in (tripletloss_cuda.integrations.pml.TripletMarginLoss):
+then this is PML 2.9's ``CrossBatchMemory(TripletMarginLoss(...), embedding_size, memory_size)`` without a miner
+(every triplet of the batch against the whole memory, each anchor's own slot removed), through the drop-in's
+reference-set path with ``ref_self_index`` = the batch's slots; the label memory takes the labels' dtype, as in
+PML. PML's ``miner``, ``indices_tuple`` and ``enqueue_mask`` are not reproduced (NotImplementedError).
 """
 
 import torch
 from torch.nn import Module
 
+from ..indexed.api import tensor_argument
 from . import api
+
+
+def _is_pml_drop_in(loss):
+    from ..integrations.pml import TripletMarginLoss
+
+    return isinstance(loss, TripletMarginLoss)
 
 
 class CrossBatchMemory(Module):
     """``CrossBatchMemory(loss, embedding_size, memory_size=1024)`` around one of the mining loss modules
-    (BatchHardTripletLoss, BatchAllTripletLoss, BatchSemiHardTripletLoss). ``forward(embeddings, labels)``
-    returns the loss; ``last_stats`` (also set on the wrapped loss) the MiningStats of the last call.
+    (BatchHardTripletLoss, BatchAllTripletLoss, BatchSemiHardTripletLoss) or the PML drop-in TripletMarginLoss.
+    ``forward(embeddings, labels)`` returns the loss; ``last_stats`` (also set on the wrapped loss) the MiningStats
+    of the last call (None with the PML drop-in). PML's ``miner`` (constructor), ``indices_tuple`` and
+    ``enqueue_mask`` (forward) are accepted by name only to raise NotImplementedError.
     Buffers: ``embedding_memory`` (memory_size, embedding_size), in the dtype and on the device of the last
-    batch, and ``label_memory`` (memory_size,) int64. A batch may hold at most memory_size rows (the global
+    batch, and ``label_memory`` (memory_size,) int64 (the labels' dtype with the PML drop-in). A batch may hold at most memory_size rows (the global
     batch, under distributed=True)."""
 
-    def __init__(self, loss, embedding_size, memory_size=1024):
+    def __init__(self, loss, embedding_size, memory_size=1024, miner=None):
         super().__init__()
-        if not isinstance(loss, api._MiningLoss):
+        self._pml = _is_pml_drop_in(loss)
+        if not self._pml and not isinstance(loss, api._MiningLoss):
             raise TypeError(
                 "CrossBatchMemory: loss should be a tripletloss_cuda mining loss module (BatchHardTripletLoss, "
-                f"BatchAllTripletLoss or BatchSemiHardTripletLoss), got {type(loss).__name__}"
+                "BatchAllTripletLoss or BatchSemiHardTripletLoss) or tripletloss_cuda.integrations.pml."
+                f"TripletMarginLoss, got {type(loss).__name__}"
+            )
+        if miner is not None:
+            raise NotImplementedError(
+                "CrossBatchMemory: miner is not reproduced (every triplet of the batch against the memory is mined)"
             )
         for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -63,25 +84,40 @@ class CrossBatchMemory(Module):
     def _enqueue(self, embeddings, labels):
         """Writes the batch into the ring; returns its slots (N,) int64 on the device."""
         n = embeddings.shape[0]
+        label_dtype = labels.dtype if self._pml else torch.int64  # PML's label memory takes the labels' dtype
         if self.embedding_memory.dtype != embeddings.dtype or self.embedding_memory.device != embeddings.device:
             self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
-            self.label_memory = self.label_memory.to(embeddings.device)
+        if self.label_memory.dtype != label_dtype or self.label_memory.device != embeddings.device:
+            self.label_memory = self.label_memory.to(embeddings.device, label_dtype)
         slots = torch.arange(self.queue_idx, self.queue_idx + n, device=embeddings.device) % self.memory_size
         with torch.no_grad():
             self.embedding_memory[slots] = embeddings.detach()
-            self.label_memory[slots] = labels.to(torch.int64)
+            self.label_memory[slots] = labels.to(label_dtype)
         previous, self.queue_idx = self.queue_idx, (self.queue_idx + n) % self.memory_size
         self.filled = self.filled or (n > 0 and self.queue_idx <= previous)
         return slots
 
-    def forward(self, embeddings, labels):
-        api._check(embeddings, labels, self.loss.margin, self.loss.distance)
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        for name, value in (("indices_tuple", indices_tuple), ("enqueue_mask", enqueue_mask)):
+            if value is not None:
+                raise NotImplementedError(f"CrossBatchMemory: {name} is not reproduced")
+        if self._pml:
+            tensor_argument("CrossBatchMemory.forward", "embeddings", 1, embeddings)
+            tensor_argument("CrossBatchMemory.forward", "labels", 2, labels)
+            if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+                raise ValueError(
+                    "CrossBatchMemory: embeddings should be (N, D) and labels (N,), "
+                    f"got shapes {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+                )
+            labels, kwargs = labels.to(embeddings.device), {}
+        else:
+            api._check(embeddings, labels, self.loss.margin, self.loss.distance)
+            kwargs = {name: getattr(self.loss, name) for name in self.loss.kwargs}
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"CrossBatchMemory: embeddings should have {self.embedding_size} columns (embedding_size), "
                 f"got shape {tuple(embeddings.shape)}"
             )
-        kwargs = {name: getattr(self.loss, name) for name in self.loss.kwargs}
         if kwargs.pop("distributed", False):  # gather here, once: the memory itself is the same on every rank
             embeddings, labels, *_ = api._global_batch(embeddings, labels, None, None, None, True)
         if embeddings.shape[0] > self.memory_size:
@@ -91,8 +127,11 @@ class CrossBatchMemory(Module):
             )
         slots = self._enqueue(embeddings, labels)
         size = self.memory_size if self.filled else self.queue_idx
-        refs = (self.embedding_memory[:size], self.label_memory[:size], slots)
-        loss, stats = self.loss._compute(embeddings, labels, refs, check_self_index=False, **kwargs)
+        memory = (self.embedding_memory[:size], self.label_memory[:size])
+        if self._pml:
+            self.last_stats = None
+            return self.loss._forward(embeddings, labels, None, *memory, ref_self_index=slots)
+        loss, stats = self.loss._compute(embeddings, labels, (*memory, slots), check_self_index=False, **kwargs)
         self.last_stats = self.loss.last_stats = stats
         return loss
 
