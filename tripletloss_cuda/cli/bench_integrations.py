@@ -25,12 +25,12 @@ import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from . import bench_mining
 from .bench import _sync, log, resolve_device, write_results
 from .bench import metadata as core_metadata
 from .bench_mining import _fmt_bytes, _fmt_time, _proc_status, _reset_peak_rss
@@ -138,17 +138,7 @@ def measure_row(spec):
 
 
 def run_row(spec):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "tripletloss_cuda.cli.bench_integrations", "--worker", json.dumps(spec)]
-    try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ROW_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"killed: over the {ROW_TIMEOUT_S} s time limit"}
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
-        return {"skipped": f"failed: {tail[:300]}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_mining.run_row(spec, ROW_TIMEOUT_S, module="tripletloss_cuda.cli.bench_integrations")
 
 
 def _skip(case, impl, n, device):

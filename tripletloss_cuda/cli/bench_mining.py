@@ -209,11 +209,12 @@ def measure_row(spec):
     }
 
 
-def run_row(spec, timeout_s):
-    """measure_row in a fresh interpreter; {'skipped': why} when it fails or runs out of time."""
+def run_row(spec, timeout_s, module="tripletloss_cuda.cli.bench_mining"):
+    """`python -m module --worker SPEC` (its measure_row) in a fresh interpreter; {'skipped': why} when it fails
+    or runs out of time."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "tripletloss_cuda.cli.bench_mining", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
