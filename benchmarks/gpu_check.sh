@@ -8,7 +8,8 @@
 # gradients on CPU and CUDA); demo (the training demo on CUDA, when scikit-learn is there); tests (pytest -m
 # cuda, skipped without pytest); memcheck and racecheck (compute-sanitizer on benchmarks/sanitize_cases.py);
 # leak (benchmarks/leak_check.py, 3,000 steps); bench (`python3 -m tripletloss_cuda bench --device cuda`, with
-# --plot when matplotlib is there). Each step is
+# --plot when matplotlib is there); bench_mining_split and bench_mining (the mining ops next to the distance
+# matrix's product; the three losses at N = 1024, 4096, 16384 against pytorch-metric-learning). Each step is
 # timed and logged, and the next steps run after a failure, except those that need what failed.
 # OUTDIR gets: gpu_check.log (everything), gpu_check_summary.json (per step: status pass/fail/skipped, seconds,
 # exit code; rewritten after every step), demo_cuda.json, bench_cuda.json (and bench_cuda.png), and the
@@ -99,7 +100,8 @@ main() {
 
     if ! step build 300 'python3 setup.py build_ext --inplace'; then
         local name
-        for name in info check demo tests memcheck racecheck leak bench bench_integrations; do skip "$name" "build failed"; done
+        for name in info check demo tests memcheck racecheck leak bench bench_mining_split bench_mining \
+            bench_integrations; do skip "$name" "build failed"; done
         return 1
     fi
     local kernels=1
@@ -143,6 +145,16 @@ main() {
         find benchmarks/results -name 'cuda-*' -newer "$STARTED" -exec cp {} "$OUT/" \;
     else
         skip bench "no CUDA kernel"
+    fi
+    if ((kernels)); then  # issue 10: the mining losses against pml, and the mining ops next to the matrix product
+        step bench_mining_split 90 'python3 -m tripletloss_cuda bench --mining --split --device cuda \
+            --json "$OUT/mining_split_cuda.json"'
+        step bench_mining 180 'python3 -m tripletloss_cuda bench --mining --device cuda --n 1024,4096,16384 --d 128 \
+            --per-class 32 --impls tl,pml --repeats 5 --json "$OUT/mining_cuda.json"'
+        find benchmarks/results -name 'mining-*cuda-*' -newer "$STARTED" -exec cp {} "$OUT/" \;
+    else
+        skip bench_mining_split "no CUDA kernel"
+        skip bench_mining "no CUDA kernel"
     fi
     if ((kernels)) && python3 -c "import pytorch_metric_learning" 2>/dev/null; then
         step bench_integrations 240 'python3 -m tripletloss_cuda bench --integrations --device cuda'

@@ -169,18 +169,6 @@ Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor&
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& excluded) {
-  // std::optional: a plain `true` would bind to the overload sort(self, dim, descending).
-  auto [values, index] = at::sort(dist.masked_fill(excluded, INFINITY), /*stable=*/std::optional<bool>(true),
-                                  /*dim=*/1, /*descending=*/false);
-  return {values.contiguous(), index.contiguous()};
-}
-
-Tensor not_positive(const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index) {
-  const Tensor columns = at::arange(ref_labels.size(0), ref_labels.options());
-  return labels.unsqueeze(1).ne(ref_labels.unsqueeze(0)).logical_or(columns.unsqueeze(0).eq(self_index.unsqueeze(1)));
-}
-
 }  // namespace mining
 }  // namespace tripletloss
 

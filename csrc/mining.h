@@ -1,6 +1,6 @@
 // Host side of the mining ops (csrc/mining.cpp): the per-device row launchers each backend provides
 // (cpu/mining_kernel.cpp, cuda/mining_kernel.cu). The ops themselves are device-generic ATen code around
-// them: argument checks, label masks, per-anchor sorts (at::sort, CUDA) and the final fixed-order reductions.
+// them: argument checks and the final fixed-order reductions.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,7 +15,7 @@ using at::Tensor;
 // Row launchers: run the row functions of mining_math.h for every anchor. Inputs are contiguous; dist
 // is float32 or float64 (N, M) (anchors x references), labels int64 (N,), ref_labels int64 (M,), self_index
 // int64 (N,) (the excluded reference column of each anchor, or -1); batch-all and semi-hard sort each
-// anchor's positives (the CPU in per-task buffers, CUDA with sorted_rows below); loss (N,) float64 and
+// anchor's positives (the CPU in per-task buffers, CUDA in shared-memory tiles); loss (N,) float64 and
 // counts (N, 3) int64 are written per anchor; scale is a 0-d float64 tensor (read on the device: no host
 // synchronization).
 struct Backend {
@@ -33,12 +33,6 @@ struct Backend {
 };
 
 const Backend& cpu_backend();
-
-// Each row's entries where `excluded` is false, ascending (stable: the lowest index first among ties),
-// then +inf: (values, int64 columns), both (N, M) contiguous.
-std::tuple<Tensor, Tensor> sorted_rows(const Tensor& dist, const Tensor& excluded);
-// (N, M) bool: true where reference column j is not a positive of anchor i (other label, or j == self_index[i]).
-Tensor not_positive(const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index);
 
 const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA and emulated builds only)
 

@@ -49,28 +49,54 @@ TL_HD int64_t count_below(const T* s, int64_t n, T v) {
   return lo;
 }
 
-// Batch-hard: the hardest positive (largest d_ij) and negative (smallest d_ik), lowest index among ties.
-// mined[0..1] = {j, k}, or {-1, -1} for an anchor without a positive or a negative.
+// Total orders on (distance, column), so that a scan in any order or a tree of partial results picks the same
+// element (NaN, which compares false with everything, is ordered explicitly: it wins, so that it is not skipped).
+// harder_positive: (v, j) is a harder positive than (b_v, b): larger distance, NaN the hardest, the lower column
+// among ties; b < 0 is no element yet. harder_negative: smaller distance, NaN the hardest.
 template <typename T>
-TL_HD void batch_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, T margin, bool soft,
-                          double* loss, int64_t* counts, int64_t* mined) {
-  int64_t p = -1, q = -1, n_pos = 0, n_neg = 0;
-  for (int64_t j = 0; j < m; ++j) {
-    if (j == excl) continue;
-    if (ry[j] == yi) {
-      ++n_pos;
-      if (p < 0 || d[j] > d[p]) p = j;
-    } else {
-      ++n_neg;
-      if (q < 0 || d[j] < d[q]) q = j;
-    }
-  }
+TL_HD bool harder_positive(T v, int64_t j, T b_v, int64_t b) {
+  if (b < 0) return true;
+  const bool nan = v != v, b_nan = b_v != b_v;
+  if (nan != b_nan) return nan;
+  if (!nan && v != b_v) return v > b_v;
+  return j < b;
+}
+template <typename T>
+TL_HD bool harder_negative(T v, int64_t j, T b_v, int64_t b) {
+  if (b < 0) return true;
+  const bool nan = v != v, b_nan = b_v != b_v;
+  if (nan != b_nan) return nan;
+  if (!nan && v != b_v) return v < b_v;
+  return j < b;
+}
+// The order of the sorted positives of batch-all and semi-hard: ascending distance, NaN last, the lower column
+// among ties (a strict weak order even with NaN distances).
+template <typename T>
+TL_HD bool sorts_before(T a, int64_t a_j, T b, int64_t b_j) {
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a != b) return a < b;
+  return a_j < b_j;
+}
+
+// The loss of a triplet with hinge argument x = d_ij - d_ik (soft: log(1 + e^x)) and its derivative in x.
+template <typename T>
+TL_HD T hard_loss(T x, T margin, bool soft) {
+  return soft ? softplus(x) : (margin + x > T(0) ? margin + x : T(0));
+}
+template <typename T>
+TL_HD T hard_weight(T x, T margin, bool soft) {
+  return soft ? sigmoid(x) : (margin + x > T(0) ? T(1) : T(0));
+}
+
+// Batch-hard: the hardest positive (largest d_ij) and negative (smallest d_ik), lowest index among ties.
+// mined[0..1] = {j, k}, or {-1, -1} for an anchor without a positive or a negative. The result of a row whose
+// hardest pair (p, q) and numbers of positives and negatives are known (the CUDA kernels find them in parallel):
+template <typename T>
+TL_HD void batch_hard_result(const T* d, int64_t p, int64_t q, int64_t n_pos, int64_t n_neg, T margin, bool soft,
+                             double* loss, int64_t* counts, int64_t* mined) {
   const bool valid = n_pos > 0 && n_neg > 0;
-  T l = 0;
-  if (valid) {
-    const T x = d[p] - d[q];
-    l = soft ? softplus(x) : (margin + x > T(0) ? margin + x : T(0));
-  }
+  const T l = valid ? hard_loss(d[p] - d[q], margin, soft) : T(0);
   *loss = l;
   counts[kValid] = n_pos * n_neg;
   counts[kActive] = valid && l > T(0);
@@ -80,14 +106,38 @@ TL_HD void batch_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, 
 }
 
 template <typename T>
+TL_HD void batch_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, T margin, bool soft,
+                          double* loss, int64_t* counts, int64_t* mined) {
+  int64_t p = -1, q = -1, n_pos = 0, n_neg = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    if (j == excl) continue;
+    if (ry[j] == yi) {
+      ++n_pos;
+      if (harder_positive(d[j], j, p < 0 ? T(0) : d[p], p)) p = j;
+    } else {
+      ++n_neg;
+      if (harder_negative(d[j], j, q < 0 ? T(0) : d[q], q)) q = j;
+    }
+  }
+  batch_hard_result(d, p, q, n_pos, n_neg, margin, soft, loss, counts, mined);
+}
+
+// The gradient of the hardest triplet's loss: dL/dd = +w at the positive column mined[0], -w at the negative
+// column mined[1], 0 elsewhere (w = 0 for an anchor without a triplet, or mined columns outside [0, m)).
+template <typename T>
+TL_HD T batch_hard_weight(const T* d, int64_t m, const int64_t* mined, T margin, bool soft, T scale) {
+  const int64_t p = mined[0], q = mined[1];
+  if (p < 0 || q < 0 || p >= m || q >= m) return T(0);
+  return scale * hard_weight(d[p] - d[q], margin, soft);
+}
+
+template <typename T>
 TL_HD void batch_hard_grad_row(const T* d, int64_t m, const int64_t* mined, T margin, bool soft, T scale, T* grad) {
   for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
-  const int64_t p = mined[0], q = mined[1];
-  if (p < 0) return;
-  const T x = d[p] - d[q];
-  const T w = soft ? sigmoid(x) : (margin + x > T(0) ? T(1) : T(0));
-  grad[p] = scale * w;
-  grad[q] = -scale * w;
+  const T w = batch_hard_weight(d, m, mined, margin, soft, scale);
+  if (w == T(0)) return;
+  grad[mined[0]] = w;
+  grad[mined[1]] = -w;
 }
 
 // Batch-all. ps[0, n_pos): the anchor's positive distances sorted ascending, pi: their columns. Triplet
@@ -162,7 +212,7 @@ TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
     mined[k] = -1;
     if (k == excl || ry[k] == yi) continue;
     ++n_neg;
-    if (largest < 0 || d[k] > d[largest]) largest = k;
+    if (harder_positive(d[k], k, largest < 0 ? T(0) : d[largest], largest)) largest = k;  // the farthest
     const int64_t b = count_below(ps, n_pos, d[k]);
     if (best_k[b] < 0 || d[k] < best_d[b]) {
       best_d[b] = d[k];
@@ -188,15 +238,30 @@ TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
   counts[kMined] = n_neg > 0 ? n_pos : 0;
 }
 
+// A semi-hard triplet (i, j, mined[j]) is active when its hinge margin + d_ij - d_ik is positive. dL/dd_ij =
+// scale for an active positive j; dL/dd_ik = -scale * (the number of active positives that mined k): counted
+// first (exact integers, in the gradient's own slots, which a positive never shares with a negative), then
+// scaled once, so that the result does not depend on the order in which the counts add up.
+template <typename T>
+TL_HD bool semi_hard_active(const T* d, int64_t j, int64_t k, T margin) {
+  return margin + d[j] - d[k] > T(0);
+}
+template <typename T>
+TL_HD T semi_hard_grad_of(int64_t k, bool active, T count, T scale) {
+  if (k >= 0) return active ? scale : T(0);  // a positive (that mined negative k)
+  return count != T(0) ? -scale * count : T(0);
+}
+
 template <typename T>
 TL_HD void semi_hard_grad_row(const T* d, int64_t m, const int32_t* mined, T margin, T scale, T* grad) {
   for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
-  // In column order, so that negatives mined by several positives add up in a fixed order.
   for (int64_t j = 0; j < m; ++j) {
     const int64_t k = mined[j];
-    if (k < 0 || !(margin + d[j] - d[k] > T(0))) continue;
-    grad[j] += scale;
-    grad[k] -= scale;
+    if (k >= 0 && k < m && semi_hard_active(d, j, k, margin)) grad[k] += T(1);
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t k = mined[j] < m ? mined[j] : -1;
+    grad[j] = semi_hard_grad_of(k, k >= 0 && semi_hard_active(d, j, k, margin), grad[j], scale);
   }
 }
 

@@ -69,10 +69,10 @@ H200_OCCUPANCY = {
     for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in table.split())
 }
 
-# name: (SMs, occupancy table). 1 SM with 1 block per SM: a single block grid-strides over every row and
+# name: (SMs, occupancy table). 1 SM with 1 block per SM (the mining kernels too): a single block grid-strides over every row and
 # the mean/sum has one partial; 4 SMs at 8 blocks: a few dozen blocks; the H200: 132 SMs.
 DEVICES = {
-    "1sm": (1, {"forward_kernel": 1, "backward_kernel": 1}),
+    "1sm": (1, {"forward_kernel": 1, "backward_kernel": 1, "::mining::": 1}),
     "4sm": (4, {}),
     "h200": (132, H200_OCCUPANCY),
 }

@@ -67,11 +67,35 @@ MUTANTS = {
         "return stride % vec == 0;",
         "can_vectorize: 16-byte loads of rows that are not 16-byte aligned",
     ),
-    "mining_blocks_rounded_down": (
+    "mining_tile_skipped": (
         MINING,
-        "const unsigned blocks = unsigned((n + kThreads - 1) / kThreads);",
-        "const unsigned blocks = unsigned(std::max<int64_t>(n / kThreads, 1));",
-        "launch_rows: the last partial block of anchors not launched",
+        "for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {\n      const int nt = int(min(int64_t(kTile), c.n_pos - t0));\n      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);\n      for (int u = threadIdx.x; u <= nt; u += blockDim.x) suffix",
+        "for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += 2 * kTile) {\n      const int nt = int(min(int64_t(kTile), c.n_pos - t0));\n      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);\n      for (int u = threadIdx.x; u <= nt; u += blockDim.x) suffix",
+        "batch_all_kernel: every second tile of positives skipped (anchors with over 1024 positives)",
+    ),
+    "mining_bitonic_last_stage": (
+        MINING,
+        "for (int s = k / 2; s > 0; s /= 2) {",
+        "for (int s = k / 2; s > 1; s /= 2) {",
+        "load_sorted_tile: the bitonic sort's last compare-exchange stage skipped",
+    ),
+    "mining_tile_barrier_missing": (
+        MINING,
+        "__syncthreads();  // the next tile overwrites tv, tj and hist",
+        "// the next tile overwrites tv, tj and hist",
+        "batch_all_grad_kernel: the next tile loaded while other warps still read this one",
+    ),
+    "mining_gap_racing_column": (
+        MINING,
+        "if (g.key == ordered_bits(v)) atomicMin(&g.k, int32_t(k));",
+        "if (g.key == ordered_bits(v)) g.k = int32_t(k);",
+        "semi_hard_kernel: a gap's nearest negative among ties is the last to write, not the lowest column",
+    ),
+    "mining_anchor_stride": (
+        MINING,
+        "for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {\n    const T* d = dist + i * m;\n    const Anchor a(lab, i);\n    int64_t n_pos",
+        "for (int64_t i = blockIdx.x; i < n; i += gridDim.x + 1) {\n    const T* d = dist + i * m;\n    const Anchor a(lab, i);\n    int64_t n_pos",
+        "batch_hard_kernel: the grid-stride over anchors skips anchors",
     ),
     "shuffle_mask_half_warp": (
         TRIPLET,

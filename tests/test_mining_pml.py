@@ -220,3 +220,18 @@ def test_bench_mining_scale_rows(tmp_path, capsys, monkeypatch):
     assert rows[1]["loss_value"] == pytest.approx(rows[0]["loss_value"], rel=1e-5)
     assert rows[2]["loss_value"] == pytest.approx(rows[0]["loss_value"], rel=1e-5)
     assert "tl chunk_size=64" in capsys.readouterr().out
+
+
+def test_bench_mining_split_rows(tmp_path, capsys):
+    """Smoke test of bench --mining --split: the matrix product, forward and backward op times of each loss."""
+    from tripletloss_cuda.cli import bench_mining
+
+    out = tmp_path / "split.json"
+    args = ["--split", "--n", "128", "--losses", "batch_hard,batch_all,semi_hard", "--json", str(out), "--out-dir", ""]
+    assert bench_mining.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["loss"], r["n"]) for r in rows] == [("batch_hard", 128), ("batch_all", 128), ("semi_hard", 128)]
+    for r in rows:
+        assert min(r["matmul_s"], r["forward_s"], r["backward_s"]) > 0
+        assert r["ops_over_matmul"] == pytest.approx((r["forward_s"] + r["backward_s"]) / r["matmul_s"])
+    assert "(forward + backward) / matmul" in capsys.readouterr().out

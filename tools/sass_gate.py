@@ -5,7 +5,8 @@
 For every kernel of ours in the extension's sm_90 cubin it checks:
 - no local memory and no stack frame (no register spills);
 - the vectorized instantiations of the triplet kernels (VEC = 16 / sizeof(T)) issue 128-bit global loads
-  (LDG.E.128), and the backward's also 128-bit stores (STG.E.128);
+  (LDG.E.128), and the backward's also 128-bit stores (STG.E.128); so do the mining kernels that read rows
+  through for_columns (MINING_VECTORIZED);
 and prints registers per thread and the theoretical occupancy at the kernel's block size on sm_90
 (64 warps, 32 blocks and 228 KiB of shared memory per SM; 64K registers in four partitions of 16K,
 allocated per warp in units of 256). --markdown prints the README table (one row per kernel, dtype and vector width; the register
@@ -27,7 +28,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Block size of each family's kernels (threads), as its launchers use it (kThreads in csrc/cuda/*.cu).
-BLOCK_SIZE = {"triplet": 256, "mining": 128, "indexed": 128}
+# Mining: 32 to 256 threads by row length (threads_for); the table gives the largest, that of long rows.
+BLOCK_SIZE = {"triplet": 256, "mining": 256, "indexed": 128}
+# The mining kernels that read rows through for_columns (16-byte vector loads of aligned rows).
+MINING_VECTORIZED = ("batch_hard_kernel", "batch_all_kernel", "batch_all_grad_kernel", "semi_hard_kernel")
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 SIZEOF = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 NORMS = {"0": "L1", "1": "L2", "2": "Lp"}
@@ -80,11 +84,13 @@ class Kernel:
 
     @property
     def vec(self):
+        if self.family == "mining" and self.base in MINING_VECTORIZED:
+            return 16 // SIZEOF[self.args[0]]
         return int(self.args[3]) if self.triplet else 1
 
     @property
     def vectorized(self):
-        return self.triplet and self.vec * SIZEOF[self.args[0]] == 16
+        return self.family != "indexed" and self.vec * SIZEOF[self.args[0]] == 16
 
     def occupancy(self):
         """Theoretical occupancy on sm_90 at this kernel's block size: (blocks per SM, fraction of 64 warps)."""

@@ -66,7 +66,7 @@ void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, boo
 }
 
 // Anchor i's positives sorted ascending into ps, their columns into pi: by (distance, column), NaN last
-// (a strict weak order even with NaN distances, which std::sort requires). d: the anchor's row of m.
+// (sorts_before: a strict weak order even with NaN distances, which std::sort requires). d: the anchor's row.
 template <typename T>
 void sort_positives(const T* d, const Labels& lab, int64_t m, int64_t i, std::vector<std::pair<T, int64_t>>& pairs,
                     std::vector<T>& ps, std::vector<int64_t>& pi) {
@@ -74,12 +74,8 @@ void sort_positives(const T* d, const Labels& lab, int64_t m, int64_t i, std::ve
   const int64_t yi = lab.y[i], excl = lab.self[i];
   for (int64_t j = 0; j < m; ++j)
     if (j != excl && lab.ry[j] == yi) pairs.emplace_back(d[j], j);
-  std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) {
-    const bool a_nan = a.first != a.first, b_nan = b.first != b.first;
-    if (a_nan != b_nan) return b_nan;
-    if (!a_nan && a.first != b.first) return a.first < b.first;
-    return a.second < b.second;
-  });
+  std::sort(pairs.begin(), pairs.end(),
+            [](const auto& a, const auto& b) { return sorts_before(a.first, a.second, b.first, b.second); });
   ps.resize(pairs.size());
   pi.resize(pairs.size());
   for (size_t t = 0; t < pairs.size(); ++t) std::tie(ps[t], pi[t]) = pairs[t];

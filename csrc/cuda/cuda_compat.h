@@ -10,6 +10,7 @@
 
 #include <c10/core/Device.h>
 
+#include <atomic>
 #include <cstddef>
 
 #ifndef TRIPLETLOSS_EMULATED
@@ -25,15 +26,18 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// Resident blocks per SM of Kernel at `threads` threads per block (queried once per kernel).
+// Resident blocks per SM of Kernel at `threads` threads per block (a multiple of 32, at most 1024; queried once
+// per kernel and block size).
 template <auto Kernel>
 int max_blocks_per_sm(int threads) {
-  static const int n = [threads] {
+  static std::atomic<int> known[33];  // by threads / 32; 0: not queried yet
+  std::atomic<int>& n = known[threads / 32];
+  if (n.load(std::memory_order_relaxed) == 0) {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, 0));
-    return blocks;
-  }();
-  return n;
+    n.store(blocks > 0 ? blocks : 1, std::memory_order_relaxed);
+  }
+  return n.load(std::memory_order_relaxed);
 }
 
 inline int sm_count(int device) {

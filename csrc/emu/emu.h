@@ -117,6 +117,14 @@ template <typename T>
 T atomicAdd(T* address, T v) {
   return std::atomic_ref<T>(*address).fetch_add(v);
 }
+template <typename T>
+T atomicMin(T* address, T v) {
+  std::atomic_ref<T> a(*address);
+  T old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 T __ldcg(const T* p) {

@@ -30,6 +30,10 @@ memory growth should stay <= 2 GiB, where the whole N x N path grew by 16 GiB); 
 a forced chunk of 1024 anchors and the whole matrix (chunk_size = N: the unchunked path, time ratio in the "tl
 speedup" column, to be within 1.5x); and N = 1024 queries against M = 65536 references (gradients to both).
 
+``--split`` times instead the mining ops alone next to the matrix product that makes their distance matrix (tl
+only, D = 128, 32 per class, N = 1024, 4096, 16384 unless --n): the median of x @ x.T (N, D), of each loss's
+forward op and of its backward op on the (N, N) float32 distance matrix, and the ops' time over the product's.
+
 Skipped rows say why: pml's batch-all and semi-hard build N x N x N masks (64 Gi elements at N = 4096), so a pml
 case whose N^3 bytes exceed half the available memory is not run; a row whose process exceeds its time limit is
 killed. Results: progress on stderr, a markdown table on stdout (speedup = other time / tl time, memory ratio =
@@ -61,6 +65,7 @@ REPEATS = {"full": (3, 50), "quick": (2, 3)}  # least and most timed calls per r
 ROW_TIMEOUT_S = 240  # a row's process is killed after this long
 # --scale: (loss-independent) cases (N, M or None, chunk_size: None = the default, or "whole" = N)
 SCALE_CASES = [(32768, None, None), (8192, None, None), (8192, None, 1024), (8192, None, "whole"), (1024, 65536, None)]
+SPLIT_NS, SPLIT_D, SPLIT_PER_CLASS, SPLIT_CALLS = (1024, 4096, 16384), 128, 32, 10  # --split; calls per timing
 SCALE_D, SCALE_PER_CLASS, SCALE_THREADS, SCALE_REPEATS, SCALE_TIMEOUT_S = 128, 32, 2, (1, 3), 1500
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (results go to benchmarks/results)
 
@@ -207,6 +212,88 @@ def measure_row(spec):
         "peak_bytes": None if peak is None else max(int(peak), 0),
         "memory_measure": how,
     }
+
+
+def _median_time(f, device, budget_s, calls=SPLIT_CALLS):
+    """Median seconds of one call of f, timed over batches of `calls` calls between synchronizations."""
+    f()
+    _sync(device)
+    times = []
+    while len(times) < 3 or (len(times) < 30 and sum(times) * calls < budget_s):
+        start = time.perf_counter()
+        for _ in range(calls):
+            f()
+        _sync(device)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def measure_split(spec):
+    """One --split row: {loss, n, d, per_class, device, budget_s} -> median seconds of the distance matrix's
+    product, the forward op and the backward op (tripletloss_cuda's registered ops, on the matrix)."""
+    device, n = spec["device"], spec["n"]
+    x, labels = make_inputs(n, spec["d"], spec["per_class"], device)
+    x = torch.nn.functional.normalize(x.detach(), dim=1)
+    dist = torch.cdist(x, x).contiguous()
+    self_index = torch.arange(n, device=device)
+    ops = torch.ops.tripletloss_cuda
+    forward, backward = getattr(ops, f"{spec['loss']}_forward"), getattr(ops, f"{spec['loss']}_backward")
+    extra = (False,) if spec["loss"] == "batch_hard" else ()
+    _, *saved = forward(dist, labels, labels, self_index, MARGIN, *extra)
+    grad = torch.ones((), dtype=torch.float64, device=device)
+    if spec["loss"] == "batch_all":
+
+        def back():
+            return backward(grad, dist, labels, labels, self_index, MARGIN)
+    else:
+
+        def back():
+            return backward(grad, dist, saved[1], MARGIN, *extra)
+
+    budget = spec["budget_s"]
+    times = {
+        "matmul_s": _median_time(lambda: x @ x.T, device, budget),
+        "forward_s": _median_time(lambda: forward(dist, labels, labels, self_index, MARGIN, *extra), device, budget),
+        "backward_s": _median_time(back, device, budget),
+    }
+    return {**times, "ops_over_matmul": (times["forward_s"] + times["backward_s"]) / times["matmul_s"]}
+
+
+def iter_split_rows(device, ns, losses):
+    for loss in losses:
+        for n in ns:
+            row = {"loss": loss, "n": n, "d": SPLIT_D, "per_class": SPLIT_PER_CLASS, "impl": "tl ops"}
+            spec = dict(row, device=device, budget_s=BUDGET_S["full"], split=True)
+            row.update(run_row(spec, ROW_TIMEOUT_S))
+            if not row.get("skipped"):
+                log(
+                    f"{loss} N={n}: matmul {_fmt_time(row['matmul_s'])}, forward {_fmt_time(row['forward_s'])}, "
+                    f"backward {_fmt_time(row['backward_s'])}, ops/matmul {row['ops_over_matmul']:.2f}"
+                )
+            else:
+                log(f"{loss} N={n}: {row['skipped']}")
+            yield row
+
+
+def split_markdown(meta, rows):
+    header = (
+        f"Mining ops alone vs the distance matrix's product x @ x.T, float32, D = {SPLIT_D}, {SPLIT_PER_CLASS} per "
+        f"class; {meta['device_name']}; torch {meta['torch']}; commit {meta['git_commit']}, {meta['date']}. "
+        f"Medians over batches of {SPLIT_CALLS} calls."
+    )
+    lines = [
+        header,
+        "",
+        "| loss | N | matmul | forward op | backward op | (forward + backward) / matmul |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['loss']} | {r['n']} | {r['skipped']} | | | |")
+        else:
+            cells = [_fmt_time(r[k]) for k in ("matmul_s", "forward_s", "backward_s")]
+            lines.append(f"| {r['loss']} | {r['n']} | " + " | ".join(cells) + f" | {r['ops_over_matmul']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_row(spec, timeout_s, module="tripletloss_cuda.cli.bench_mining"):
@@ -368,10 +455,12 @@ def _parse_args(argv):
     )
     parser.add_argument("--quick", action="store_true", help="N=64, D=32, 4 per class, few repeats, no files")
     parser.add_argument("--scale", action="store_true", help="the memory-bounded mining rows (see above), tl only")
+    parser.add_argument("--split", action="store_true", help="the mining ops' time next to the matrix product's")
     parser.add_argument("--json", help="also write the results JSON to this file")
     parser.add_argument("--out-dir", help="folder for mining-<device>-<date>.{json,md} (default: benchmarks/results)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one row (JSON spec), print JSON
     args = parser.parse_args(argv)
+    args.split_n = args.n or ((256,) if args.quick else SPLIT_NS)
     for name, default, quick in (("n", NS, (64,)), ("d", DS, (32,)), ("per_class", PER_CLASS, (4,))):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
@@ -388,7 +477,8 @@ def _parse_args(argv):
 def main(argv=None):
     args = _parse_args(argv)
     if args.worker:
-        print(json.dumps(measure_row(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(measure_split(spec) if spec.get("split") else measure_row(spec)))
         return 0
     device = resolve_device(args.device)
     if args.threads:
@@ -403,6 +493,8 @@ def main(argv=None):
     try:
         if args.scale:
             rows.extend(iter_scale_rows(device, args.losses, args.threads))
+        elif args.split:
+            rows.extend(iter_split_rows(device, args.split_n, args.losses))
         else:
             rows.extend(
                 iter_rows(device, args.n, args.d, args.per_class, args.losses, args.impls, args.quick, args.repeats)
@@ -410,11 +502,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         meta["interrupted"] = True
         log(f"interrupted: keeping the {len(rows)} rows measured")
-    annotate(rows)
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
-    table = markdown(meta, rows)
+    if args.split:
+        table = split_markdown(meta, rows)
+    else:
+        annotate(rows)
+        table = markdown(meta, rows)
     print(table)
-    kind = "mining-scale" if args.scale else "mining"
+    kind = "mining-scale" if args.scale else "mining-split" if args.split else "mining"
     stem = args.out_dir and f"{args.out_dir}/{kind}-{device}-{started_at:%Y%m%d-%H%M%S}"
     written = write_results(meta, rows, table, args.json, stem)
     log(f"done in {meta['elapsed_s']} s; wrote {', '.join(written) or 'no files'}")
