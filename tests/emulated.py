@@ -52,6 +52,32 @@ REGISTERS = {
 }
 
 
+# Registers per thread and static shared memory (bytes) of each mining kernel in the same build (the gate's
+# REG and SHARED); the fake H200's occupancy of a mining kernel at a block size comes from them.
+MINING_RESOURCES = {
+    "batch_hard_kernel<float>": (40, 1120),
+    "batch_hard_kernel<double>": (40, 1152),
+    "batch_hard_grad_kernel<float>": (24, 0),
+    "batch_hard_grad_kernel<double>": (24, 0),
+    "batch_all_kernel<float>": (46, 19528),
+    "batch_all_kernel<double>": (46, 23624),
+    "batch_all_grad_kernel<float>": (48, 14408),
+    "batch_all_grad_kernel<double>": (46, 18504),
+    "semi_hard_kernel<float>": (48, 29872),
+    "semi_hard_kernel<double>": (48, 34000),
+    "semi_hard_grad_kernel<float>": (22, 0),
+    "semi_hard_grad_kernel<double>": (30, 0),
+}
+
+
+def mining_threads(m):
+    """threads_for in csrc/cuda/mining_kernel.cu: about 8 columns per thread, from a warp to 256 threads."""
+    threads = WARP
+    while threads < 256 and threads * 8 < m:
+        threads *= 2
+    return threads
+
+
 def sm90_blocks_per_sm(registers, threads=THREADS):
     """Theoretical resident blocks per SM on sm_90: 2048 threads, 32 blocks, and 64K registers in four
     partitions of 16K, allocated to warps in units of 256."""
@@ -68,6 +94,11 @@ H200_OCCUPANCY = {
     for (kernel, dtype), table in REGISTERS.items()
     for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in table.split())
 }
+
+def sm90_mining_blocks_per_sm(registers, shared, threads):
+    """As sm90_blocks_per_sm, also bounded by 228 KiB of shared memory per SM (1 KiB of it reserved per block)."""
+    return min(sm90_blocks_per_sm(registers, threads), (228 * 1024) // (shared + 1024))
+
 
 # name: (SMs, occupancy table). 1 SM with 1 block per SM (the mining kernels too): a single block grid-strides over every row and
 # the mean/sum has one partial; 4 SMs at 8 blocks: a few dozen blocks; the H200: 132 SMs.
@@ -88,6 +119,25 @@ def require():
 def set_device(name):
     sms, occupancy = DEVICES[name]
     emu.set_device(sms, occupancy)
+
+
+def mining_blocks_per_sm(device, kernel, threads):
+    """Resident blocks per SM of the mining kernel `kernel` (its name in the launch log) at `threads`: the
+    H200's from MINING_RESOURCES, else the device table's or the emulator's default min(32, 2048 / threads)."""
+    if device == "h200":
+        return next(sm90_mining_blocks_per_sm(*res, threads) for k, res in MINING_RESOURCES.items() if k in kernel)
+    return next((v for k, v in sorted(DEVICES[device][1].items()) if k in kernel), min(32, 2048 // threads))
+
+
+def set_mining_occupancy(device, m):
+    """The fake device `device`, and on the H200 the occupancy of every mining kernel at the block size of rows
+    of m columns (the emulator's table has one value per kernel: set again for another block size)."""
+    set_device(device)
+    if device == "h200":
+        threads = mining_threads(m)
+        mining = {kernel: sm90_mining_blocks_per_sm(*res, threads) for kernel, res in MINING_RESOURCES.items()}
+        sms, occupancy = DEVICES[device]
+        emu.set_device(sms, {**occupancy, **mining})
 
 
 def blocks_per_sm(device, kernel):

@@ -15,14 +15,18 @@ import pytest
 import torch
 from emulated import (
     DEVICES,
+    MINING_RESOURCES,
     REGISTERS,
     THREADS,
     blocks_per_sm,
     emu,
     expected_launch,
     launch_group,
+    mining_blocks_per_sm,
+    mining_threads,
     require,
     set_device,
+    set_mining_occupancy,
 )
 from helpers import FLOAT_DTYPES, KINK_GUARD, ids, make_triplet, seed_of, upstream_grad, value_scale
 
@@ -330,26 +334,16 @@ def test_mining(kind, kw, dtype, n, classes, refs):
     check_mining_launches(dist.shape, "4sm")
 
 
-def mining_threads(m):
-    """threads_for in csrc/cuda/mining_kernel.cu: about 8 columns per thread, from a warp to 256 threads."""
-    threads = 32
-    while threads < 256 and threads * 8 < m:
-        threads *= 2
-    return threads
-
-
 def check_mining_launches(shape, device, launches=None):
     """The two launches of a mining op pair: a block of mining_threads(M) per anchor, as many blocks as the
-    device holds at once (the emulator's default occupancy for the mining kernels: min(32, 2048 / threads)
-    blocks per SM, or the device table's), at most N."""
+    device holds at once (emulated.mining_blocks_per_sm), at most N."""
     n, m = shape
     launches = emu.launches() if launches is None else launches
     assert len(launches) == 2, launches
     for r in launches:
         threads = mining_threads(m)
-        sms, occupancy = DEVICES[device]
-        per_sm = next((v for k, v in sorted(occupancy.items()) if k in r["kernel"]), min(32, 2048 // threads))
-        assert r["block"] == threads and r["grid"] == max(1, min(n, sms * per_sm)), (r, shape, device)
+        per_sm = mining_blocks_per_sm(device, r["kernel"], threads)
+        assert r["block"] == threads and r["grid"] == max(1, min(n, DEVICES[device][0] * per_sm)), (r, shape, device)
 
 
 def mining_case(n, m, label_count, dtype, seed, majority=0.0, ties=False, misaligned=False):
@@ -429,6 +423,18 @@ def test_mining_ties_sizes_and_layouts(kind, kw, shape, layout):
 
 
 @pytest.mark.parametrize(("kind", "kw"), MINING, ids=lambda v: None if isinstance(v, dict) else v)
+def test_mining_few_thousand_on_the_h200(kind, kw):
+    """N = 3000 anchors of 100 classes against themselves on the fake H200 (its occupancy at 256 threads from
+    the build's registers and shared memory: fewer blocks than anchors, so blocks grid-stride)."""
+    case = mining_case(3000, None, 100, torch.float32, seed=seed_of(kind, 3000))
+    set_mining_occupancy("h200", 3000)
+    emu.clear_launches()
+    check_mining(kind, kw, case)
+    check_mining_launches(case[0].shape, "h200")
+    assert emu.launches()[0]["grid"] < 3000
+
+
+@pytest.mark.parametrize(("kind", "kw"), MINING, ids=lambda v: None if isinstance(v, dict) else v)
 def test_mining_devices_and_block_orders(kind, kw):
     """On 1 SM (one block grid-striding over every anchor), 4 SMs and the H200, with shuffled block orders:
     bitwise the same results (each anchor's work does not depend on which block or when)."""
@@ -436,7 +442,7 @@ def test_mining_devices_and_block_orders(kind, kw):
     first = None
     for device in ("1sm", "4sm", "h200"):
         for seed in (0, 1, 2):
-            set_device(device)
+            set_mining_occupancy(device, case[0].shape[1])
             emu.set_seed(seed)
             emu.clear_launches()
             ours = mining_run(torch.ops.tripletloss_cuda_emu, kind, *case, kw)
@@ -522,8 +528,9 @@ def test_indexed_out_of_range_reads_nothing():
 
 
 def test_h200_register_table_matches_the_build():
-    """The fake H200's occupancy comes from emulated.REGISTERS: it must be the register counts of the CUDA
-    build in this tree (read with tools/sass_gate.py), so that a kernel change cannot leave it stale."""
+    """The fake H200's occupancy comes from emulated.REGISTERS (triplet kernels) and MINING_RESOURCES (registers
+    and shared memory of the mining kernels): they must be those of the CUDA build in this tree (read with
+    tools/sass_gate.py), so that a kernel change cannot leave them stale."""
     spec = importlib.util.spec_from_file_location("sass_gate", pathlib.Path(__file__).parents[1] / "tools/sass_gate.py")
     sass_gate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass_gate)
@@ -550,3 +557,5 @@ def test_h200_register_table_matches_the_build():
         for k in triplet
     }
     assert built_table == table, "update REGISTERS in tests/emulated.py from `python tools/sass_gate.py`"
+    built_mining = {f"{k.base}<{k.args[0]}>": (k.regs, k.shared) for k in kernels if k.family == "mining"}
+    assert built_mining == MINING_RESOURCES, "update MINING_RESOURCES in tests/emulated.py from the gate's kernels"
