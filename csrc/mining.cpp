@@ -144,26 +144,23 @@ Tensor batch_all_backward(const Tensor& grad, const Tensor& dist_, const Tensor&
   return grad_dist;
 }
 
-std::tuple<Tensor, Tensor, Tensor> semi_hard_forward(const Tensor& dist_, const Tensor& labels_,
-                                                     const Tensor& ref_labels_, const Tensor& self_index_,
-                                                     double margin) {
+std::tuple<Tensor, Tensor> semi_hard_forward(const Tensor& dist_, const Tensor& labels_, const Tensor& ref_labels_,
+                                             const Tensor& self_index_, double margin) {
   const auto in = contiguous(dist_, labels_, ref_labels_, self_index_);
   Rows rows = empty_rows(in.dist);
-  Tensor mined = at::full(in.dist.sizes(), -1, in.dist.options().dtype(at::kInt));
   if (in.dist.numel() > 0)
-    backend_for(in.dist).semi_hard(in.dist, in.labels, in.ref_labels, in.self_index, margin, rows.loss, rows.counts,
-                                   mined);
-  auto [loss, stats] = finish(rows);
-  return {loss, stats, mined};
+    backend_for(in.dist).semi_hard(in.dist, in.labels, in.ref_labels, in.self_index, margin, rows.loss, rows.counts);
+  return finish(rows);
 }
 
-Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor& mined, double margin) {
-  check_dist(dist_);
-  const Tensor dist = dist_.contiguous();
-  check_mined(mined, dist, dist.sizes(), at::kInt);
-  Tensor grad_dist = at::empty_like(dist);
-  if (dist.numel() > 0)
-    backend_for(dist).semi_hard_grad(dist, mined.contiguous(), margin, grad_scale(grad, dist), grad_dist);
+// Mines again (the forward stores no (N, M) choice of negatives).
+Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor& labels_, const Tensor& ref_labels_,
+                          const Tensor& self_index_, double margin) {
+  const auto in = contiguous(dist_, labels_, ref_labels_, self_index_);
+  Tensor grad_dist = at::empty_like(in.dist);
+  if (in.dist.numel() > 0)
+    backend_for(in.dist).semi_hard_grad(in.dist, in.labels, in.ref_labels, in.self_index, margin,
+                                        grad_scale(grad, in.dist), grad_dist);
   return grad_dist;
 }
 

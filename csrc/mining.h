@@ -28,8 +28,9 @@ struct Backend {
   void (*batch_all_grad)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels,
                          const Tensor& self_index, double margin, const Tensor& scale, Tensor& grad);
   void (*semi_hard)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
-                    double margin, Tensor& loss, Tensor& counts, Tensor& mined);
-  void (*semi_hard_grad)(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad);
+                    double margin, Tensor& loss, Tensor& counts);
+  void (*semi_hard_grad)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels,
+                         const Tensor& self_index, double margin, const Tensor& scale, Tensor& grad);
 };
 
 const Backend& cpu_backend();

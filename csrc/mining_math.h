@@ -201,15 +201,15 @@ TL_HD void batch_all_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t 
 // sorted ascending and their columns. A negative k lies above the positives before b_k = #{t : ps[t] < d_ik}
 // (binary search); keeping the nearest negative of each b in best_d/best_k[0, n_pos], the candidates of the
 // positive at sorted position p are the negatives with b_k > p: a running minimum from the top. O(n log n_pos)
-// per anchor, the negatives unsorted. mined[j]: the chosen k; -1 if j is no positive or there is no negative.
-template <typename T>
-TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
-                         const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss,
-                         int64_t* counts, int32_t* mined) {
+// per anchor, the negatives unsorted. Calls pair(j, k, h) for every positive j with its mined negative k and
+// the hinge h = margin + d_ij - d_ik (none when the anchor has no negative); returns the number of negatives.
+// The forward and the backward both mine (the backward again), so that no (N, M) choice is ever stored.
+template <typename T, typename Pair>
+TL_HD int64_t semi_hard_pairs(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
+                              const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, Pair&& pair) {
   for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
   int64_t n_neg = 0, largest = -1;
   for (int64_t k = 0; k < m; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
-    mined[k] = -1;
     if (k == excl || ry[k] == yi) continue;
     ++n_neg;
     if (harder_positive(d[k], k, largest < 0 ? T(0) : d[largest], largest)) largest = k;  // the farthest
@@ -219,50 +219,51 @@ TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
       best_k[b] = k;
     }
   }
-  int64_t active = 0, nearest = -1;
-  double l = 0;
+  int64_t nearest = -1;
   for (int64_t p = n_pos - 1; p >= 0 && n_neg > 0; --p) {
     const int64_t k = best_k[p + 1];
     if (k >= 0 && (nearest < 0 || d[k] < d[nearest] || (d[k] == d[nearest] && k < nearest))) nearest = k;
     const int64_t chosen = nearest >= 0 ? nearest : largest;
-    const T h = margin + ps[p] - d[chosen];
-    mined[pi[p]] = int32_t(chosen);
-    if (h > T(0)) {
-      l += double(h);
-      ++active;
-    }
+    pair(pi[p], chosen, margin + ps[p] - d[chosen]);
   }
+  return n_neg;
+}
+
+template <typename T>
+TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
+                         const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss,
+                         int64_t* counts) {
+  int64_t active = 0;
+  double l = 0;
+  const int64_t n_neg = semi_hard_pairs(d, ry, m, yi, excl, ps, pi, n_pos, margin, best_d, best_k,
+                                        [&](int64_t, int64_t, T h) {
+                                          if (h > T(0)) l += double(h), ++active;
+                                        });
   *loss = l;
   counts[kValid] = n_pos * n_neg;
   counts[kActive] = active;
   counts[kMined] = n_neg > 0 ? n_pos : 0;
 }
 
-// A semi-hard triplet (i, j, mined[j]) is active when its hinge margin + d_ij - d_ik is positive. dL/dd_ij =
-// scale for an active positive j; dL/dd_ik = -scale * (the number of active positives that mined k): counted
-// first (exact integers, in the gradient's own slots, which a positive never shares with a negative), then
-// scaled once, so that the result does not depend on the order in which the counts add up.
+// dL/dd_ij = scale for a positive j whose triplet is active (h > 0); dL/dd_ik = -scale * (the number of active
+// positives that mined negative k): counted first (exact integers, in the negatives' own gradient slots,
+// which a positive never shares), then scaled once, so that the result does not depend on the order in
+// which the counts add up (the CUDA kernel adds them with integer atomics). 0 elsewhere.
 template <typename T>
-TL_HD bool semi_hard_active(const T* d, int64_t j, int64_t k, T margin) {
-  return margin + d[j] - d[k] > T(0);
-}
-template <typename T>
-TL_HD T semi_hard_grad_of(int64_t k, bool active, T count, T scale) {
-  if (k >= 0) return active ? scale : T(0);  // a positive (that mined negative k)
+TL_HD T semi_hard_negative_grad(T count, T scale) {
   return count != T(0) ? -scale * count : T(0);
 }
 
 template <typename T>
-TL_HD void semi_hard_grad_row(const T* d, int64_t m, const int32_t* mined, T margin, T scale, T* grad) {
+TL_HD void semi_hard_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
+                              const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, T scale,
+                              T* grad) {
   for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
-  for (int64_t j = 0; j < m; ++j) {
-    const int64_t k = mined[j];
-    if (k >= 0 && k < m && semi_hard_active(d, j, k, margin)) grad[k] += T(1);
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    const int64_t k = mined[j] < m ? mined[j] : -1;
-    grad[j] = semi_hard_grad_of(k, k >= 0 && semi_hard_active(d, j, k, margin), grad[j], scale);
-  }
+  semi_hard_pairs(d, ry, m, yi, excl, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t j, int64_t k, T h) {
+    if (h > T(0)) grad[j] = scale, grad[k] += T(1);
+  });
+  for (int64_t k = 0; k < m; ++k)
+    if (k != excl && ry[k] != yi) grad[k] = semi_hard_negative_grad(grad[k], scale);
 }
 
 }  // namespace mining

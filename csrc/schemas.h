@@ -30,8 +30,10 @@
       "float margin) -> Tensor");                                                                            \
   m.def(                                                                                                     \
       "semi_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin) "   \
-      "-> (Tensor loss, Tensor stats, Tensor mined)");                                                       \
-  m.def("semi_hard_backward(Tensor grad, Tensor dist, Tensor mined, float margin) -> Tensor")
+      "-> (Tensor loss, Tensor stats)");                                                                     \
+  m.def(                                                                                                     \
+      "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "   \
+      "float margin) -> Tensor")
 
 // distance: 0 euclidean, 1 squared euclidean, 2 dot (1 - <x, y>: cosine on normalized rows); reduction:
 // 0 none, 1 mean, 2 sum, 3 mean_nonzero. saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet.

@@ -63,10 +63,10 @@ MINING_RESOURCES = {
     "batch_all_kernel<double>": (46, 23624),
     "batch_all_grad_kernel<float>": (48, 14408),
     "batch_all_grad_kernel<double>": (46, 18504),
-    "semi_hard_kernel<float>": (48, 29872),
-    "semi_hard_kernel<double>": (48, 34000),
-    "semi_hard_grad_kernel<float>": (22, 0),
-    "semi_hard_grad_kernel<double>": (30, 0),
+    "semi_hard_kernel<float>": (40, 29872),
+    "semi_hard_kernel<double>": (46, 34000),
+    "semi_hard_grad_kernel<float>": (32, 29808),
+    "semi_hard_grad_kernel<double>": (40, 33936),
 }
 
 
@@ -94,6 +94,7 @@ H200_OCCUPANCY = {
     for (kernel, dtype), table in REGISTERS.items()
     for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in table.split())
 }
+
 
 def sm90_mining_blocks_per_sm(registers, shared, threads):
     """As sm90_blocks_per_sm, also bounded by 228 KiB of shared memory per SM (1 KiB of it reserved per block)."""

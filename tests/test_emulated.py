@@ -295,11 +295,8 @@ def mining_run(ns, kind, dist, labels, ref_labels, self_index, kw, margin=0.2):
     if kind == "batch_hard":
         loss, stats, mined = forward(dist, labels, ref_labels, self_index, margin, kw["soft"])
         return (loss, stats, mined), backward(grad, dist, mined, margin, kw["soft"])
-    if kind == "batch_all":
-        loss, stats = forward(dist, labels, ref_labels, self_index, margin)
-        return (loss, stats), backward(grad, dist, labels, ref_labels, self_index, margin)
-    loss, stats, mined = forward(dist, labels, ref_labels, self_index, margin)
-    return (loss, stats, mined), backward(grad, dist, mined, margin)
+    loss, stats = forward(dist, labels, ref_labels, self_index, margin)
+    return (loss, stats), backward(grad, dist, labels, ref_labels, self_index, margin)
 
 
 @pytest.mark.parametrize("refs", ("self", "reference_set"))

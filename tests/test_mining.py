@@ -349,9 +349,8 @@ def op_samples(device):
                 yield ops.batch_hard_backward, (g, d, mined, 0.5, soft)
             yield ops.batch_all_forward, (*inputs, 0.5)
             yield ops.batch_all_backward, (g, *inputs, 0.5)
-            _, _, mined = ops.semi_hard_forward(*inputs, 0.5)
             yield ops.semi_hard_forward, (*inputs, 0.5)
-            yield ops.semi_hard_backward, (g, d, mined, 0.5)
+            yield ops.semi_hard_backward, (g, *inputs, 0.5)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

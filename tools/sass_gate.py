@@ -31,7 +31,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Mining: 32 to 256 threads by row length (threads_for); the table gives the largest, that of long rows.
 BLOCK_SIZE = {"triplet": 256, "mining": 256, "indexed": 128}
 # The mining kernels that read rows through for_columns (16-byte vector loads of aligned rows).
-MINING_VECTORIZED = ("batch_hard_kernel", "batch_all_kernel", "batch_all_grad_kernel", "semi_hard_kernel")
+MINING_VECTORIZED = (
+    "batch_hard_kernel",
+    "batch_all_kernel",
+    "batch_all_grad_kernel",
+    "semi_hard_kernel",
+    "semi_hard_grad_kernel",
+)
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 SIZEOF = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 NORMS = {"0": "L1", "1": "L2", "2": "Lp"}

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -125,14 +126,11 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
   });
 }
 
-void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
-               double margin, Tensor& loss, Tensor& counts, Tensor& mined) {
-  const Labels lab(labels, ref_labels, self_index);
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
+// semi_hard and semi_hard_grad: each anchor's positives sorted, then semi_hard_row / semi_hard_grad_row.
+template <typename F>
+void for_each_sorted_anchor(const Tensor& dist, const Labels& lab, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    double* l = loss.mutable_data_ptr<double>();
-    int64_t* c = counts.mutable_data_ptr<int64_t>();
-    int32_t* mi = mined.mutable_data_ptr<int32_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
     at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
@@ -142,24 +140,36 @@ void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
         sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
         best_d.resize(ps.size() + 1);
         best_k.resize(ps.size() + 1);
-        semi_hard_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), pi.data(),
-                                int64_t(ps.size()), scalar_t(margin), best_d.data(), best_k.data(), l + i,
-                                c + i * kCounts, mi + i * m);
+        f(i, d + i * m, ps.data(), pi.data(), int64_t(ps.size()), best_d.data(), best_k.data());
       }
     });
   });
 }
 
-void semi_hard_grad(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_backward", [&] {
-    const scalar_t* d = dist.const_data_ptr<scalar_t>();
-    const int32_t* mi = mined.const_data_ptr<int32_t>();
-    const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
-    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    const int64_t n = dist.size(0), m = dist.size(1);
-    for_each_anchor(n, m, [&](int64_t i) {
-      semi_hard_grad_row<scalar_t>(d + i * m, m, mi + i * m, scalar_t(margin), s, g + i * m);
-    });
+void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+               double margin, Tensor& loss, Tensor& counts) {
+  const Labels lab(labels, ref_labels, self_index);
+  double* l = loss.mutable_data_ptr<double>();
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  const int64_t m = dist.size(1);
+  for_each_sorted_anchor(dist, lab, [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos,
+                                        auto* best_d, int64_t* best_k) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
+    semi_hard_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, l + i,
+                     c + i * kCounts);
+  });
+}
+
+void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                    double margin, const Tensor& scale, Tensor& grad) {
+  const Labels lab(labels, ref_labels, self_index);
+  const double s = *scale.const_data_ptr<double>();
+  const int64_t m = dist.size(1);
+  for_each_sorted_anchor(dist, lab, [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos,
+                                        auto* best_d, int64_t* best_k) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
+    semi_hard_grad_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, T(s),
+                          grad.mutable_data_ptr<T>() + i * m);
   });
 }
 

@@ -15,7 +15,8 @@
 // - semi-hard places the nearest negative of each gap between sorted positives with integer atomicMin in
 //   shared memory on (ordered distance bits, then column): an order-independent minimum.
 // - the gradients of batch-all and semi-hard negatives are counts (of active positives), added as integers
-//   and scaled once, so the order in which threads add them does not matter.
+//   and scaled once, so the order in which threads add them does not matter. The semi-hard backward mines
+//   again rather than reading an (N, M) choice of negatives saved by the forward.
 // Partial sums are combined in a fixed order (thread runs, warp butterflies, warps in order), with no float
 // atomics: results are bitwise deterministic for any schedule. They equal the CPU's (cpu/mining_kernel.cpp,
 // the same per-anchor math of mining_math.h) exactly for mined indices, counts and gradients, and to
@@ -357,64 +358,70 @@ __device__ unsigned long long ordered_bits(T v) {
   return (u & sign) ? ~u : (u | sign);
 }
 
-// semi_hard_row of mining_math.h a tile at a time: for the positive at sorted position p of a tile, the
+template <typename T>
+struct SemiHardShared {
+  T tv[kTile];
+  int32_t tj[kTile];
+  Nearest gap[kTile + 1];
+  Nearest part[kMaxThreads];
+  T sv[kMaxWarps];
+  int64_t sj[kMaxWarps];
+};
+
+// semi_hard_pairs of mining_math.h a tile at a time: for the positive at sorted position p of a tile, the
 // candidates are the negatives above it (count_below > p), the nearest of which is a suffix minimum over the
 // gaps, each gap's nearest negative placed by atomicMin (distance bits first, then the lowest column among
-// the negatives at that distance).
+// the negatives at that distance). Calls pair(j, k, h) for every positive j (on one of the block's threads)
+// with its mined negative k and hinge h; returns the anchor's counts. Every thread calls it.
+template <typename T, typename Pair>
+__device__ RowCounts semi_hard_anchor(const T* d, int64_t m, const Anchor& a, T margin, SemiHardShared<T>& sh,
+                                      Pair&& pair) {
+  int64_t far = -1;  // the farthest negative, chosen by positives with no negative above them
+  T far_v = 0;
+  for_columns(d, m, [&](int64_t j, T v) {
+    if (a.negative(j) && harder_positive(v, j, far_v, far)) far_v = v, far = j;
+  });
+  block_best(far_v, far, [](T v, int64_t j, T bv, int64_t b) { return harder_positive(v, j, bv, b); }, sh.sv,
+             sh.sj);
+  const RowCounts c = count_row(d, m, a, sh.sj);
+  for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {
+    const int nt = int(min(int64_t(kTile), c.n_pos - t0));
+    load_sorted_tile(d, m, a, c.base, t0, nt, sh.tv, sh.tj);
+    for (int u = threadIdx.x; u <= nt; u += blockDim.x) sh.gap[u] = {~0ull, kNone};
+    __syncthreads();
+    for_columns(d, m, [&](int64_t k, T v) {
+      if (a.negative(k)) atomicMin(&sh.gap[count_below(sh.tv, int64_t(nt), v)].key, ordered_bits(v));
+    });
+    __syncthreads();
+    for_columns(d, m, [&](int64_t k, T v) {
+      if (!a.negative(k)) return;
+      Nearest& g = sh.gap[count_below(sh.tv, int64_t(nt), v)];
+      if (g.key == ordered_bits(v)) atomicMin(&g.k, int32_t(k));
+    });
+    __syncthreads();
+    block_scan(sh.gap, nt + 1, /*reverse=*/true, [](Nearest x, Nearest y) { return nearer(x, y) ? x : y; }, sh.part);
+    for (int p = threadIdx.x; p < nt; p += blockDim.x) {
+      const int64_t chosen = sh.gap[p + 1].k != kNone ? sh.gap[p + 1].k : far;
+      pair(int64_t(sh.tj[p]), chosen, margin + sh.tv[p] - d[chosen]);
+    }
+    __syncthreads();  // the next tile overwrites tv, tj and gap
+  }
+  return c;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    semi_hard_kernel(const T* dist, Labels lab, int64_t n, int64_t m, T margin, double* loss, int64_t* counts,
-                     int32_t* mined) {
-  __shared__ T tv[kTile];
-  __shared__ int32_t tj[kTile];
-  __shared__ Nearest gap[kTile + 1];
-  __shared__ Nearest part[kMaxThreads];
-  __shared__ T sv[kMaxWarps];
-  __shared__ int64_t ismem[kMaxWarps];
+    semi_hard_kernel(const T* dist, Labels lab, int64_t n, int64_t m, T margin, double* loss, int64_t* counts) {
+  __shared__ SemiHardShared<T> sh;
   __shared__ double dsmem[kMaxWarps];
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const T* d = dist + i * m;
-    int32_t* mi = mined + i * m;
-    const Anchor a(lab, i);
-    int64_t far = -1;  // the farthest negative, chosen by positives with no negative above them
-    T far_v = 0;
-    for_columns(d, m, [&](int64_t j, T v) {
-      if (a.negative(j) && harder_positive(v, j, far_v, far)) far_v = v, far = j;
-    });
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) mi[j] = -1;
-    block_best(far_v, far, [](T v, int64_t j, T bv, int64_t b) { return harder_positive(v, j, bv, b); }, sv, ismem);
-    const RowCounts c = count_row(d, m, a, ismem);
     double l = 0;
     int64_t active = 0;
-    for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {
-      const int nt = int(min(int64_t(kTile), c.n_pos - t0));
-      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);
-      for (int u = threadIdx.x; u <= nt; u += blockDim.x) gap[u] = {~0ull, kNone};
-      __syncthreads();
-      for_columns(d, m, [&](int64_t k, T v) {
-        if (a.negative(k)) atomicMin(&gap[count_below(tv, int64_t(nt), v)].key, ordered_bits(v));
-      });
-      __syncthreads();
-      for_columns(d, m, [&](int64_t k, T v) {
-        if (!a.negative(k)) return;
-        Nearest& g = gap[count_below(tv, int64_t(nt), v)];
-        if (g.key == ordered_bits(v)) atomicMin(&g.k, int32_t(k));
-      });
-      __syncthreads();
-      block_scan(gap, nt + 1, /*reverse=*/true, [](Nearest x, Nearest y) { return nearer(x, y) ? x : y; }, part);
-      for (int p = threadIdx.x; p < nt; p += blockDim.x) {
-        const int64_t chosen = gap[p + 1].k != kNone ? gap[p + 1].k : far;
-        const T h = margin + tv[p] - d[chosen];
-        mi[tj[p]] = int32_t(chosen);
-        if (h > T(0)) {
-          l += double(h);
-          ++active;
-        }
-      }
-      __syncthreads();  // the next tile overwrites tv, tj and gap
-    }
+    const RowCounts c = semi_hard_anchor(dist + i * m, m, Anchor(lab, i), margin, sh, [&](int64_t, int64_t, T h) {
+      if (h > T(0)) l += double(h), ++active;
+    });
     l = block_sum(l, dsmem);
-    active = block_sum(active, ismem);
+    active = block_sum(active, sh.sj);
     if (threadIdx.x == 0) {
       loss[i] = l;
       int64_t* ci = counts + i * kCounts;
@@ -425,32 +432,32 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// semi_hard_grad_row of mining_math.h: the count of active positives of each negative is added with integer
-// atomics in the negative's own gradient slot (an integer as wide as T), then turned into its gradient.
+// semi_hard_grad_row of mining_math.h: mines again, then an active positive's slot gets scale, and each
+// negative's slot counts its active positives with integer atomics (an integer as wide as T, in the
+// gradient row itself: order-independent), turned into its gradient at the end.
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) semi_hard_grad_kernel(const T* dist, const int32_t* mined, int64_t n,
-                                                                     int64_t m, T margin, const double* scale,
-                                                                     T* grad) {
+__global__ void __launch_bounds__(kMaxThreads)
+    semi_hard_grad_kernel(const T* dist, Labels lab, int64_t n, int64_t m, T margin, const double* scale, T* grad) {
   using Count = std::conditional_t<sizeof(T) == 4, unsigned, unsigned long long>;
   static_assert(sizeof(Count) == sizeof(T));
+  __shared__ SemiHardShared<T> sh;
   const T s = T(*scale);
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const T* d = dist + i * m;
-    const int32_t* mi = mined + i * m;
-    Count* count = reinterpret_cast<Count*>(grad + i * m);
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) count[j] = 0;
+    T* g = grad + i * m;
+    Count* count = reinterpret_cast<Count*>(g);
+    const Anchor a(lab, i);
+    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) count[j] = 0;  // also T(0)
+    // (semi_hard_anchor's first barrier orders the zeros before the writes)
+    const RowCounts c = semi_hard_anchor(dist + i * m, m, a, margin, sh, [&](int64_t j, int64_t k, T h) {
+      if (h > T(0)) g[j] = s, atomicAdd(&count[k], Count(1));
+    });
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-      const int64_t k = mi[j];
-      if (k >= 0 && k < m && semi_hard_active(d, j, k, margin)) atomicAdd(&count[k], Count(1));
-    }
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-      const int64_t k = mi[j] < m ? mi[j] : -1;
-      const T c = T(count[j]);  // read before the slot becomes a gradient
-      grad[i * m + j] = semi_hard_grad_of(k, k >= 0 && semi_hard_active(d, j, k, margin), c, s);
-    }
-    __syncthreads();
+    if (c.n_pos > 0 && c.n_neg > 0)
+      for (int64_t k = threadIdx.x; k < m; k += blockDim.x)
+        if (a.negative(k)) {
+          const Count n_k = count[k];  // read before the slot becomes a gradient
+          g[k] = semi_hard_negative_grad(T(n_k), s);
+        }
   }
 }
 
@@ -513,20 +520,21 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
 }
 
 void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
-               double margin, Tensor& loss, Tensor& counts, Tensor& mined) {
+               double margin, Tensor& loss, Tensor& counts) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
     launch_anchors<semi_hard_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                labels_of(labels, ref_labels, self_index), dist.size(0),
                                                dist.size(1), scalar_t(margin), loss.mutable_data_ptr<double>(),
-                                               counts.mutable_data_ptr<int64_t>(), mined.mutable_data_ptr<int32_t>());
+                                               counts.mutable_data_ptr<int64_t>());
   });
 }
 
-void semi_hard_grad(const Tensor& dist, const Tensor& mined, double margin, const Tensor& scale, Tensor& grad) {
+void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                    double margin, const Tensor& scale, Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_backward", [&] {
     launch_anchors<semi_hard_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                                    mined.const_data_ptr<int32_t>(), dist.size(0), dist.size(1),
-                                                    scalar_t(margin), scale.const_data_ptr<double>(),
+                                                    labels_of(labels, ref_labels, self_index), dist.size(0),
+                                                    dist.size(1), scalar_t(margin), scale.const_data_ptr<double>(),
                                                     grad.mutable_data_ptr<scalar_t>());
   });
 }

@@ -241,14 +241,14 @@ def measure_split(spec):
     extra = (False,) if spec["loss"] == "batch_hard" else ()
     _, *saved = forward(dist, labels, labels, self_index, MARGIN, *extra)
     grad = torch.ones((), dtype=torch.float64, device=device)
-    if spec["loss"] == "batch_all":
-
-        def back():
-            return backward(grad, dist, labels, labels, self_index, MARGIN)
-    else:
+    if spec["loss"] == "batch_hard":
 
         def back():
             return backward(grad, dist, saved[1], MARGIN, *extra)
+    else:  # batch-all and semi-hard mine again from the labels
+
+        def back():
+            return backward(grad, dist, labels, labels, self_index, MARGIN)
 
     budget = spec["budget_s"]
     times = {

@@ -11,9 +11,9 @@ column excluded for each anchor, or -1); ``stats`` is the int64 (5,) vector of r
     batch_hard_backward(grad, dist, mined, margin, soft) -> grad_dist
     batch_all_forward(dist, labels, ref_labels, self_index, margin) -> (loss, stats)
     batch_all_backward(grad, dist, labels, ref_labels, self_index, margin) -> grad_dist
-    semi_hard_forward(dist, labels, ref_labels, self_index, margin) -> (loss, stats, mined)
-        mined: (N, M) int32, the negative mined for each positive pair (i, j) (-1 elsewhere)
-    semi_hard_backward(grad, dist, mined, margin) -> grad_dist
+    semi_hard_forward(dist, labels, ref_labels, self_index, margin) -> (loss, stats)
+    semi_hard_backward(grad, dist, labels, ref_labels, self_index, margin) -> grad_dist
+        (mines again: the (N, M) choice of negatives is never stored)
 grad is the 0-d gradient of the loss sum; grad_dist is (N, M).
 
 Memory-bounded mining (ChunkedMiningFunction): blocks of ``chunk`` anchors at a time, each block's (chunk, M)
@@ -108,7 +108,7 @@ if "cpu" in KERNEL_DEVICES or "cuda" in KERNEL_DEVICES:
     @torch.library.register_fake(f"{NAMESPACE}::semi_hard_forward")
     def _semi_hard_forward_fake(dist, labels, ref_labels, self_index, margin):
         _check_op_inputs(dist, labels, ref_labels, self_index)
-        return *_sum_and_stats(dist), dist.new_empty(dist.shape, dtype=torch.int32)
+        return _sum_and_stats(dist)
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_hard_backward")
     def _batch_hard_backward_fake(grad, dist, mined, margin, soft):
@@ -121,8 +121,8 @@ if "cpu" in KERNEL_DEVICES or "cuda" in KERNEL_DEVICES:
         return dist.new_empty(dist.shape)
 
     @torch.library.register_fake(f"{NAMESPACE}::semi_hard_backward")
-    def _semi_hard_backward_fake(grad, dist, mined, margin):
-        _check_dist(dist)
+    def _semi_hard_backward_fake(grad, dist, labels, ref_labels, self_index, margin):
+        _check_op_inputs(dist, labels, ref_labels, self_index)
         return dist.new_empty(dist.shape)
 
 
@@ -161,7 +161,7 @@ def _mine_grad(kind, kernel, scale, dist, labels, ref_labels, self_index, saved,
     """dL/d dist of one block, for the gradient ``scale`` (0-d float64) of the loss sum."""
     if kernel:
         op = getattr(torch.ops.tripletloss_cuda, f"{kind}_backward")
-        if kind == "batch_all":
+        if kind != "batch_hard":  # batch-all and semi-hard mine again from the labels
             return op(scale, dist, labels, ref_labels, self_index, *args)
         return op(scale, dist, *saved, *args)
     with torch.enable_grad():
@@ -241,8 +241,8 @@ class ChunkedMiningFunction(torch.autograd.Function):
     kernel, den, *args): the mining loss of anchors x (N, D) against references y (M, D) (y None: x against
     itself, with ref_labels and self_index None; rows already L2-normalized where the distance needs it),
     ``chunk`` anchors at a time. Nothing of size N x M is kept: the forward keeps the loss sum and stats (and
-    batch-hard's (N, 2) mined indices); the backward recomputes each block's distances (and semi-hard's mined
-    negatives)."""
+    batch-hard's (N, 2) mined indices); the backward recomputes each block's distances (and the semi-hard
+    backward op its mined negatives)."""
 
     @staticmethod
     def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, kernel, den, *args):
@@ -292,11 +292,7 @@ class ChunkedMiningFunction(torch.autograd.Function):
         for i0, i1 in _blocks(x.shape[0], chunk):
             xb, lb, sb = x[i0:i1], labels[i0:i1], self_index[i0:i1]
             d = block_distances(xb, refs, None if sq_x is None else sq_x[i0:i1], sq_y, distance)
-            block_saved = ()
-            if kernel and kind == "batch_hard":
-                block_saved = (saved[0][i0:i1],)
-            elif kernel and kind == "semi_hard":  # recomputed rather than kept: (N, M) int32
-                block_saved = _mine(kind, kernel, d, lb, ref_labels, sb, args)[2]
+            block_saved = (saved[0][i0:i1],) if kernel and kind == "batch_hard" else ()
             grad_d = _mine_grad(kind, kernel, scale, d, lb, ref_labels, sb, block_saved, args)
             gxb, gyb = block_gradients(grad_d, d, xb, refs, distance, need_y)
             gx[i0:i1] = gxb
