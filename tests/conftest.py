@@ -5,15 +5,18 @@ require the compiled kernels.
     pytest -m cuda tests     # only the CUDA cases (the GPU machine)
     pytest -m emulated_cuda tests   # the CUDA kernels on the CPU emulator (`make build-emu`; tests/emulated.py)
 
-``sanitizer`` cases run only under `make sanitize` (TRIPLETLOSS_EMU=sanitize).
+``sanitizer`` cases run only under `make sanitize` (TRIPLETLOSS_EMU=sanitize). The ``path`` fixture runs a
+mining test through the compiled kernels and through the pure-PyTorch reference.
 """
 
 import os
+from unittest import mock
 
 import pytest
 import torch
 
 import tripletloss_cuda as tl
+from tripletloss_cuda.mining import ops as mining_ops
 
 
 def pytest_configure(config):
@@ -49,3 +52,15 @@ def kernel(device):
             f"extension error: {tl.ops.EXTENSION_ERROR}); build it with `make build`"
         )
     return device
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def path(request, device):
+    """Runs a mining test through the compiled kernels (failing if they are missing) and through the reference."""
+    if request.param == "kernel":
+        if torch.device(device).type not in mining_ops.KERNEL_DEVICES:
+            pytest.fail(f"no compiled mining kernel for {device}: {tl.ops.EXTENSION_ERROR}")
+        yield "kernel"
+    else:
+        with mock.patch.object(mining_ops, "KERNEL_DEVICES", frozenset()):
+            yield "reference"

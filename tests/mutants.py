@@ -69,9 +69,9 @@ MUTANTS = {
     ),
     "mining_tile_skipped": (
         MINING,
-        "for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {\n      const int nt = int(min(int64_t(kTile), c.n_pos - t0));\n      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);\n      for (int u = threadIdx.x; u <= nt; u += blockDim.x) suffix",
-        "for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += 2 * kTile) {\n      const int nt = int(min(int64_t(kTile), c.n_pos - t0));\n      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);\n      for (int u = threadIdx.x; u <= nt; u += blockDim.x) suffix",
-        "batch_all_kernel: every second tile of positives skipped (anchors with over 1024 positives)",
+        "for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {",
+        "for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += 2 * kTile) {",
+        "for_each_tile: every second tile of positives skipped (anchors with over 1024 positives)",
     ),
     "mining_bitonic_last_stage": (
         MINING,
@@ -81,9 +81,9 @@ MUTANTS = {
     ),
     "mining_tile_barrier_missing": (
         MINING,
-        "__syncthreads();  // the next tile overwrites tv, tj and hist",
-        "// the next tile overwrites tv, tj and hist",
-        "batch_all_grad_kernel: the next tile loaded while other warps still read this one",
+        "__syncthreads();  // the next tile overwrites the tile and what f kept in shared memory",
+        "// the next tile overwrites the tile and what f kept in shared memory",
+        "for_each_tile: the next tile loaded while other warps still read this one",
     ),
     "mining_gap_racing_column": (
         MINING,

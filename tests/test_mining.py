@@ -109,18 +109,6 @@ def brute_loss_and_grad(kind, x, labels, **kwargs):
     return loss.detach(), grad, counts
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def path(request, device):
-    """Runs a test through the compiled kernels (failing if they are missing) and through the reference."""
-    if request.param == "kernel":
-        if torch.device(device).type not in mining_ops.KERNEL_DEVICES:
-            pytest.fail(f"no compiled mining kernel for {device}: {tl.ops.EXTENSION_ERROR}")
-        yield "kernel"
-    else:
-        with mock.patch.object(mining_ops, "KERNEL_DEVICES", frozenset()):
-            yield "reference"
-
-
 # --- values, gradients and stats against the oracle ---------------------------------------------------------
 
 

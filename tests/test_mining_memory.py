@@ -61,13 +61,10 @@ def test_equals_the_reference_set_loss(module, fn, kw):
     assert torch.equal(criterion.label_memory, ring_y)
 
 
-def test_matches_pml_cross_batch_memory():
-    """pml's CrossBatchMemory(TripletMarginLoss()) (no miner: all triplets, own slot removed, AvgNonZeroReducer,
-    normalized LpDistance) is ours with BatchAllTripletLoss(normalize=True)."""
-    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-    pml = pml_losses.CrossBatchMemory(pml_losses.TripletMarginLoss(margin=0.3), embedding_size=6, memory_size=20)
-    ours = tl.CrossBatchMemory(tl.BatchAllTripletLoss(margin=0.3, normalize=True), embedding_size=6, memory_size=20)
-    for step, (x, y) in enumerate(_batches((8, 8, 8, 8, 3), seed=3)):
+def _same_steps(pml, ours, sizes):
+    """pml's CrossBatchMemory and ours over batches of these sizes: the same losses, embedding gradients,
+    memory, label memory, queue position and filled flag after every step."""
+    for step, (x, y) in enumerate(_batches(sizes, seed=3)):
         results = []
         for criterion in (pml, ours):
             leaf = x.clone().requires_grad_()
@@ -75,7 +72,17 @@ def test_matches_pml_cross_batch_memory():
             results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0]))
         torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-10, msg=f"step {step}")
         torch.testing.assert_close(ours.embedding_memory, pml.embedding_memory, rtol=0, atol=0)
+        assert torch.equal(ours.label_memory, pml.label_memory)
         assert ours.queue_idx == pml.queue_idx and ours.filled == pml.has_been_filled
+
+
+def test_matches_pml_cross_batch_memory():
+    """pml's CrossBatchMemory(TripletMarginLoss()) (no miner: all triplets, own slot removed, AvgNonZeroReducer,
+    normalized LpDistance) is ours with BatchAllTripletLoss(normalize=True)."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml = pml_losses.CrossBatchMemory(pml_losses.TripletMarginLoss(margin=0.3), embedding_size=6, memory_size=20)
+    ours = tl.CrossBatchMemory(tl.BatchAllTripletLoss(margin=0.3, normalize=True), embedding_size=6, memory_size=20)
+    _same_steps(pml, ours, (8, 8, 8, 8, 3))
 
 
 def _pml_distance(name):
@@ -119,16 +126,7 @@ def test_pml_drop_in_matches_pml_cross_batch_memory(distance, reducer, options):
     ours = tl.CrossBatchMemory(
         drop_in.TripletMarginLoss(**kw, reducer=make_reducer and make_reducer()), embedding_size=6, memory_size=20
     )
-    for step, (x, y) in enumerate(_batches((8, 8, 8, 8, 3, 5, 7), seed=3)):
-        results = []
-        for criterion in (pml, ours):
-            leaf = x.clone().requires_grad_()
-            loss = criterion(leaf, y)
-            results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0]))
-        torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-10, msg=f"step {step}")
-        torch.testing.assert_close(ours.embedding_memory, pml.embedding_memory, rtol=0, atol=0)
-        assert torch.equal(ours.label_memory, pml.label_memory)
-        assert ours.queue_idx == pml.queue_idx and ours.filled == pml.has_been_filled
+    _same_steps(pml, ours, (8, 8, 8, 8, 3, 5, 7))
     assert ours.last_stats is None
 
 

@@ -165,17 +165,6 @@ def assert_close_scaled(got, expected, rel, msg=None):
         torch.testing.assert_close(a, b, rtol=rel, atol=atol, msg=msg)
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def path(request, device):
-    if request.param == "kernel":
-        if torch.device(device).type not in mining_ops.KERNEL_DEVICES:
-            pytest.fail(f"no compiled mining kernel for {device}: {tl.ops.EXTENSION_ERROR}")
-        yield "kernel"
-    else:
-        with mock.patch.object(mining_ops, "KERNEL_DEVICES", frozenset()):
-            yield "reference"
-
-
 # --- values, gradients and stats against the oracle -----------------------------------------------------------
 
 

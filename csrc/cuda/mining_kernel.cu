@@ -211,6 +211,17 @@ __device__ RowCounts count_row(const T* d, int64_t m, const Anchor& a, int64_t* 
   return c;
 }
 
+// Runs f(nt) on every tile of anchor a's positives (sorted in tv/tj, nt of them), when it has negatives.
+template <typename T, typename F>
+__device__ void for_each_tile(const T* d, int64_t m, const Anchor& a, const RowCounts& c, T* tv, int32_t* tj, F&& f) {
+  for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {
+    const int nt = int(min(int64_t(kTile), c.n_pos - t0));
+    load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);
+    f(nt);
+    __syncthreads();  // the next tile overwrites the tile and what f kept in shared memory
+  }
+}
+
 // --- kernels ------------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -270,9 +281,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const RowCounts c = count_row(d, m, a, ismem);
     double l = 0;
     int64_t active = 0;
-    for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {
-      const int nt = int(min(int64_t(kTile), c.n_pos - t0));
-      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);
+    for_each_tile(d, m, a, c, tv, tj, [&](int nt) {
       for (int u = threadIdx.x; u <= nt; u += blockDim.x) suffix[u] = u < nt ? double(margin + tv[u]) : 0.0;
       __syncthreads();
       block_scan(suffix, nt, /*reverse=*/true, [](double x, double y) { return x + y; }, part);
@@ -283,8 +292,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         active += nt - t;
         l += suffix[t] - double(nt - t) * double(v);
       });
-      __syncthreads();  // the next tile overwrites tv, tj and suffix
-    }
+    });
     l = block_sum(l, part);
     active = block_sum(active, ismem);
     if (threadIdx.x == 0) {
@@ -316,9 +324,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const Anchor a(lab, i);
     for (int64_t j = threadIdx.x; j < m; j += blockDim.x) g[j] = T(0);
     const RowCounts c = count_row(d, m, a, ismem);  // its barriers order the zeros before the writes below
-    for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {
-      const int nt = int(min(int64_t(kTile), c.n_pos - t0));
-      load_sorted_tile(d, m, a, c.base, t0, nt, tv, tj);
+    for_each_tile(d, m, a, c, tv, tj, [&](int nt) {
       for (int u = threadIdx.x; u <= nt; u += blockDim.x) hist[u] = 0;
       __syncthreads();
       for_columns(d, m, [&](int64_t k, T v) {
@@ -330,8 +336,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       __syncthreads();
       block_scan(hist, nt, /*reverse=*/false, [](int32_t x, int32_t y) { return x + y; }, part);
       for (int u = threadIdx.x; u < nt; u += blockDim.x) g[tj[u]] = s * T(hist[u]);
-      __syncthreads();  // the next tile overwrites tv, tj and hist
-    }
+    });
     if (c.n_neg > 0 && c.n_pos > 0)
       for_columns(d, m, [&](int64_t k, T) {
         if (a.negative(k)) g[k] = -s * g[k];
@@ -384,9 +389,7 @@ __device__ RowCounts semi_hard_anchor(const T* d, int64_t m, const Anchor& a, T 
   block_best(far_v, far, [](T v, int64_t j, T bv, int64_t b) { return harder_positive(v, j, bv, b); }, sh.sv,
              sh.sj);
   const RowCounts c = count_row(d, m, a, sh.sj);
-  for (int64_t t0 = 0; c.n_neg > 0 && t0 < c.n_pos; t0 += kTile) {
-    const int nt = int(min(int64_t(kTile), c.n_pos - t0));
-    load_sorted_tile(d, m, a, c.base, t0, nt, sh.tv, sh.tj);
+  for_each_tile(d, m, a, c, sh.tv, sh.tj, [&](int nt) {
     for (int u = threadIdx.x; u <= nt; u += blockDim.x) sh.gap[u] = {~0ull, kNone};
     __syncthreads();
     for_columns(d, m, [&](int64_t k, T v) {
@@ -404,8 +407,7 @@ __device__ RowCounts semi_hard_anchor(const T* d, int64_t m, const Anchor& a, T 
       const int64_t chosen = sh.gap[p + 1].k != kNone ? sh.gap[p + 1].k : far;
       pair(int64_t(sh.tj[p]), chosen, margin + sh.tv[p] - d[chosen]);
     }
-    __syncthreads();  // the next tile overwrites tv, tj and gap
-  }
+  });
   return c;
 }
 

@@ -195,19 +195,7 @@ def markdown(meta, all_rows):
     ]
     for r in all_rows:
         head = [r["case"], str(r["n"]), str(r.get("triplets", "")), r["impl"]]
-        if r.get("skipped"):
-            cells = ["", r["skipped"], "", "", "", ""]
-        else:
-            sp, mr = r.get("tl_speedup"), r.get("tl_memory_ratio")
-            cells = [
-                f"{r['loss_value']:.6g}",
-                _fmt_time(r["median_s"]),
-                f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}",
-                _fmt_bytes(r["peak_bytes"]),
-                "" if sp is None else f"{sp:.1f}×",
-                "" if mr is None else f"{mr:.1f}×",
-            ]
-        lines.append("| " + " | ".join(head + cells) + " |")
+        lines.append("| " + " | ".join(head + bench_mining.result_cells(r)) + " |")
     return "\n".join(lines) + "\n"
 
 

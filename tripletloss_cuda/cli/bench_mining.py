@@ -383,6 +383,22 @@ def _fmt_bytes(nbytes):
     return f"{nbytes / 2**20:.3g} MiB"
 
 
+def result_cells(r, ratios=True):
+    """The table cells of a measured row (or of a skipped one): loss value, median, p20–p80, peak memory, and
+    (with ratios) tl speedup and memory ratio."""
+    if r.get("skipped"):
+        return ["", r["skipped"], "", "", "", ""]
+    speedup, ratio = (r.get("tl_speedup"), r.get("tl_memory_ratio")) if ratios else (None, None)
+    return [
+        f"{r['loss_value']:.6g}",
+        _fmt_time(r["median_s"]),
+        f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}",
+        _fmt_bytes(r["peak_bytes"]),
+        "" if speedup is None else f"{speedup:.1f}×",
+        "" if ratio is None else f"{ratio:.1f}×",
+    ]
+
+
 def markdown(meta, rows):
     header = (
         f"Mining losses, forward+backward, float32, margin {MARGIN}, normalized Euclidean; {meta['device_name']}; "
@@ -404,19 +420,7 @@ def markdown(meta, rows):
     for r in rows:
         head = [r["loss"], str(r["n"]), str(r.get("m") or r["n"]), str(r["d"]), str(r["per_class"])]
         head += [IMPLS.get(r["impl"], r["impl"]), str(r.get("chunk") or "")]
-        if r.get("skipped"):
-            cells = ["", r["skipped"], "", "", "", ""]
-        else:
-            speedup, ratio = r.get("tl_speedup"), r.get("tl_memory_ratio")
-            cells = [
-                f"{r['loss_value']:.6g}",
-                _fmt_time(r["median_s"]),
-                f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}",
-                _fmt_bytes(r["peak_bytes"]),
-                "" if r["impl"] == "tl" or speedup is None else f"{speedup:.1f}×",
-                "" if r["impl"] == "tl" or ratio is None else f"{ratio:.1f}×",
-            ]
-        lines.append("| " + " | ".join(head + cells) + " |")
+        lines.append("| " + " | ".join(head + result_cells(r, ratios=r["impl"] != "tl")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ tuple needs, without gathering (T, D) copies of the rows.
 import torch
 import torch.nn.functional as F
 
+from ..mining.api import check_ref_embeddings
 from ..mining.reference import DISTANCES
 from . import ops
 
@@ -45,19 +46,7 @@ def _check(embeddings, anchors, positives, negatives, ref_embeddings, distance, 
     if not embeddings.dtype.is_floating_point:
         raise TypeError(f"embeddings should be a floating tensor, got {embeddings.dtype}")
     if ref_embeddings is not None:
-        if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_embeddings should be a 2D tensor (M, {embeddings.shape[1]}), got shape "
-                f"{tuple(ref_embeddings.shape)}"
-            )
-        if ref_embeddings.dtype != embeddings.dtype:
-            raise TypeError(
-                f"ref_embeddings should have the dtype of embeddings {embeddings.dtype}, got {ref_embeddings.dtype}"
-            )
-        if ref_embeddings.device != embeddings.device:
-            raise ValueError(
-                f"ref_embeddings should be on the device of embeddings {embeddings.device}, got {ref_embeddings.device}"
-            )
+        check_ref_embeddings(embeddings, ref_embeddings)
     if distance not in DISTANCES:
         raise ValueError(f"distance should be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
     if reduction not in REDUCTIONS:

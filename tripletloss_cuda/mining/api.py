@@ -98,6 +98,23 @@ def _check(embeddings, labels, margin, distance):
         raise ValueError(f"margin should be non-negative, got {margin}")
 
 
+def check_ref_embeddings(embeddings, ref_embeddings):
+    """A reference set (M, D) for embeddings (N, D): their width, dtype and device (also the indexed loss's)."""
+    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"ref_embeddings should be a 2D tensor (M, {embeddings.shape[1]}) (the width of embeddings), "
+            f"got shape {tuple(ref_embeddings.shape)}"
+        )
+    if ref_embeddings.dtype != embeddings.dtype:
+        raise TypeError(
+            f"ref_embeddings should have the dtype of embeddings {embeddings.dtype}, got {ref_embeddings.dtype}"
+        )
+    if ref_embeddings.device != embeddings.device:
+        raise ValueError(
+            f"ref_embeddings should be on the device of embeddings {embeddings.device}, got {ref_embeddings.device}"
+        )
+
+
 def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, check_range=True):
     if ref_embeddings is None:
         if ref_labels is not None or ref_self_index is not None:
@@ -109,15 +126,7 @@ def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, ch
             "ref_embeddings and ref_labels should be tensors (ref_embeddings needs ref_labels), got "
             f"{type(ref_embeddings).__name__} and {type(ref_labels).__name__}"
         )
-    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings should be a 2D tensor (M, {embeddings.shape[1]}) (the width of embeddings), "
-            f"got shape {tuple(ref_embeddings.shape)}"
-        )
-    if ref_embeddings.dtype != embeddings.dtype:
-        raise TypeError(
-            f"ref_embeddings should have the dtype of embeddings {embeddings.dtype}, got {ref_embeddings.dtype}"
-        )
+    check_ref_embeddings(embeddings, ref_embeddings)
     m = ref_embeddings.shape[0]
     if ref_labels.dim() != 1 or ref_labels.shape[0] != m:
         raise ValueError(
@@ -125,7 +134,7 @@ def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, ch
         )
     if ref_labels.dtype.is_floating_point or ref_labels.dtype.is_complex or ref_labels.dtype == torch.bool:
         raise TypeError(f"ref_labels should be an integer tensor, got {ref_labels.dtype}")
-    for name, t in (("ref_embeddings", ref_embeddings), ("ref_labels", ref_labels), ("ref_self_index", ref_self_index)):
+    for name, t in (("ref_labels", ref_labels), ("ref_self_index", ref_self_index)):
         if t is not None and isinstance(t, torch.Tensor) and t.device != embeddings.device:
             raise ValueError(f"{name} should be on the device of embeddings {embeddings.device}, got {t.device}")
     if ref_self_index is None:
