@@ -1,24 +1,33 @@
 # make test: set up (venv, torch, build with the CUDA sources when nvcc is present) and run the tests.
+# make test WHEEL=dist/<wheel>: the same suite against that wheel installed into the venv, run from outside the
+#   checkout (so no in-place _C can be picked up): what .ci/run does for every torch release it claims.
+# make wheel: the abi3 wheel (dist/), with the CUDA kernels when nvcc is present, for torch >= 2.11.
 # make bench: set up and run the benchmark on whatever device is present (CPU by default).
 # make demo: set up and run the training demo (scikit-learn's digits; DEMO_ARGS="--epochs 40 --plot demo.png").
-# make build-emu: the test-only extension _C_emu (the CUDA sources on the CPU emulator of csrc/emu); make test
-#   builds it and runs its `emulated_cuda` tests with the others.
-# make sanitize: _C_emu under AddressSanitizer + UBSan (as _C_emu_san), and the emulated tests against it.
+# make build-emu: the test-only extension tripletloss_emu (the CUDA sources on the CPU emulator of csrc/emu),
+#   built into $(EMU_LIB); make test builds it and runs its `emulated_cuda` tests with the others.
+# make sanitize: the emulated build under AddressSanitizer + UBSan (tripletloss_emu_san), and the emulated tests.
 # make mutants: the emulated tests against deliberately broken copies of the kernels (not in CI; slow).
 # make sass-gate: the machine-code gate on the built _C (tools/sass_gate.py; no GPU needed).
-# Another torch release, in its own venv: make test TORCH=2.11.0 VENV=.venv-torch2.11.0 (what .ci/run does).
-# The in-place builds (tripletloss_cuda/_C*.so) belong to one venv at a time: switching venvs rebuilds them,
-# each venv with its own build folder.
+# Another torch release, in its own venv: make test TORCH=2.11.0 VENV=.venv-torch2.11.0.
+# The in-place build (tripletloss_cuda/_C.abi3.so) serves every venv with torch >= 2.11 (the stable ABI); each
+# venv has its own build folder, and its own emulated build.
 TORCH ?= 2.14.1
 VENV ?= .venv
+WHEEL ?=
 BUILD_TEMP = build/$(notdir $(VENV))
+EMU_LIB = $(CURDIR)/build/$(notdir $(VENV))-emu
 PY := $(VENV)/bin/python
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+# The in-place build compiles one GPU architecture (fast); a wheel compiles setup.py's DEFAULT_CUDA_ARCHS.
+INPLACE_ARCHS ?= 9.0
 BENCH_ARGS ?=
 DEMO_ARGS ?=
+TESTS := tests benchmarks/test_bench.py
+EMU_ENV := TRIPLETLOSS_EMU_LIB=$(EMU_LIB)
 
-.PHONY: setup build build-emu test sanitize mutants sass-gate bench demo lint clean
+.PHONY: setup build build-emu test wheel sanitize mutants sass-gate bench demo lint clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: requirements-dev.txt
@@ -26,22 +35,39 @@ $(VENV)/.setup-done: requirements-dev.txt
 	$(PY) -m pip install -q "torch==$(TORCH)" -r requirements-dev.txt
 	touch $@
 
-# In-place, incremental (ninja) build of tripletloss_cuda/_C*.so.
+# In-place, incremental (ninja) build of tripletloss_cuda/_C.abi3.so. A _C of another suffix (a build from
+# before the stable ABI, for one CPython) would shadow it, so it goes.
 build: $(VENV)/.build-done
 $(VENV)/.build-done: $(VENV)/.setup-done $(SOURCES)
-	rm -f .venv*/.build-done
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --build-temp $(BUILD_TEMP)
+	rm -f .venv*/.build-done tripletloss_cuda/_C.cpython-*.so
+	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-$(INPLACE_ARCHS)} MAX_JOBS=$${MAX_JOBS:-2} \
+	  $(PY) setup.py -q build_ext --inplace --build-temp $(BUILD_TEMP)
 	touch $@
 
-# The emulated build: its own folder (build/emu-1), tripletloss_cuda/_C_emu*.so; never part of an install.
+# The emulated build: its own folders (build/emu-1 for objects, $(EMU_LIB) for the module); never installed.
 build-emu: $(VENV)/.build-emu-done
 $(VENV)/.build-emu-done: $(VENV)/.setup-done $(SOURCES)
-	rm -f .venv*/.build-emu-done
-	TRIPLETLOSS_EMULATED=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --build-temp $(BUILD_TEMP)-emu
+	TRIPLETLOSS_EMULATED=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --build-lib $(EMU_LIB) \
+	  --build-temp $(BUILD_TEMP)-emu
 	touch $@
 
+wheel: setup
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	ls -l dist/*.whl
+
+ifeq ($(WHEEL),)
 test: build build-emu
-	$(RUN) -m pytest -q tests benchmarks/test_bench.py
+	$(EMU_ENV) $(RUN) -m pytest -q $(TESTS)
+else
+# The wheel into the venv (replacing any earlier install), then the suite from a folder outside the checkout,
+# without PYTHONPATH: `import tripletloss_cuda` is the installed package (conftest.py checks it is).
+TEST_CWD = $(CURDIR)/build/$(notdir $(VENV))-cwd
+test: setup build-emu
+	$(PY) -m pip install -q --force-reinstall --no-deps $(abspath $(WHEEL))
+	mkdir -p $(TEST_CWD)
+	cd $(TEST_CWD) && $(EMU_ENV) TRIPLETLOSS_EXPECT_INSTALLED=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
+	  --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(addprefix $(CURDIR)/,$(TESTS))
+endif
 
 # ASan needs its runtime first in the process (python is not built with it): LD_PRELOAD, with libstdc++ (for
 # its __cxa_throw interceptor, which C++ exceptions thrown in kernels go through). Leaks are not
@@ -49,8 +75,10 @@ test: build build-emu
 # capture. SANITIZE_TESTS: the emulated tests to run (default: a representative part).
 SANITIZE_TESTS ?= tests/test_emulated.py tests/test_sanitizer.py -k "not test_block_order and not test_launch_mappings or 4sm"
 sanitize: build
-	TRIPLETLOSS_EMULATED=sanitize MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --build-temp $(BUILD_TEMP)-san
-	TRIPLETLOSS_EMU=sanitize LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	TRIPLETLOSS_EMULATED=sanitize MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --build-lib $(EMU_LIB) \
+	  --build-temp $(BUILD_TEMP)-san
+	TRIPLETLOSS_EMU=sanitize $(EMU_ENV) \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(RUN) -m pytest -q -s -p no:cacheprovider $(SANITIZE_TESTS)
 
@@ -73,4 +101,4 @@ sass-gate: build
 	$(PY) tools/sass_gate.py
 
 clean:
-	rm -rf build tripletloss_cuda/_C*.so .venv*/.build-done .venv*/.build-emu-done
+	rm -rf build dist tripletloss_cuda/_C*.so .venv*/.build-done .venv*/.build-emu-done

@@ -1,14 +1,20 @@
 """Builds tripletloss_cuda._C: the C++ CPU kernels always, the CUDA kernels when nvcc and a CUDA build of
 torch are present.
 
+_C is written against the LibTorch stable ABI (csrc/stable.h), targeting torch 2.11 (TORCH_TARGET_VERSION:
+anything outside the 2.11 stable surface fails to compile), and against the CPython limited API (an abi3
+wheel): one build serves every CPython from 3.10 and every torch from 2.11 on. `make wheel` builds it.
+
 TRIPLETLOSS_CUDA=1 forces the CUDA kernels (the build fails if they cannot be built), =0 leaves them out;
 unset, they are built when possible. DEBUG=1 builds with -O0 -g. TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (default here: the visible GPU's, or 9.0 when none is visible).
+architectures: by default the visible GPU's, or, with none visible, DEFAULT_CUDA_ARCHS (the data-centre GPUs
+users train on, and PTX for newer ones); `make test` builds 9.0 alone, which is faster.
 
-TRIPLETLOSS_EMULATED=1 builds instead only the test extension tripletloss_cuda._C_emu: the CUDA sources
-compiled by the host compiler against the CPU emulator of csrc/emu (README, "The CUDA emulator"); =sanitize
-builds it as tripletloss_cuda._C_emu_san under AddressSanitizer and UndefinedBehaviorSanitizer. Neither is
-ever part of an install (`pip install .` leaves TRIPLETLOSS_EMULATED unset).
+TRIPLETLOSS_EMULATED=1 builds instead only the test extension tripletloss_emu: the CUDA sources compiled by
+the host compiler against the CPU emulator of csrc/emu (docs: "The CUDA emulator"); =sanitize builds it as
+tripletloss_emu_san under AddressSanitizer and UndefinedBehaviorSanitizer. They are top-level modules that
+the Makefile builds into a folder of its own (build/<venv>-emu), never into the package and never installed
+(`pip install .` leaves TRIPLETLOSS_EMULATED unset).
 """
 
 import glob
@@ -45,31 +51,53 @@ def use_cuda():
     return possible
 
 
+# The oldest torch whose stable ABI _C targets; tests/test_stable_abi.py and tripletloss_cuda/_library.py read it.
+STABLE_ABI = (2, 11)
+# GPU architectures of a build with no GPU visible and TORCH_CUDA_ARCH_LIST unset (a wheel): A100 (8.0), H100
+# and H200 (9.0), B200 (10.0) as machine code, and PTX of 10.0 that newer GPUs compile when they load it.
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
+
+
+def stable_abi_flags():
+    major, minor = STABLE_ABI
+    return [
+        f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000",
+        f"-DTL_TARGET_MAJOR={major}",
+        f"-DTL_TARGET_MINOR={minor}",
+    ]
+
+
 def extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # C++20 whatever torch's default is (torch 2.11's cpp_extension passes -std=c++17, 2.14's -std=c++20): the
     # sources use std::bit_cast and lambdas capturing structured bindings. The last -std flag wins.
-    std = ["-std=c++20"]
-    args = {"cxx": opt + std + ["-fopenmp"]}  # -fopenmp: at::parallel_for and `omp simd` in the CPU kernels
+    common = opt + ["-std=c++20"] + stable_abi_flags()
+    args = {"cxx": common + ["-fopenmp"]}  # -fopenmp: `omp simd` in the CPU kernels
+    # py_limited_api: an abi3 module (PyInit__C is plain CPython; nothing links libtorch_python).
+    kwargs = {"extra_compile_args": args, "extra_link_args": ["-fopenmp"], "py_limited_api": True}
     if not use_cuda():
-        return CppExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
+        return CppExtension("tripletloss_cuda._C", sources, **kwargs)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    args["cxx"].append("-DTRIPLETLOSS_WITH_CUDA")
-    args["nvcc"] = opt + std + ["-DTRIPLETLOSS_WITH_CUDA", "-lineinfo"]
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    # USE_CUDA: the stable shim's CUDA declarations (current stream, error messages) sit behind it.
+    cuda = ["-DTRIPLETLOSS_WITH_CUDA", "-DUSE_CUDA"]
+    args["cxx"] += cuda
+    args["nvcc"] = common + cuda + ["-lineinfo"]
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    return CUDAExtension("tripletloss_cuda._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
+    return CUDAExtension("tripletloss_cuda._C", sources, **kwargs)
 
 
 def emulated_extension(mode):
-    """_C_emu (mode "1") or _C_emu_san (mode "sanitize"): csrc/emu/*.cpp include the .cu files themselves."""
+    """tripletloss_emu (mode "1") or tripletloss_emu_san (mode "sanitize"): csrc/emu/*.cpp include the .cu files
+    themselves."""
     san = mode == "sanitize"
-    name = "_C_emu_san" if san else "_C_emu"
+    name = "tripletloss_emu_san" if san else "tripletloss_emu"
     # -Wno-*: `#pragma unroll` and the unsigned built-in index variables are what nvcc reads.
     flags = [
         "-std=c++20",
+        *stable_abi_flags(),
         "-DTRIPLETLOSS_EMULATED",
         f"-DTL_EMU_MODULE={name}",
         "-Wno-unknown-pragmas",
@@ -83,7 +111,7 @@ def emulated_extension(mode):
     else:
         flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tests/mutants.py: -O1 (compiles faster)
     sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp", "csrc/indexed.cpp"]
-    return CppExtension(f"tripletloss_cuda.{name}", sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
+    return CppExtension(name, sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
 
 
 class EmulatedBuild(BuildExtension):
@@ -101,9 +129,12 @@ if EMULATED not in ("", "1", "sanitize"):
 setup(
     name="tripletloss_cuda",
     version="0.1.0",
+    python_requires=">=3.10",
+    install_requires=[f"torch>={STABLE_ABI[0]}.{STABLE_ABI[1]}"],
     packages=find_packages(include=["tripletloss_cuda", "tripletloss_cuda.*"]),
     ext_modules=[emulated_extension(EMULATED) if EMULATED else extension()],
     cmdclass={"build_ext": EmulatedBuild if EMULATED else BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # the abi3 tag: one wheel for CPython 3.10 and later
     entry_points={"console_scripts": ["tripletloss-cuda = tripletloss_cuda.cli:main"]},
     # `tripletloss-cuda demo` and `bench --plot` need these; the package itself does not.
     extras_require={"demo": ["matplotlib", "tqdm", "scikit-learn"]},

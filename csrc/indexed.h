@@ -2,12 +2,10 @@
 // (cpu/indexed_kernel.cpp, cuda/indexed_kernel.cu) around the per-triplet math of indexed_math.h.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "stable.h"
 
 namespace tripletloss {
 namespace indexed {
-
-using at::Tensor;
 
 // Inputs contiguous: x (N, D), r (M, D) of one floating dtype (r is x without a reference set); anchors,
 // positives, negatives (T,) int64. saved (T, kSaved) and the gradient accumulators are in the accumulation

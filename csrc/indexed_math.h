@@ -120,16 +120,19 @@ TL_HD void triplet_forward(const T* x, const T* r, int64_t d, int64_t n_rows, in
 }
 
 // The gradient of one destination row: the sum, in the fixed order of entries[e0, e1), of what each entry
-// (role * n_triplets + t, sorted by destination) sends it. out: the row's d accumulators, overwritten.
+// (role * n_triplets + t, sorted by destination) sends it; an out-of-range triplet sends nothing (its rows are
+// never read, whatever the CSR). out: the row's d accumulators, overwritten.
 template <typename T, typename acc_t>
-TL_HD void row_backward(const T* x, const T* r, int64_t d, const int64_t* anchors, const int64_t* positives,
-                        const int64_t* negatives, const acc_t* saved, const acc_t* w, const int64_t* entries, int64_t e0,
-                        int64_t e1, int64_t n_triplets, int distance, acc_t margin, bool swap, bool soft, acc_t* out) {
+TL_HD void row_backward(const T* x, const T* r, int64_t d, int64_t n_rows, int64_t m_rows, const int64_t* anchors,
+                        const int64_t* positives, const int64_t* negatives, const acc_t* saved, const acc_t* w,
+                        const int64_t* entries, int64_t e0, int64_t e1, int64_t n_triplets, int distance, acc_t margin,
+                        bool swap, bool soft, acc_t* out) {
   for (int64_t j = 0; j < d; ++j) out[j] = acc_t(0);
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t entry = entries[e];
     const int role = int(entry / n_triplets);
     const int64_t t = entry % n_triplets;
+    if (!valid_triplet(anchors[t], positives[t], negatives[t], n_rows, m_rows)) continue;
     const Coefs<acc_t> c = triplet_coefs(distance, saved + t * kSaved, margin, swap, soft, w[t]);
     const T* a = x + anchors[t] * d;
     const T* p = r + positives[t] * d;

@@ -6,7 +6,7 @@
 // M reference distances with reference labels ry: positives j (ry_j == yi, j != excl), negatives k
 // (ry_k != yi, k != excl). Mining a batch against itself is M = N, ry = labels, excl = i. excl is only
 // compared, never dereferenced, so any value is memory-safe. Each forward row function writes
-// the anchor's loss sum (double) and its counts {valid triplets, active triplets, mined triplets}; the
+// the anchor's loss sum (double) and its counts (write_counts); the
 // backward row functions write row i of dL/dd, scaled by `scale` (the upstream gradient over the loss's
 // denominator). Ties go to the lowest index. The hinge tests are written alike forward and backward, so
 // that a triplet counted as active in one is active in the other.
@@ -20,7 +20,17 @@
 namespace tripletloss {
 namespace mining {
 
-constexpr int kValid = 0, kActive = 1, kMined = 2, kCounts = 3;  // columns of the per-anchor counts
+// Columns of the per-anchor counts: valid, active and mined triplets, then whether the anchor has a valid and an
+// active triplet (0 or 1). Summed over the anchors, they are the stats vector (reference.STATS_FIELDS).
+constexpr int kValid = 0, kActive = 1, kMined = 2, kValidAnchor = 3, kActiveAnchor = 4, kCounts = 5;
+
+TL_HD void write_counts(int64_t* counts, int64_t valid, int64_t active, int64_t mined) {
+  counts[kValid] = valid;
+  counts[kActive] = active;
+  counts[kMined] = mined;
+  counts[kValidAnchor] = valid > 0;
+  counts[kActiveAnchor] = active > 0;
+}
 
 TL_HD float tl_exp(float x) { return expf(x); }
 TL_HD double tl_exp(double x) { return exp(x); }
@@ -98,9 +108,7 @@ TL_HD void batch_hard_result(const T* d, int64_t p, int64_t q, int64_t n_pos, in
   const bool valid = n_pos > 0 && n_neg > 0;
   const T l = valid ? hard_loss(d[p] - d[q], margin, soft) : T(0);
   *loss = l;
-  counts[kValid] = n_pos * n_neg;
-  counts[kActive] = valid && l > T(0);
-  counts[kMined] = valid;
+  write_counts(counts, n_pos * n_neg, valid && l > T(0), valid);
   mined[0] = valid ? p : -1;
   mined[1] = valid ? q : -1;
 }
@@ -173,9 +181,7 @@ TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
     l += suffix[t] - double(n_pos - t) * double(d[k]);
   }
   *loss = l;
-  counts[kValid] = n_pos * n_neg;
-  counts[kActive] = active;
-  counts[kMined] = n_pos * n_neg;
+  write_counts(counts, n_pos * n_neg, active, n_pos * n_neg);
 }
 
 // The histogram of t_k is kept in the positives' own gradient slots (counts below 2^24 are exact in float).
@@ -240,9 +246,7 @@ TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
                                           if (h > T(0)) l += double(h), ++active;
                                         });
   *loss = l;
-  counts[kValid] = n_pos * n_neg;
-  counts[kActive] = active;
-  counts[kMined] = n_neg > 0 ? n_pos : 0;
+  write_counts(counts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
 }
 
 // dL/dd_ij = scale for a positive j whose triplet is active (h > 0); dL/dd_ik = -scale * (the number of active

@@ -35,14 +35,14 @@
       "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "   \
       "float margin) -> Tensor")
 
-// distance: 0 euclidean, 1 squared euclidean, 2 dot (1 - <x, y>: cosine on normalized rows); reduction:
-// 0 none, 1 mean, 2 sum, 3 mean_nonzero. saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet.
+// distance: 0 euclidean, 1 squared euclidean, 2 dot (1 - <x, y>: cosine on normalized rows). saved: (T, 4)
+// d(a,p), d(a,n), d(p,n), loss per triplet (the caller reduces the losses); w: (T,) the gradient of each
+// triplet's loss; entries, offsets: the CSR of the backward (tripletloss_cuda/indexed/ops.py `destinations`).
 #define TL_INDEXED_SCHEMAS(m)                                                                                 \
   m.def(                                                                                                     \
       "indexed_triplet_forward(Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, Tensor positives, " \
-      "Tensor negatives, int distance, float margin, bool swap, bool soft, int reduction) "                   \
-      "-> (Tensor loss, Tensor saved)");                                                                     \
+      "Tensor negatives, int distance, float margin, bool swap, bool soft) -> Tensor saved");                \
   m.def(                                                                                                     \
-      "indexed_triplet_backward(Tensor grad, Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, "     \
-      "Tensor positives, Tensor negatives, Tensor saved, int distance, float margin, bool swap, bool soft, "  \
-      "int reduction) -> (Tensor grad_embeddings, Tensor grad_ref_embeddings)")
+      "indexed_triplet_backward(Tensor w, Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, "        \
+      "Tensor positives, Tensor negatives, Tensor saved, Tensor entries, Tensor offsets, int distance, "      \
+      "float margin, bool swap, bool soft) -> (Tensor grad_embeddings, Tensor grad_ref_embeddings)")

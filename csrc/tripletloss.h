@@ -1,51 +1,42 @@
 // Host-side pieces shared by the CPU and CUDA entry points: input checks, outputs, dispatch on p/swap.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
-
 #include <tuple>
 #include <type_traits>
 
+#include "stable.h"
 #include "triplet_math.h"
 
 namespace tripletloss {
 
-using at::Tensor;
-
 // Checks the op's contract; the Python fake kernels (tripletloss_cuda/ops.py) give the same messages.
 inline void check_inputs(const Tensor& anchor, const Tensor& positive, const Tensor& negative) {
-  TORCH_CHECK(anchor.dim() == 2, "anchor should be a 2D tensor, got ", anchor.dim(), "D");
+  TL_CHECK(anchor.dim() == 2, "anchor should be a 2D tensor, got ", anchor.dim(), "D");
   const std::pair<const char*, const Tensor*> others[] = {{"positive", &positive}, {"negative", &negative}};
   for (const auto& [name, x] : others) {
-    TORCH_CHECK(x->sizes() == anchor.sizes(), name, " should have the shape of anchor ", anchor.sizes(), ", got ",
-                x->sizes());
-    TORCH_CHECK(x->scalar_type() == anchor.scalar_type(), name, " should have the dtype of anchor ",
-                anchor.scalar_type(), ", got ", x->scalar_type());
-    TORCH_CHECK(x->device() == anchor.device(), name, " should be on the device of anchor ", anchor.device(),
-                ", got ", x->device());
+    TL_CHECK(x->sizes().equals(anchor.sizes()), name, " should have the shape of anchor ", shape(anchor), ", got ",
+             shape(*x));
+    TL_CHECK(x->scalar_type() == anchor.scalar_type(), name, " should have the dtype of anchor ",
+             anchor.scalar_type(), ", got ", x->scalar_type());
+    TL_CHECK(x->device() == anchor.device(), name, " should be on the device of anchor ", device_name(anchor),
+             ", got ", device_name(*x));
   }
-  TORCH_CHECK(at::isFloatingType(anchor.scalar_type()), "anchor should be a floating tensor, got ",
-              anchor.scalar_type());
+  TL_CHECK(is_floating(anchor.scalar_type()), "anchor should be a floating tensor, got ", anchor.scalar_type());
 }
 
 // The kernels take any row stride (0 for broadcast rows included) but unit-stride columns.
 inline Tensor unit_stride_columns(const Tensor& x) {
-  return (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
-}
-
-inline at::ScalarType dist_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+  return (x.size(1) <= 1 || x.stride(1) == 1) ? x : torch::stable::contiguous(x);
 }
 
 // loss: (N,) for reduction none (0), () for mean (1) and sum (2); dist: (N, 3) d(a,p), d(a,n), d(p,n).
 inline std::tuple<Tensor, Tensor> empty_forward_outputs(const Tensor& anchor, int64_t reduction) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction should be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TL_CHECK(reduction >= 0 && reduction <= 2, "reduction should be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   const int64_t n = anchor.size(0);
-  Tensor loss = reduction == 0 ? at::empty({n}, anchor.options()) : at::empty({}, anchor.options());
-  Tensor dist = at::empty({n, 3}, anchor.options().dtype(dist_dtype(anchor.scalar_type())));
-  return {loss, dist};
+  const ScalarType dtype = anchor.scalar_type();
+  const Device device = anchor.device();
+  Tensor loss = reduction == 0 ? empty({n}, dtype, device) : empty({}, dtype, device);
+  return {loss, empty({n, 3}, acc_dtype(dtype), device)};
 }
 
 // grad and dist of the backward op as the kernels read them: grad in the inputs' dtype, (N,) for
@@ -53,18 +44,20 @@ inline std::tuple<Tensor, Tensor> empty_forward_outputs(const Tensor& anchor, in
 inline std::tuple<Tensor, Tensor> backward_operands(const Tensor& grad, const Tensor& dist, const Tensor& anchor,
                                                     int64_t reduction) {
   const int64_t n = anchor.size(0);
-  TORCH_CHECK(reduction == 0 ? (grad.dim() == 1 && grad.size(0) == n) : grad.numel() == 1,
-              "grad should have the shape of the loss, got ", grad.sizes());
-  TORCH_CHECK(dist.dim() == 2 && dist.size(0) == n && dist.size(1) == 3, "dist should have shape (", n,
-              ", 3), got ", dist.sizes());
-  TORCH_CHECK(grad.device() == anchor.device() && dist.device() == anchor.device(),
-              "grad and dist should be on the device of anchor ", anchor.device());
-  return {grad.to(anchor.scalar_type()), dist.to(dist_dtype(anchor.scalar_type())).contiguous()};
+  TL_CHECK(reduction == 0 ? (grad.dim() == 1 && grad.size(0) == n) : grad.numel() == 1,
+           "grad should have the shape of the loss, got ", shape(grad));
+  TL_CHECK(dist.dim() == 2 && dist.size(0) == n && dist.size(1) == 3, "dist should have shape (", n, ", 3), got ",
+           shape(dist));
+  TL_CHECK(grad.device() == anchor.device() && dist.device() == anchor.device(),
+           "grad and dist should be on the device of anchor ", device_name(anchor));
+  return {to_dtype(grad, anchor.scalar_type()), as_contiguous(to_dtype(dist, acc_dtype(anchor.scalar_type())))};
 }
 
 inline std::tuple<Tensor, Tensor, Tensor> empty_backward_outputs(const Tensor& anchor) {
-  return {at::empty(anchor.sizes(), anchor.options()), at::empty(anchor.sizes(), anchor.options()),
-          at::empty(anchor.sizes(), anchor.options())};
+  const ScalarType dtype = anchor.scalar_type();
+  const Device device = anchor.device();
+  return {empty(anchor.sizes(), dtype, device), empty(anchor.sizes(), dtype, device),
+          empty(anchor.sizes(), dtype, device)};
 }
 
 // The value of reduction over zero rows, as PyTorch gives it: mean nan, sum 0.
@@ -75,7 +68,7 @@ inline double empty_reduction_value(int64_t reduction) {
 // Calls f(norm, swap) with compile-time constants for p (1, 2 or other) and swap.
 template <typename F>
 void dispatch_norm_swap(double p, bool swap, F&& f) {
-  TORCH_CHECK(p > 0 && p < INFINITY, "p should be finite and positive for the fused kernels, got ", p);
+  TL_CHECK(p > 0 && p < INFINITY, "p should be finite and positive for the fused kernels, got ", p);
   auto with_swap = [&](auto norm) {
     if (swap) f(norm, std::true_type{});
     else f(norm, std::false_type{});

@@ -10,6 +10,7 @@ mining test through the compiled kernels and through the pure-PyTorch reference.
 """
 
 import os
+import pathlib
 from unittest import mock
 
 import pytest
@@ -21,6 +22,14 @@ from tripletloss_cuda.mining import ops as mining_ops
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped where none is available)")
+    # `make test WHEEL=...`: the suite must test the installed wheel, with its kernels loaded, and nothing else.
+    if os.environ.get("TRIPLETLOSS_EXPECT_INSTALLED") == "1":
+        root = pathlib.Path(__file__).resolve().parent.parent
+        where = pathlib.Path(tl.__file__).resolve()
+        if where.is_relative_to(root):
+            raise pytest.UsageError(f"TRIPLETLOSS_EXPECT_INSTALLED=1 but tripletloss_cuda comes from the checkout {where}")
+        if tl.info()["extension_status"] != "loaded":
+            raise pytest.UsageError(f"the installed tripletloss_cuda has no loaded _C: {tl.info()['extension_problem']}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,21 +1,31 @@
-"""The emulated CUDA backend (tripletloss_cuda._C_emu, csrc/emu): the CUDA kernel source run on the CPU, its
-ops as torch.ops.tripletloss_cuda_emu.* on CPU tensors. Fake devices and the Python model of the launch
+"""The emulated CUDA backend (the test-only module tripletloss_emu, csrc/emu): the CUDA kernel source run on the
+CPU, its ops as torch.ops.tripletloss_cuda_emu.* on CPU tensors. Fake devices and the Python model of the launch
 configuration the tests check the launch log against.
 
-TRIPLETLOSS_EMU=sanitize selects the build under AddressSanitizer/UBSan (_C_emu_san, `make sanitize`)."""
+The module is built apart from the package (`make build-emu`: a top-level module in build/<venv>-emu, never
+installed), so that the tests find it next to an in-place build and next to an installed wheel alike: from the
+folder TRIPLETLOSS_EMU_LIB names (the Makefile sets it), else the default venv's. TRIPLETLOSS_EMU=sanitize
+selects the build under AddressSanitizer/UBSan (tripletloss_emu_san, `make sanitize`)."""
 
 import importlib
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
 
-MODULE = "_C_emu_san" if os.environ.get("TRIPLETLOSS_EMU") == "sanitize" else "_C_emu"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODULE = "tripletloss_emu_san" if os.environ.get("TRIPLETLOSS_EMU") == "sanitize" else "tripletloss_emu"
+EMU_LIB = os.environ.get("TRIPLETLOSS_EMU_LIB") or str(ROOT / "build" / ".venv-emu")
+if EMU_LIB not in sys.path:
+    sys.path.append(EMU_LIB)
 try:
-    emu = importlib.import_module(f"tripletloss_cuda.{MODULE}")
+    emu = importlib.import_module(MODULE)
     EMU_ERROR = None
 except ImportError as e:
     emu, EMU_ERROR = None, e
+
 
 THREADS = 256  # kThreads of csrc/cuda/triplet_kernel.cu
 WARP = 32
@@ -113,7 +123,7 @@ DEVICES = {
 def require():
     """Fails (does not skip) the test when the emulated build is missing."""
     if emu is None:
-        pytest.fail(f"tripletloss_cuda.{MODULE} is not built ({EMU_ERROR}); build it with `make build-emu`")
+        pytest.fail(f"{MODULE} is not built in {EMU_LIB} ({EMU_ERROR}); build it with `make build-emu`")
     return torch.ops.tripletloss_cuda_emu
 
 

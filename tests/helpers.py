@@ -7,6 +7,8 @@ flash-attention criterion).
 """
 
 import contextlib
+import os
+import pathlib
 import re
 import zlib
 from unittest import mock
@@ -16,6 +18,19 @@ import torch
 import torch.nn.functional as F
 
 import tripletloss_cuda as tl
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Whether the package under test is an installed one (`make test WHEEL=...`), not this checkout's.
+INSTALLED = not pathlib.Path(tl.__file__).resolve().is_relative_to(ROOT)
+
+
+def child_env(**extra):
+    """os.environ for a child Python that imports the same tripletloss_cuda as the tests, wherever it runs:
+    this checkout on PYTHONPATH for an in-place build, nothing added for an installed package."""
+    path = [] if INSTALLED else [str(ROOT)]
+    pythonpath = os.pathsep.join(filter(None, [*path, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}), **extra)
+
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -1,11 +1,11 @@
-"""`make mutants`: the emulated CUDA tests must catch broken kernels. Builds the emulated backend (_C_emu)
+"""`make mutants`: the emulated CUDA tests must catch broken kernels. Builds the emulated backend (tripletloss_emu)
 from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs the `emulated_cuda` tests on
 each (stopping at the first failure) and reports each mutant caught or not. Not in CI (a rebuild per mutant).
 
     python tests/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one survives
     python tests/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
 
---sanitize builds the mutants under AddressSanitizer and UBSan (_C_emu_san, as `make sanitize`) and counts a
+--sanitize builds the mutants under AddressSanitizer and UBSan (tripletloss_emu_san, as `make sanitize`) and counts a
 mutant caught only when a sanitizer reports it (a read past an allocation, a misaligned access). Works in
 build/mutants/ or build/mutants-san/ (a copy of the tree, with the _C extension of this checkout for the
 CPU ops)."""
@@ -170,7 +170,8 @@ def main(names):
     os.makedirs(WORK, exist_ok=True)
     prepare()
     pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING)}
-    env = dict(os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK)
+    emu_lib = os.path.join(WORK, "emu-lib")  # where the emulated module is built and the tests look for it
+    env = dict(os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK, TRIPLETLOSS_EMU_LIB=emu_lib)
     env.setdefault("MAX_JOBS", "2")
     env.pop("TRIPLETLOSS_EMU", None)
     test_env = env
@@ -179,7 +180,7 @@ def main(names):
         cxx = os.environ.get("CXX", "c++")
         libs = [subprocess.check_output([cxx, f"-print-file-name={lib}"], text=True).strip() for lib in LIBS]
         test_env = dict(env, TRIPLETLOSS_EMU="sanitize", LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
-    build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    build = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", emu_lib]
     test = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated_cuda"]
     test += ["-s", "tests/test_emulated.py"]  # -s: a sanitizer's report is not lost in pytest's capture
     results = []

@@ -3,22 +3,20 @@ or 1 (a failure while running), never a traceback."""
 
 import importlib.machinery
 import json
-import os
-import pathlib
 import subprocess
 import sys
 import types
 
 import pytest
 import torch
+from helpers import child_env
 
 import tripletloss_cuda as tl
 from tripletloss_cuda import cli
 from tripletloss_cuda.cli import demo
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-# Subprocesses import this checkout's package wherever pytest was started from.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+# Subprocesses import the package under test (this checkout's, or the installed one) wherever pytest was started from.
+ENV = child_env()
 
 
 def run_cli(argv, capsys):

@@ -3,15 +3,12 @@ The demo compares the ranks' parameters at the end (and exits 1 if they differ);
 largest difference per loss implementation."""
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch.distributed
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import child_env
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
@@ -23,7 +20,7 @@ def test_demo_two_processes(tmp_path, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "tripletloss_cuda", "demo", "--epochs", "1", "--device", "cpu", "--impls", "tl,torch"]
     cmd += ["--no-progress", "--json", str(out), *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -460,11 +460,16 @@ INDEXED_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def indexed_run(ns, x, r, a, p, n, distance, swap, soft, reduction, margin=0.3):
-    """Forward outputs and both gradients of the indexed op of namespace ns."""
-    loss, saved = ns.indexed_triplet_forward(x, r, a, p, n, distance, margin, swap, soft, reduction)
-    grad = torch.full_like(loss, 1.25)
-    grads = ns.indexed_triplet_backward(grad, x, r, a, p, n, saved, distance, margin, swap, soft, reduction)
-    return loss, saved, grads
+    """The reduced loss, the saved values and both gradients through the indexed ops of namespace ns, with the
+    reduction and the backward's CSR computed as tripletloss_cuda.indexed.ops does around the ops."""
+    saved = ns.indexed_triplet_forward(x, r, a, p, n, distance, margin, swap, soft)
+    losses = saved[:, 3].clone().requires_grad_()
+    loss = tl.indexed.reference.reduce(losses, reduction, x.dtype)
+    (w,) = torch.autograd.grad(loss, losses, torch.full_like(loss, 1.25))  # each triplet's upstream gradient
+    m = 0 if r is None else r.shape[0]
+    entries, offsets = tl.indexed.ops.destinations(a, p, n, x.shape[0], m)
+    grads = ns.indexed_triplet_backward(w, x, r, a, p, n, saved, entries, offsets, distance, margin, swap, soft)
+    return loss.detach(), saved, grads
 
 
 @pytest.mark.parametrize("reduction", (0, 1, 3))
@@ -532,8 +537,8 @@ def test_h200_register_table_matches_the_build():
     sass_gate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass_gate)
     cuobjdump = sass_gate.find_cuobjdump()
-    built = sorted(pathlib.Path(__file__).parents[1].glob("tripletloss_cuda/_C.*.so"))
-    kernels = sass_gate.read_kernels(cuobjdump, str(built[0])) if cuobjdump and built else []
+    built = tl._library.FILE  # the _C under test: the in-place build, or the installed wheel's
+    kernels = sass_gate.read_kernels(cuobjdump, built) if cuobjdump and built else []
     triplet = [k for k in kernels if k.triplet]
     if not triplet:
         pytest.skip("no CUDA build of _C here (CI always has one)")

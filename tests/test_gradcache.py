@@ -7,19 +7,17 @@ Activation memory is counted by tl.gradcache.SavedTensorMemory, itself checked o
 are known. The DistributedDataParallel case runs 2 gloo processes (this file as a script).
 """
 
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import child_env
 from torch import nn
 
 import tripletloss_cuda as tl
 from tripletloss_cuda import gradcache
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 N, D_IN, D_OUT = 12, 6, 4
 LOSSES = {
     "batch_hard": lambda e, y: tl.batch_hard_triplet_loss(e, y, margin=0.5),
@@ -300,7 +298,7 @@ def _ddp_worker(rank, store_path, out_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
 def test_distributed_data_parallel(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     env["OMP_NUM_THREADS"] = "1"
     argv = [sys.executable, __file__, str(tmp_path / "store")]
     procs = [

@@ -169,18 +169,14 @@ def test_gradcheck():
 
 def op_samples(device):
     x, ref, a, p, n = make(n=7, m=6, d=4, t=15, device=device)
-    for r, distance, swap, soft, reduction in itertools.product(
-        (None, ref), (0, 1, 2), (False, True), (False, True), (0, 1, 3)
-    ):
-        rr = r
-        loss, saved = torch.ops.tripletloss_cuda.indexed_triplet_forward(
-            x, rr, a, p, n, distance, 0.5, swap, soft, reduction
-        )
-        yield torch.ops.tripletloss_cuda.indexed_triplet_forward, (x, rr, a, p, n, distance, 0.5, swap, soft, reduction)
-        g = torch.ones_like(loss)
+    for r, distance, swap, soft in itertools.product((None, ref), (0, 1, 2), (False, True), (False, True)):
+        saved = torch.ops.tripletloss_cuda.indexed_triplet_forward(x, r, a, p, n, distance, 0.5, swap, soft)
+        yield torch.ops.tripletloss_cuda.indexed_triplet_forward, (x, r, a, p, n, distance, 0.5, swap, soft)
+        w = torch.linspace(-1, 2, a.shape[0], dtype=saved.dtype, device=device)
+        csr = indexed_ops.destinations(a, p, n, x.shape[0], 0 if r is None else r.shape[0])
         yield (
             torch.ops.tripletloss_cuda.indexed_triplet_backward,
-            (g, x, rr, a, p, n, saved, distance, 0.5, swap, soft, reduction),
+            (w, x, r, a, p, n, saved, *csr, distance, 0.5, swap, soft),
         )
 
 
@@ -260,12 +256,15 @@ def test_bad_indices_with_ref_and_ops():
     p = p.clamp(max=4)
     with pytest.raises(IndexError, match="negatives.* is out of range for ref_embeddings with 5 rows"):
         tl.triplet_margin_loss_from_indices(x, a, p, n + 5, ref_embeddings=ref)
+    forward = torch.ops.tripletloss_cuda.indexed_triplet_forward
     with pytest.raises(IndexError, match="anchors should be an int64 tensor"):
-        torch.ops.tripletloss_cuda.indexed_triplet_forward(x, ref, a.int(), p, n, 0, 1.0, False, False, 1)
+        forward(x, ref, a.int(), p, n, 0, 1.0, False, False)
     with pytest.raises(ValueError, match="positives should be a 1D tensor of 40 indices"):
-        torch.ops.tripletloss_cuda.indexed_triplet_forward(x, ref, a, p[:3], n, 0, 1.0, False, False, 1)
-    with pytest.raises(RuntimeError, match="reduction should be"):
-        torch.ops.tripletloss_cuda.indexed_triplet_forward(x, ref, a, p, n.clamp(max=4), 0, 1.0, False, False, 4)
+        forward(x, ref, a, p[:3], n, 0, 1.0, False, False)
+    with pytest.raises(IndexError, match=r"negatives\[\d+\] = \d+ is out of range for ref_embeddings with 5 rows"):
+        forward(x, ref, a, p, n + 5, 0, 1.0, False, False)
+    with pytest.raises(RuntimeError, match="distance should be"):
+        forward(x, ref, a, p, n.clamp(max=4), 4, 1.0, False, False)
 
 
 def test_bad_arguments():

@@ -6,18 +6,16 @@ the same loss on the whole batch. The processes share a FileStore (no port to ra
 TIMEOUT_S, so the test never hangs.
 """
 
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import child_env
 
 import tripletloss_cuda as tl
 from tripletloss_cuda.mining import distributed as tl_distributed
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORLD = 2
 SHARDS = (9, 14)  # rows per rank: unequal on purpose
 TIMEOUT_S = 60
@@ -132,7 +130,7 @@ def _worker(rank, store_path, out_path):
 
 
 def test_distributed_equals_single_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     env["OMP_NUM_THREADS"] = "1"
     store = tmp_path / "store"
     procs = [

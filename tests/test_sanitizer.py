@@ -1,13 +1,13 @@
-"""The sanitized emulated build (`make sanitize`: _C_emu_san under AddressSanitizer and UndefinedBehaviorSanitizer)
+"""The sanitized emulated build (`make sanitize`: tripletloss_emu_san under AddressSanitizer and UndefinedBehaviorSanitizer)
 catches what compute-sanitizer's memcheck catches on a GPU: a read past the end of an array and a 16-byte
 vector load from a misaligned address abort the process with the sanitizer's report. Each runs in a child
 process (the sanitizers stop at the first error: -fno-sanitize-recover)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+from emulated import EMU_LIB
 
 pytestmark = pytest.mark.sanitizer
 
@@ -20,10 +20,7 @@ pytestmark = pytest.mark.sanitizer
     ],
 )
 def test_sanitizer_catches(kernel, report):
-    code = f"import tripletloss_cuda._C_emu_san as e; e.selftest({kernel!r})"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.run(
-        [sys.executable, "-c", code], check=False, cwd=root, capture_output=True, text=True, timeout=120
-    )
+    code = f"import sys; sys.path.append({EMU_LIB!r}); import tripletloss_emu_san as e; e.selftest({kernel!r})"
+    child = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert child.returncode != 0, child.stderr[-2000:]
     assert report in child.stderr and kernel in child.stderr, child.stderr[-4000:]

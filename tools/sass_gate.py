@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = "sm_90"  # the cubin the gate reads (H100/H200; what the register tables are for)
 # Block size of each family's kernels (threads), as its launchers use it (kThreads in csrc/cuda/*.cu).
 # Mining: 32 to 256 threads by row length (threads_for); the table gives the largest, that of long rows.
 BLOCK_SIZE = {"triplet": 256, "mining": 256, "indexed": 128}
@@ -127,8 +128,9 @@ class Kernel:
         return f"{self.base}<{DTYPES[dtype]}, {NORMS.get(norm[-1], norm)}, swap={swap}, vec={vec}>"
 
 
-def read_kernels(cuobjdump, path):
-    res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=False)
+def read_kernels(cuobjdump, path, arch=ARCH):
+    """Our kernels in the `arch` cubin of the library at `path` (a wheel holds several architectures)."""
+    res = subprocess.run([cuobjdump, "-arch", arch, "-res-usage", path], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"sass_gate: cuobjdump -res-usage failed on {path}: {res.stderr.strip()}")
     found = re.findall(
@@ -140,7 +142,7 @@ def read_kernels(cuobjdump, path):
         for m, regs, stack, shared, local in found
         if names[m].removeprefix("void ").startswith("tripletloss::")
     }
-    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([cuobjdump, "-arch", arch, "-sass", path], capture_output=True, text=True, check=True).stdout
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = chunk.split("\n", 1)[0].strip()
         if name in kernels:
@@ -168,12 +170,17 @@ def markdown(kernels):
     return "\n".join(lines)
 
 
+def built_extension():
+    """The checkout's in-place _C (tripletloss_cuda/_C*.so), or None."""
+    return next(iter(sorted(glob.glob(os.path.join(ROOT, "tripletloss_cuda", "_C.*.so")))), None)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="sass_gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("extension", nargs="?", help="the built _C*.so (default: tripletloss_cuda/_C*.so)")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     args = parser.parse_args(argv)
-    path = args.extension or next(iter(sorted(glob.glob(os.path.join(ROOT, "tripletloss_cuda", "_C.*.so")))), None)
+    path = args.extension or built_extension()
     if not path or not os.path.exists(path):
         print("sass_gate: no built extension (tripletloss_cuda/_C*.so); build it first", file=sys.stderr)
         return 1

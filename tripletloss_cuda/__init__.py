@@ -18,7 +18,7 @@ Drop-in losses for pytorch-metric-learning and sentence-transformers: tripletlos
 
 import torch
 
-from . import gradcache, indexed, mining, naive, ops, reference
+from . import _library, gradcache, indexed, mining, naive, ops, reference
 from .functional import triplet_margin_loss
 from .gradcache import cached_loss_backward
 from .indexed import triplet_margin_loss_from_indices
@@ -33,6 +33,8 @@ from .mining import (
     semi_hard_triplet_loss,
 )
 from .modules import TripletMarginLoss
+
+_library.check_required(ops.OPS + mining.ops.OPS + indexed.ops.OPS)  # TRIPLETLOSS_CUDA_REQUIRE
 
 __version__ = "0.1.0"
 __all__ = [
@@ -59,19 +61,24 @@ __all__ = [
 
 
 def info():
-    """What is compiled and what will run: a dict of versions, kernels and devices."""
-    build = ops._C.build_info() if ops._C is not None else {}
+    """What is compiled and what will run: a dict of versions, kernels and devices. ``extension_status`` is
+    "loaded", "not built" (pure Python, the reference everywhere) or "failed to load" (``extension_error`` and
+    ``extension_problem`` say why; the reference runs instead)."""
     cuda_ok = torch.cuda.is_available()
     return {
         "version": __version__,
         "torch": torch.__version__,
-        "built_with_torch": build.get("torch"),
-        "extension_loaded": ops._C is not None,
-        "extension_error": None if ops.EXTENSION_ERROR is None else str(ops.EXTENSION_ERROR),
+        "built_with_torch": _library.BUILD.get("torch"),
+        "stable_abi": _library.BUILD.get("stable_abi"),
+        "extension_status": _library.STATUS,
+        "extension_file": _library.FILE,
+        "extension_loaded": _library.STATUS == "loaded",
+        "extension_error": None if _library.ERROR is None else str(_library.ERROR),
+        "extension_problem": _library.problem(),
         "kernels": sorted(ops.KERNEL_DEVICES),
         "mining_kernels": sorted(mining.ops.KERNEL_DEVICES),
         "indexed_kernels": sorted(indexed.ops.KERNEL_DEVICES),
-        "cuda_architectures": build.get("cuda_archs", ""),
+        "cuda_architectures": _library.BUILD.get("cuda_archs", ""),
         "cuda_available": cuda_ok,
         "cuda_device": torch.cuda.get_device_name() if cuda_ok else None,
         "default_device": "cuda" if cuda_ok and "cuda" in ops.KERNEL_DEVICES else "cpu",

@@ -5,7 +5,7 @@ import math
 import torch
 from torch.nn import _reduction as _Reduction
 
-from . import ops, reference
+from . import _library, ops, reference
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -123,6 +123,7 @@ def triplet_margin_loss(
         raise ValueError(f"margin must be greater than 0, got {margin}")
     fused = _fused_inputs(anchor, positive, negative, float(p))
     if fused is None:
+        _library.warn_fallback()
         _check_tensor_arguments(anchor, positive, negative)
         anchor, positive, negative = _autocast_inputs(anchor, positive, negative)
         return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction_enum)

@@ -16,26 +16,15 @@ torch.func path (TransformableTripletMarginLossFunction); plain eager calls use 
 
 import torch
 
-from . import reference
+from . import _library, reference
+from ._library import _C
 
-try:
-    from . import _C
-
-    EXTENSION_ERROR = None
-except ImportError as e:  # not built: everything runs through the reference
-    _C = None
-    EXTENSION_ERROR = e
-
+EXTENSION_ERROR = _library.ERROR  # why a built _C did not load (None: loaded, or never built)
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _has_kernel(key):
-    name = "tripletloss_cuda::triplet_margin_forward"
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-
+OPS = ("triplet_margin_forward", "triplet_margin_backward")
 
 # Device types with a compiled kernel, fixed at import so that torch.compile sees a constant.
-KERNEL_DEVICES = frozenset(t for t, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key))
+KERNEL_DEVICES = _library.kernel_devices(OPS)
 
 
 def _clamp_min_grad_at_zero():

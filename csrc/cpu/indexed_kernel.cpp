@@ -1,11 +1,7 @@
 // CPU launchers of the loss over index triplets (indexed.h): the functions of indexed_math.h, parallel over
-// triplets (forward) and destination rows (backward) with at::parallel_for. Each task writes only its own
+// triplets (forward) and destination rows (backward) with parallel_for. Each task writes only its own
 // outputs, and each row adds its contributions in the fixed CSR order, so results do not depend on the number
 // of threads.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 
 #include "../indexed.h"
@@ -20,15 +16,15 @@ int64_t grain(int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 15) / std:
 
 void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives,
              const Tensor& negatives, int64_t distance, double margin, bool swap, bool soft, Tensor& saved) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "indexed_triplet_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  TL_DISPATCH_FLOATING_AND_HALF(x.scalar_type(), "indexed_triplet_forward", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pr = r.const_data_ptr<scalar_t>();
     const int64_t *a = anchors.const_data_ptr<int64_t>(), *p = positives.const_data_ptr<int64_t>(),
                   *n = negatives.const_data_ptr<int64_t>();
     acc_t* s = saved.mutable_data_ptr<acc_t>();
     const int64_t d = x.size(1), n_rows = x.size(0), m_rows = r.size(0);
-    at::parallel_for(0, anchors.size(0), grain(d), [&](int64_t t0, int64_t t1) {
+    torch::stable::parallel_for(0, anchors.size(0), grain(d), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         triplet_forward<scalar_t, acc_t>(px, pr, d, n_rows, m_rows, a[t], p[t], n[t], int(distance), acc_t(margin),
                                          swap, soft, s + t * kSaved);
@@ -40,8 +36,8 @@ void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Ten
               const Tensor& negatives, const Tensor& saved, const Tensor& w, const Tensor& entries,
               const Tensor& offsets, int64_t distance, double margin, bool swap, bool soft, Tensor& grad_x,
               Tensor& grad_r) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "indexed_triplet_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  TL_DISPATCH_FLOATING_AND_HALF(x.scalar_type(), "indexed_triplet_backward", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pr = r.const_data_ptr<scalar_t>();
     const int64_t *a = anchors.const_data_ptr<int64_t>(), *p = positives.const_data_ptr<int64_t>(),
@@ -49,12 +45,13 @@ void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Ten
     const int64_t *e = entries.const_data_ptr<int64_t>(), *o = offsets.const_data_ptr<int64_t>();
     const acc_t *s = saved.const_data_ptr<acc_t>(), *pw = w.const_data_ptr<acc_t>();
     acc_t *gx = grad_x.mutable_data_ptr<acc_t>(), *gr = grad_r.mutable_data_ptr<acc_t>();
-    const int64_t d = x.size(1), n_rows = x.size(0), t = anchors.size(0), rows = offsets.size(0) - 1;
-    at::parallel_for(0, rows, grain(d), [&](int64_t k0, int64_t k1) {
+    const int64_t d = x.size(1), n_rows = x.size(0), m_rows = r.size(0), t = anchors.size(0);
+    const int64_t rows = offsets.size(0) - 1;
+    torch::stable::parallel_for(0, rows, grain(d), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         acc_t* out = k < n_rows ? gx + k * d : gr + (k - n_rows) * d;
-        row_backward<scalar_t, acc_t>(px, pr, d, a, p, n, s, pw, e, o[k], o[k + 1], t, int(distance), acc_t(margin),
-                                      swap, soft, out);
+        row_backward<scalar_t, acc_t>(px, pr, d, n_rows, m_rows, a, p, n, s, pw, e, o[k], o[k + 1], t, int(distance),
+                                      acc_t(margin), swap, soft, out);
       }
     });
   });

@@ -1,9 +1,6 @@
 // CPU row launchers of the mining ops (mining.h): the row functions of mining_math.h, parallel over
-// anchors with at::parallel_for. Each anchor writes only its own outputs, so results do not depend on the
+// anchors with parallel_for. Each anchor writes only its own outputs, so results do not depend on the
 // number of threads.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -22,7 +19,7 @@ int64_t grain(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 15) / std:
 
 template <typename F>
 void for_each_anchor(int64_t n, int64_t m, F&& f) {
-  at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) f(i);
   });
 }
@@ -39,7 +36,7 @@ struct Labels {
 void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                 double margin, bool soft, Tensor& loss, Tensor& counts, Tensor& mined) {
   const Labels lab(labels, ref_labels, self_index);
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_forward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_hard_forward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
@@ -54,7 +51,7 @@ void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labe
 
 void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, bool soft, const Tensor& scale,
                      Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_backward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_hard_backward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     const int64_t* mi = mined.const_data_ptr<int64_t>();
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
@@ -85,12 +82,12 @@ void sort_positives(const T* d, const Labels& lab, int64_t m, int64_t i, std::ve
 void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                double margin, Tensor& loss, Tensor& counts) {
   const Labels lab(labels, ref_labels, self_index);
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_forward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_all_forward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
-    at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
       std::vector<scalar_t> ps;
       std::vector<int64_t> pi;
@@ -108,12 +105,12 @@ void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
 void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, const Tensor& scale, Tensor& grad) {
   const Labels lab(labels, ref_labels, self_index);
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_backward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_all_backward", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
-    at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;
       std::vector<scalar_t> ps;
       std::vector<int64_t> pi;
@@ -129,10 +126,10 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
 // semi_hard and semi_hard_grad: each anchor's positives sorted, then semi_hard_row / semi_hard_grad_row.
 template <typename F>
 void for_each_sorted_anchor(const Tensor& dist, const Labels& lab, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "semi_hard", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
-    at::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
       std::vector<scalar_t> ps, best_d;
       std::vector<int64_t> pi, best_k;

@@ -1,20 +1,12 @@
-// CPU kernels: one pass over the inputs forward, one backward, parallel over rows with at::parallel_for.
+// CPU kernels: one pass over the inputs forward, one backward, parallel over rows with parallel_for.
 // The row loops vectorize (omp simd); the mean/sum adds per-block partials in a fixed order, so the
 // result does not depend on the number of threads.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <ATen/ops/from_blob.h>
-
 #include <algorithm>
 #include <bit>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <vector>
-
 
 #include "../tripletloss.h"
 
@@ -31,14 +23,14 @@ namespace {
 // Element loads and stores of the row loops. c10's 16-bit conversions do not vectorize (a NaN branch,
 // or a call); these give the same values (round to nearest even, NaN kept) and do.
 template <typename T>
-inline at::opmath_type<T> load(T x) {
+inline opmath_t<T> load(T x) {
   return x;
 }
 inline float load(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
 inline float load(c10::Half x) { return float(std::bit_cast<_Float16>(x.x)); }
 
 template <typename T>
-inline T store(at::opmath_type<T> v) {
+inline T store(opmath_t<T> v) {
   return T(v);
 }
 template <>
@@ -74,7 +66,7 @@ struct Params {  // margin, p, eps in the accumulation type, and 1 / p
 };
 
 // Rows [i0, i1): distances into dist, per-row loss into out (reduction none); returns the rows' loss sum.
-template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = opmath_t<scalar_t>>
 TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k,
                                    bool per_row, scalar_t* out, acc_t* dist) {
   double sum = 0;
@@ -96,7 +88,7 @@ TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t
 }
 
 // Rows [i0, i1) of the three gradients (contiguous), from the upstream gradient g[i * gs] * gscale.
-template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = opmath_t<scalar_t>>
 TL_CPU_CLONES void backward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k,
                                   const scalar_t* g, int64_t gs, acc_t gscale, bool grad_at_zero_hinge,
                                   const acc_t* dist, scalar_t* ga, scalar_t* gp, scalar_t* gn) {
@@ -133,11 +125,13 @@ class GradBufferCache {
 
   Tensor empty(const Tensor& like) {
     const size_t bytes = size_t(like.numel()) * like.element_size();
-    if (bytes < kMinBytes || limit_ == 0) return at::empty(like.sizes(), like.options());
+    if (bytes < kMinBytes || limit_ == 0) return tripletloss::empty(like.sizes(), like.scalar_type(), like.device());
     void* data = take(bytes);
     if (data == nullptr) data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    TORCH_CHECK(data != nullptr, "out of memory allocating a ", bytes, "-byte gradient");
-    return at::from_blob(data, like.sizes(), [this, bytes](void* p) { give(p, bytes); }, like.options());
+    TL_CHECK(data != nullptr, "out of memory allocating a ", bytes, "-byte gradient");
+    const int64_t strides[2] = {like.size(1), 1};  // contiguous (N, D)
+    return torch::stable::from_blob(data, like.sizes(), IntArrayRef(strides, 2), like.device(), like.scalar_type(),
+                                    [this, bytes](void* p) { give(p, bytes); });
   }
 
  private:
@@ -173,15 +167,15 @@ class GradBufferCache {
 };
 
 template <typename scalar_t, Norm NORM, bool SWAP>
-void forward_rows(const Rows<scalar_t>& in, Params<at::opmath_type<scalar_t>> k, int64_t reduction, Tensor& loss,
+void forward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, int64_t reduction, Tensor& loss,
                   Tensor& dist) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   scalar_t* out = loss.mutable_data_ptr<scalar_t>();
   acc_t* dst = dist.mutable_data_ptr<acc_t>();
   // Fixed blocks of rows, whatever the thread count: the partial sums, and so the result, are the same.
   const int64_t rows = rows_per_block(in.cols), blocks = (in.rows + rows - 1) / rows;
   std::vector<double> partial(blocks, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       partial[b] = forward_range<scalar_t, NORM, SWAP>(in, b * rows, std::min(in.rows, (b + 1) * rows), k,
                                                        reduction == 0, out, dst);
@@ -195,14 +189,14 @@ void forward_rows(const Rows<scalar_t>& in, Params<at::opmath_type<scalar_t>> k,
 }
 
 template <typename scalar_t, Norm NORM, bool SWAP>
-void backward_rows(const Rows<scalar_t>& in, Params<at::opmath_type<scalar_t>> k, const Tensor& grad,
+void backward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, const Tensor& grad,
                    const Tensor& dist, int64_t reduction, bool grad_at_zero_hinge, Tensor& ga, Tensor& gp,
                    Tensor& gn) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   // grad is (N,) for reduction none, else one value for every row (divided by N for mean).
   const int64_t gs = reduction == 0 ? grad.stride(0) : 0;
   const acc_t gscale = reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1);
-  at::parallel_for(0, in.rows, rows_per_block(in.cols), [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, in.rows, rows_per_block(in.cols), [&](int64_t i0, int64_t i1) {
     backward_range<scalar_t, NORM, SWAP>(in, i0, i1, k, grad.const_data_ptr<scalar_t>(), gs, gscale,
                                          grad_at_zero_hinge, dist.const_data_ptr<acc_t>(),
                                          ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
@@ -216,8 +210,8 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& anchor, const Tensor& posit
   auto [loss, dist] = empty_forward_outputs(anchor, reduction);
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_forward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
       forward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(rows_of<scalar_t>(a, pos, neg),
                                                                          {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)},
@@ -236,8 +230,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor
   const auto [g, dst] = backward_operands(grad, dist, a, reduction);
   auto& cache = GradBufferCache::get();
   Tensor ga = cache.empty(a), gp = cache.empty(a), gn = cache.empty(a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_backward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
       backward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(
           rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)}, g, dst, reduction,
@@ -249,9 +243,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) {
-  m.impl("triplet_margin_forward", &forward_cpu);
-  m.impl("triplet_margin_backward", &backward_cpu);
-}
-
 }  // namespace tripletloss
+
+STABLE_TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) {
+  m.impl("triplet_margin_forward", TORCH_BOX(&tripletloss::forward_cpu));
+  m.impl("triplet_margin_backward", TORCH_BOX(&tripletloss::backward_cpu));
+}

@@ -23,7 +23,6 @@
 // rounding for loss sums (another summation order). Launched on the current stream; the scale of the
 // backward is read on the device (no host synchronization, CUDA-graph safe). Launches go through
 // cuda_compat.h (also built for the CPU emulator of CUDA, csrc/emu).
-#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -297,10 +296,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     active = block_sum(active, ismem);
     if (threadIdx.x == 0) {
       loss[i] = l;
-      int64_t* ci = counts + i * kCounts;
-      ci[kValid] = c.n_pos * c.n_neg;
-      ci[kActive] = active;
-      ci[kMined] = c.n_pos * c.n_neg;
+      write_counts(counts + i * kCounts, c.n_pos * c.n_neg, active, c.n_pos * c.n_neg);
     }
   }
 }
@@ -426,10 +422,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     active = block_sum(active, sh.sj);
     if (threadIdx.x == 0) {
       loss[i] = l;
-      int64_t* ci = counts + i * kCounts;
-      ci[kValid] = c.n_pos * c.n_neg;
-      ci[kActive] = active;
-      ci[kMined] = c.n_neg > 0 ? c.n_pos : 0;
+      write_counts(counts + i * kCounts, c.n_pos * c.n_neg, active, c.n_neg > 0 ? c.n_pos : 0);
     }
   }
 }
@@ -467,7 +460,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 // as are resident at once (at most N), grid-striding over the anchors.
 template <auto Kernel, typename... Args>
 void launch_anchors(const Tensor& dist, Args... args) {
-  const tl_cuda::DeviceGuard guard(dist.device());
+  const tl_cuda::DeviceGuard guard(dist);
   const int threads = threads_for(dist.size(1));
   const int64_t resident =
       int64_t(tl_cuda::sm_count(dist.get_device())) * tl_cuda::max_blocks_per_sm<Kernel>(threads);
@@ -483,7 +476,7 @@ Labels labels_of(const Tensor& labels, const Tensor& ref_labels, const Tensor& s
 
 void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                 double margin, bool soft, Tensor& loss, Tensor& counts, Tensor& mined) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_forward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_hard_forward", [&] {
     launch_anchors<batch_hard_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                 labels_of(labels, ref_labels, self_index), dist.size(0),
                                                 dist.size(1), scalar_t(margin), soft, loss.mutable_data_ptr<double>(),
@@ -493,7 +486,7 @@ void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labe
 
 void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, bool soft, const Tensor& scale,
                      Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_hard_backward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_hard_backward", [&] {
     launch_anchors<batch_hard_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                      mined.const_data_ptr<int64_t>(), dist.size(0), dist.size(1),
                                                      scalar_t(margin), soft, scale.const_data_ptr<double>(),
@@ -503,7 +496,7 @@ void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, boo
 
 void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                double margin, Tensor& loss, Tensor& counts) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_forward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_all_forward", [&] {
     launch_anchors<batch_all_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                labels_of(labels, ref_labels, self_index), dist.size(0),
                                                dist.size(1), scalar_t(margin), loss.mutable_data_ptr<double>(),
@@ -513,7 +506,7 @@ void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
 
 void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, const Tensor& scale, Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "batch_all_backward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_all_backward", [&] {
     launch_anchors<batch_all_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                     labels_of(labels, ref_labels, self_index), dist.size(0),
                                                     dist.size(1), scalar_t(margin), scale.const_data_ptr<double>(),
@@ -523,7 +516,7 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
 
 void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                double margin, Tensor& loss, Tensor& counts) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_forward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "semi_hard_forward", [&] {
     launch_anchors<semi_hard_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                labels_of(labels, ref_labels, self_index), dist.size(0),
                                                dist.size(1), scalar_t(margin), loss.mutable_data_ptr<double>(),
@@ -533,7 +526,7 @@ void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
 
 void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, const Tensor& scale, Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_backward", [&] {
+  TL_DISPATCH_FLOATING(dist.scalar_type(), "semi_hard_backward", [&] {
     launch_anchors<semi_hard_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
                                                     labels_of(labels, ref_labels, self_index), dist.size(0),
                                                     dist.size(1), scalar_t(margin), scale.const_data_ptr<double>(),

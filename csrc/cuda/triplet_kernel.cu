@@ -9,11 +9,6 @@
 //
 // Launches and CUDA runtime calls go through cuda_compat.h, so that the host compiler also builds this file
 // for the CPU emulator of CUDA (csrc/emu; the tests' _C_emu).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include <algorithm>
 
 #include "../tripletloss.h"
@@ -76,11 +71,11 @@ __device__ T group_sum(T v, int group, T* smem) {
 
 template <typename T, Norm NORM, bool SWAP, int VEC>
 __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
-    forward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> inv_p,
-                   at::opmath_type<T> eps, int reduction, at::opmath_type<T> loss_scale, T* __restrict__ loss,
-                   at::opmath_type<T>* __restrict__ dist,
-                   at::opmath_type<T>* __restrict__ partials, unsigned* __restrict__ ticket) {
-  using acc_t = at::opmath_type<T>;
+    forward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> inv_p,
+                   opmath_t<T> eps, int reduction, opmath_t<T> loss_scale, T* __restrict__ loss,
+                   opmath_t<T>* __restrict__ dist,
+                   opmath_t<T>* __restrict__ partials, unsigned* __restrict__ ticket) {
+  using acc_t = opmath_t<T>;
   using P = Pack<T, VEC>;
   __shared__ acc_t smem[kThreads / kWarp];
   __shared__ bool last_block;
@@ -138,11 +133,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
 
 template <typename T, Norm NORM, bool SWAP, int VEC>
 __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
-    backward_kernel(Rows<T> in, int group, at::opmath_type<T> margin, at::opmath_type<T> p, at::opmath_type<T> eps,
-                    const T* __restrict__ grad, int64_t grad_stride, at::opmath_type<T> grad_scale,
-                    bool grad_at_zero_hinge, const at::opmath_type<T>* __restrict__ dist, T* __restrict__ ga,
+    backward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> eps,
+                    const T* __restrict__ grad, int64_t grad_stride, opmath_t<T> grad_scale,
+                    bool grad_at_zero_hinge, const opmath_t<T>* __restrict__ dist, T* __restrict__ ga,
                     T* __restrict__ gp, T* __restrict__ gn) {
-  using acc_t = at::opmath_type<T>;
+  using acc_t = opmath_t<T>;
   using P = Pack<T, VEC>;
   const int lane = threadIdx.x & (group - 1);
   const int rows_per_block = blockDim.x / group;
@@ -233,15 +228,16 @@ void dispatch_vec(const Rows<T>& in, F&& f) {
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& positive, const Tensor& negative,
                                         double margin, double p, double eps, bool swap, int64_t reduction) {
   check_inputs(anchor, positive, negative);
-  const tl_cuda::DeviceGuard guard(anchor.device());
+  const tl_cuda::DeviceGuard guard(anchor);
   Tensor loss, dist;
   std::tie(loss, dist) = empty_forward_outputs(anchor, reduction);
-  if (anchor.size(0) == 0) return {reduction == 0 ? loss : loss.fill_(empty_reduction_value(reduction)), dist};
+  if (anchor.size(0) == 0)
+    return {reduction == 0 ? loss : torch::stable::fill_(loss, empty_reduction_value(reduction)), dist};
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
   const tl_cuda::Stream stream = tl_cuda::current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_forward_cuda", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
     dispatch_vec(in, [&](auto vec) {
       dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
@@ -249,8 +245,8 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
         const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
         Tensor partials, ticket;
         if (reduction != 0) {
-          partials = at::empty({cfg.blocks}, dist.options());
-          ticket = at::empty({1}, a.options().dtype(at::kInt));
+          partials = empty({cfg.blocks}, dist.scalar_type(), dist.device());
+          ticket = empty({1}, ScalarType::Int, a.device());
           tl_cuda::memset_async(ticket.mutable_data_ptr(), 0, sizeof(int), stream);
         }
         TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p),
@@ -269,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
                                                  const Tensor& negative, const Tensor& dist, double margin, double p,
                                                  double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge) {
   check_inputs(anchor, positive, negative);
-  const tl_cuda::DeviceGuard guard(anchor.device());
+  const tl_cuda::DeviceGuard guard(anchor);
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
   Tensor g, dst, ga, gp, gn;
@@ -277,8 +273,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
   std::tie(ga, gp, gn) = empty_backward_outputs(a);
   if (a.numel() == 0) return {ga, gp, gn};
   const tl_cuda::Stream stream = tl_cuda::current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "triplet_margin_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_backward_cuda", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
     // grad is (N,) for reduction none, else one value for every row (divided by N for mean).
     const int64_t grad_stride = reduction == 0 ? g.stride(0) : 0;
@@ -300,9 +296,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
 
 }  // namespace
 
-TL_CUDA_LIBRARY_IMPL(m) {
-  m.impl("triplet_margin_forward", &forward_cuda);
-  m.impl("triplet_margin_backward", &backward_cuda);
-}
-
 }  // namespace tripletloss
+
+TL_CUDA_LIBRARY_IMPL(m) {
+  m.impl("triplet_margin_forward", TORCH_BOX(&tripletloss::forward_cuda));
+  m.impl("triplet_margin_backward", TORCH_BOX(&tripletloss::backward_cuda));
+}

@@ -8,7 +8,6 @@
 // is reported, never waited on.
 #include "emu.h"
 
-#include <c10/util/Exception.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -18,6 +17,8 @@
 #include <map>
 #include <mutex>
 #include <random>
+
+#include "../stable.h"  // TL_CHECK
 
 #if defined(__SANITIZE_ADDRESS__)
 #define TL_EMU_ASAN 1
@@ -138,7 +139,7 @@ struct StackPool {
     release();
     const size_t bytes = n * (kStack + page());
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    TORCH_CHECK(p != MAP_FAILED, "emulated CUDA: cannot map ", n, " fiber stacks");
+    TL_CHECK(p != MAP_FAILED, "emulated CUDA: cannot map ", n, " fiber stacks");
     base = static_cast<char*>(p), count = n;
     for (size_t i = 0; i < n; ++i) mprotect(get(i) - page(), page(), PROT_NONE);
   }
@@ -192,8 +193,6 @@ inline void asan_finish(void* fake, const void** bottom, size_t* size) {
   try {
     l.body(l.ctx);
     f.state = State::Done;
-  } catch (const c10::Error& e) {
-    f.error = e.what_without_backtrace(), f.state = State::Failed;
   } catch (const std::exception& e) {
     f.error = e.what(), f.state = State::Failed;
   }
@@ -236,7 +235,7 @@ std::string hex(unsigned v) {
 }
 
 [[noreturn]] void fail(const LaunchState& l, const std::string& what) {
-  TORCH_CHECK(false, "emulated CUDA kernel ", l.name, ", block ", block_idx.x, ": ", what);
+  TL_CHECK(false, "emulated CUDA kernel ", l.name, ", block ", block_idx.x, ": ", what);
 }
 
 void note_mask(LaunchRecord& r, unsigned mask) {
@@ -373,7 +372,7 @@ void run_block(LaunchState& l, std::mt19937_64& rng) {
 }
 
 Fiber& current_fiber(const char* what) {
-  TORCH_CHECK(g_launch && g_launch->current, "emulated CUDA: ", what, " called outside a kernel");
+  TL_CHECK(g_launch && g_launch->current, "emulated CUDA: ", what, " called outside a kernel");
   return *g_launch->current;
 }
 
@@ -383,9 +382,9 @@ void shuffle(Shfl kind, unsigned mask, void* value, int bytes, int arg, int widt
   Fiber& f = current_fiber(shfl_name(kind));
   LaunchState& l = *g_launch;
   const int lane = int(f.tid % kWarp);
-  TORCH_CHECK(mask >> lane & 1, "lane ", lane, " calls ", shfl_name(kind), " with mask ", hex(mask),
+  TL_CHECK(mask >> lane & 1, "lane ", lane, " calls ", shfl_name(kind), " with mask ", hex(mask),
               ", which lacks its own lane");
-  TORCH_CHECK(width > 0 && width <= kWarp && (width & (width - 1)) == 0, shfl_name(kind), ": width ", width,
+  TL_CHECK(width > 0 && width <= kWarp && (width & (width - 1)) == 0, shfl_name(kind), ": width ", width,
               " is not a power of 2 up to 32");
   f.kind = kind, f.mask = mask, f.bytes = bytes, f.arg = arg, f.width = width;
   std::memcpy(f.value, value, size_t(bytes));
@@ -401,11 +400,11 @@ void syncthreads() {
 }
 
 void run(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
-  TORCH_CHECK(grid.x >= 1 && grid.y == 1 && grid.z == 1 && block.x >= 1 && block.x <= 1024 && block.y == 1 &&
+  TL_CHECK(grid.x >= 1 && grid.y == 1 && grid.z == 1 && block.x >= 1 && block.x <= 1024 && block.y == 1 &&
                   block.z == 1,
               "emulated CUDA kernel ", name, ": invalid configuration argument (grid ", grid.x, "x", grid.y, "x",
               grid.z, ", block ", block.x, "x", block.y, "x", block.z, "; the emulator takes 1-D launches)");
-  TORCH_CHECK(g_launch == nullptr, "emulated CUDA kernel ", name, ": launched from inside a kernel");
+  TL_CHECK(g_launch == nullptr, "emulated CUDA kernel ", name, ": launched from inside a kernel");
   LaunchState l{name, body, ctx};
   l.fibers.resize(block.x);
   l.record.kernel = name, l.record.grid = grid.x, l.record.block = block.x;
@@ -456,7 +455,7 @@ void set_seed(unsigned long long seed) {
 }
 
 void set_device(int sms) {
-  TORCH_CHECK(sms >= 1, "the emulated device needs at least one SM, got ", sms);
+  TL_CHECK(sms >= 1, "the emulated device needs at least one SM, got ", sms);
   const std::lock_guard<std::mutex> lock(g_mutex);
   g_sms = sms;
 }

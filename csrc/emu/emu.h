@@ -15,7 +15,7 @@
 //   mask that lacks its own bit, or reading a lane outside the mask, is an error;
 // - __shared__ variables are thread_local: one per OS thread, which runs one block at a time;
 // - atomics are std::atomic_ref, __threadfence a sequentially consistent fence, __ldcg/__ldg plain loads.
-// Errors are thrown as c10::Error (Python: RuntimeError) naming the kernel, the block, the thread and the rule.
+// Errors are thrown as std::runtime_error (Python: RuntimeError) naming the kernel, the block, the thread and the rule.
 // Not modelled: concurrency between blocks (a block spinning on another block would never finish), the weak
 // memory model, streams (launches are synchronous), timings.
 #pragma once
@@ -47,7 +47,7 @@ enum class Shfl { Idx, Up, Down, Xor, Sync };
 void shuffle(Shfl kind, unsigned mask, void* value, int bytes, int arg, int width);
 void syncthreads();
 
-// Runs body(ctx) as the kernel `name` on grid x block threads. Throws c10::Error on a broken rule.
+// Runs body(ctx) as the kernel `name` on grid x block threads. Throws std::runtime_error on a broken rule.
 void run(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* ctx);
 // The fake device: its number of SMs, and the resident blocks per SM of the kernel `name` at `threads`
 // threads per block (set by the tests, else 2048 / threads).

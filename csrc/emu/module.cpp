@@ -2,17 +2,16 @@
 // (emu.h), registered as tripletloss_cuda_emu::* on the CPU key, and the Python functions that control the
 // emulator's fake device. Built by `make build-emu` (setup.py with TRIPLETLOSS_EMULATED=1).
 #include <Python.h>
-#include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include "../schemas.h"
+#include "../stable.h"
 #include "emu.h"
 
 namespace tl_emu {
 long selftest(const std::string& name);  // selftest.cpp
 }
 
-TORCH_LIBRARY(tripletloss_cuda_emu, m) {
+STABLE_TORCH_LIBRARY(tripletloss_cuda_emu, m) {
   TL_TRIPLET_SCHEMAS(m);
   TL_MINING_SCHEMAS(m);
   TL_INDEXED_SCHEMAS(m);
@@ -25,9 +24,6 @@ template <typename F>
 PyObject* guarded(F&& f) {
   try {
     return f();
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;

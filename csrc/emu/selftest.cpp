@@ -1,10 +1,9 @@
 // Kernels that break CUDA's rules on purpose, for the tests of the emulator itself
 // (tests/test_emulated.py::test_emulator_rules, and the sanitizer demonstration of `make sanitize`).
-#include <c10/util/Exception.h>
-
 #include <cstdlib>
 #include <string>
 
+#include "../stable.h"  // TL_CHECK
 #include "emu.h"
 
 namespace {
@@ -50,7 +49,7 @@ __global__ void shfl_with_lane_at_barrier() {
   else __syncthreads();
 }
 
-__global__ void throws() { TORCH_CHECK(threadIdx.x != 5, "thread 5 throws"); }
+__global__ void throws() { TL_CHECK(threadIdx.x != 5, "thread 5 throws"); }
 
 __global__ void read_past_the_end(const float* x, int n, float* out) { out[threadIdx.x] = x[n]; }
 
@@ -85,7 +84,7 @@ long selftest(const std::string& name) {
     else tl_emu::launch<misaligned_vector_load>(one, block, 0, x, out);
     std::free(x);
     return long(out[0]);
-  } else TORCH_CHECK(false, "no self-test named ", name);
+  } else TL_CHECK(false, "no self-test named ", name);
   return 0;
 }
 

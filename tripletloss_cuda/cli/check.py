@@ -206,6 +206,16 @@ def run(device_list=None, dtypes=DTYPES, quick=False, seeds=(0, 1)):
     return rows
 
 
+def extension_line():
+    """One line on the compiled library: where it is, what it was built for, and whether it loaded."""
+    info = tl.info()
+    status = info["extension_status"]
+    if status == "not built":
+        return "extension: not built (everything runs on the pure-PyTorch reference)"
+    built = f"built with torch {info['built_with_torch']} for torch >= {info['stable_abi']}"
+    return f"extension: {status}: {info['extension_file']} ({built}; running torch {info['torch']})"
+
+
 def table(rows):
     lines = [f"{'device':6}  {'dtype':8}  {'check':18}  {'cases':>5}  {'worst':>8}  result"]
     for r in rows:
@@ -231,6 +241,10 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     started = time.perf_counter()
+    print(extension_line())
+    problem = tl.info()["extension_problem"]
+    if problem:
+        print(problem, file=sys.stderr)
     rows = run(None if args.device == "all" else [args.device], dtypes, args.quick)
     print(table(rows))
     failed = [r for r in rows if not r["ok"]]
@@ -238,7 +252,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": tl.info(), "rows": rows, "ok": not failed}, f, indent=1, default=str)
-    if failed:
+    if failed or problem:
         print(f"FAILED: {len(failed)} of {len(rows)} checks ({elapsed:.1f} s)", file=sys.stderr)
         return 1
     print(f"all {len(rows)} checks passed ({elapsed:.1f} s)")

@@ -1,39 +1,31 @@
 """The compiled ops of the loss over index triplets: fake (meta) kernels for torch.compile, the
 autograd.Function, and the fallback to the pure-PyTorch reference where no kernel is compiled for the device.
 
-Ops (schemas in csrc/indexed.cpp); distance 0/1/2 = euclidean / squared euclidean / dot (1 - <x, y>),
-reduction 0/1/2/3 = none / mean / sum / mean_nonzero:
+Ops (schemas in csrc/schemas.h); distance 0/1/2 = euclidean / squared euclidean / dot (1 - <x, y>):
     indexed_triplet_forward(embeddings, ref_embeddings?, anchors, positives, negatives, distance, margin, swap,
-                            soft, reduction) -> (loss, saved)
-        loss: (T,) or 0-d in the embeddings' dtype; saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet in
-        float32 (float64 for float64 embeddings)
-    indexed_triplet_backward(grad, embeddings, ref_embeddings?, anchors, positives, negatives, saved, distance,
-                             margin, swap, soft, reduction) -> (grad_embeddings, grad_ref_embeddings)
+                            soft) -> saved
+        saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet in float32 (float64 for float64 embeddings)
+    indexed_triplet_backward(w, embeddings, ref_embeddings?, anchors, positives, negatives, saved, entries,
+                             offsets, distance, margin, swap, soft) -> (grad_embeddings, grad_ref_embeddings)
+        w: (T,) the gradient of each triplet's loss; entries, offsets: the destination rows' CSR (destinations);
         grad_ref_embeddings is (0, D) without a reference set.
 Indices are (T,) int64; anchors index embeddings, positives and negatives ref_embeddings (else embeddings).
+The reduction of the per-triplet losses (reference.reduce) and the CSR are computed here, around the ops:
+the torch 2.11 stable ABI the C++ is written against has no division, sort or searchsorted.
 """
 
 import torch
 
-from ..ops import _C
+from .. import _library
 from . import reference
 
-NAMESPACE = "tripletloss_cuda"
+NAMESPACE = _library.NAMESPACE
 DISTANCE_CODES = {"euclidean": 0, "squared_euclidean": 1, "dot": 2}
 SAVED = 4
-
-
-def _has_kernel(key):
-    if _C is None:
-        return False
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::indexed_triplet_{way}", key)
-        for way in ("forward", "backward")
-    )
-
+OPS = ("indexed_triplet_forward", "indexed_triplet_backward")
 
 # Device types with compiled kernels, fixed at import so that torch.compile sees a constant.
-KERNEL_DEVICES = frozenset(t for t, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key))
+KERNEL_DEVICES = _library.kernel_devices(OPS)
 
 
 def acc_dtype(dtype):
@@ -68,57 +60,76 @@ def _check_indices(name, idx, t):
 if KERNEL_DEVICES:
 
     @torch.library.register_fake(f"{NAMESPACE}::indexed_triplet_forward")
-    def _forward_fake(x, ref, anchors, positives, negatives, distance, margin, swap, soft, reduction):
+    def _forward_fake(x, ref, anchors, positives, negatives, distance, margin, swap, soft):
         check_op_inputs(x, ref, anchors, positives, negatives)
-        t = anchors.shape[0]
-        loss = x.new_empty((t,) if reduction == 0 else ())
-        return loss, x.new_empty((t, SAVED), dtype=acc_dtype(x.dtype))
+        return x.new_empty((anchors.shape[0], SAVED), dtype=acc_dtype(x.dtype))
 
     @torch.library.register_fake(f"{NAMESPACE}::indexed_triplet_backward")
-    def _backward_fake(grad, x, ref, anchors, positives, negatives, saved, distance, margin, swap, soft, reduction):
+    def _backward_fake(w, x, ref, anchors, positives, negatives, saved, entries, offsets, distance, margin, swap, soft):
         check_op_inputs(x, ref, anchors, positives, negatives)
         return x.new_empty(x.shape), x.new_empty((0 if ref is None else ref.shape[0], x.shape[1]))
 
 
+def destinations(anchors, positives, negatives, n, m):
+    """The backward's CSR: the 3T contributions (role * T + t, roles anchor / positive / negative) grouped by
+    destination row (entries, a stable sort: each row's in that fixed order) and the (rows + 1,) offsets of
+    each row's run. Rows [0, n) are the embeddings'; the m reference rows follow them (m = 0 without a reference
+    set: the positives and negatives are rows of the embeddings). The three contributions of a triplet with an
+    out-of-range index go to a dropped key past the last row. Integer ops only; no host synchronization."""
+    off, rows = (n, n + m) if m else (0, n)
+    r_rows = m if m else n
+    valid = (anchors >= 0) & (anchors < n) & (positives >= 0) & (positives < r_rows)
+    valid &= (negatives >= 0) & (negatives < r_rows)
+    keys = torch.cat((anchors, positives + off, negatives + off))
+    keys = torch.where(valid.repeat(3), keys, rows)
+    sorted_keys, entries = torch.sort(keys, stable=True)
+    offsets = torch.searchsorted(sorted_keys, torch.arange(rows + 1, device=keys.device))
+    return entries, offsets
+
+
 class IndexedTripletFunction(torch.autograd.Function):
-    """loss = IndexedTripletFunction.apply(x, ref, anchors, positives, negatives, distance, margin, swap, soft,
-    reduction) with the compiled ops (distance and reduction as op codes); saves the inputs and (T, 4) values."""
+    """losses = IndexedTripletFunction.apply(x, ref, anchors, positives, negatives, distance, margin, swap, soft):
+    the (T,) per-triplet losses in the accumulation dtype, with the compiled ops (distance as an op code); saves
+    the inputs and the (T, 4) values."""
 
     @staticmethod
-    def forward(ctx, x, ref, anchors, positives, negatives, distance, margin, swap, soft, reduction):
-        loss, saved = torch.ops.tripletloss_cuda.indexed_triplet_forward(
-            x, ref, anchors, positives, negatives, distance, margin, swap, soft, reduction
+    def forward(ctx, x, ref, anchors, positives, negatives, distance, margin, swap, soft):
+        saved = torch.ops.tripletloss_cuda.indexed_triplet_forward(
+            x, ref, anchors, positives, negatives, distance, margin, swap, soft
         )
         ctx.save_for_backward(x, ref, anchors, positives, negatives, saved)
-        ctx.args = (distance, margin, swap, soft, reduction)
-        return loss
+        ctx.args = (distance, margin, swap, soft)
+        return saved[:, SAVED - 1].clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, w):
         x, ref, anchors, positives, negatives, saved = ctx.saved_tensors
-        distance, margin, swap, soft, reduction = ctx.args
+        distance, margin, swap, soft = ctx.args
         need_x, need_ref = ctx.needs_input_grad[:2]
         if not (need_x or need_ref):
-            return (None,) * 10
+            return (None,) * 9
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference instead, so that higher orders work.
             name = next(k for k, v in DISTANCE_CODES.items() if v == distance)
             inputs = [t for t, n in ((x, need_x), (ref, need_ref)) if n]
-            loss = reference.loss_from_indices(
-                x, ref, anchors, positives, negatives, name, margin, swap, soft, reduction
-            )
-            grads = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+            r = x if ref is None else ref
+            losses = reference.triplet_losses(x, r, anchors, positives, negatives, name, margin, swap, soft)
+            grads = iter(torch.autograd.grad(losses, inputs, w.to(losses.dtype), create_graph=True))
             gx, gr = (next(grads) if need_x else None), (next(grads) if need_ref else None)
         else:
+            m = 0 if ref is None else ref.shape[0]
+            entries, offsets = destinations(anchors, positives, negatives, x.shape[0], m)
             gx, gr = torch.ops.tripletloss_cuda.indexed_triplet_backward(
-                grad.to(x.dtype), x, ref, anchors, positives, negatives, saved, *ctx.args
+                w, x, ref, anchors, positives, negatives, saved, entries, offsets, *ctx.args
             )
-        return (gx if need_x else None, gr if need_ref else None) + (None,) * 8
+        return (gx if need_x else None, gr if need_ref else None) + (None,) * 7
 
 
 def loss_from_indices(x, ref, anchors, positives, negatives, distance, margin, swap, soft, reduction):
-    """The loss with autograd; ``distance`` a name of reference.OP_DISTANCES, reduction 0/1/2/3."""
+    """The loss with autograd, in x's dtype; ``distance`` a name of reference.OP_DISTANCES, reduction 0/1/2/3."""
     if x.device.type in KERNEL_DEVICES:
         code = DISTANCE_CODES[distance]
-        return IndexedTripletFunction.apply(x, ref, anchors, positives, negatives, code, margin, swap, soft, reduction)
+        losses = IndexedTripletFunction.apply(x, ref, anchors, positives, negatives, code, margin, swap, soft)
+        return reference.reduce(losses, reduction, x.dtype)
+    _library.warn_fallback()
     return reference.loss_from_indices(x, ref, anchors, positives, negatives, distance, margin, swap, soft, reduction)

@@ -30,16 +30,18 @@ def triplet_losses(x, r, anchors, positives, negatives, distance, margin, swap, 
     return F.softplus(h) if soft else torch.relu(h)
 
 
-def reduce(losses, reduction):
-    """none, or the mean / sum / mean over positive losses; 0 over no triplet (every reduction)."""
+def reduce(losses, reduction, dtype=None):
+    """none, or the mean / sum / mean over positive losses (in float64); 0 over no triplet (every reduction).
+    The result has ``dtype`` (default: the losses' own)."""
+    dtype = losses.dtype if dtype is None else dtype
     if reduction == 0:
-        return losses
+        return losses.to(dtype)
     total = losses.to(torch.float64).sum()
     if reduction == 1:
         total = total / max(losses.shape[0], 1)
     elif reduction == 3:
         total = total / (losses > 0).sum().clamp_min(1)
-    return total.to(losses.dtype)
+    return total.to(dtype)
 
 
 def loss_from_indices(x, r, anchors, positives, negatives, distance, margin, swap, soft, reduction):

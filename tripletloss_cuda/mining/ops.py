@@ -24,11 +24,12 @@ order, then divided by the global denominator (a device tensor: no host synchron
 
 import torch
 
-from ..ops import _C
+from .. import _library
 from . import reference
 
-NAMESPACE = "tripletloss_cuda"
+NAMESPACE = _library.NAMESPACE
 KINDS = ("batch_hard", "batch_all", "semi_hard")
+OPS = tuple(f"{kind}_{way}" for kind in KINDS for way in ("forward", "backward"))
 
 # Working-set budget of the default chunk size: the distance rows of a block with their gradient, the mined
 # indices and the per-anchor scratch of the kernels, counted as 8 elements of the distance dtype per entry.
@@ -42,28 +43,8 @@ def default_chunk(m, dtype):
     return max(1, MEMORY_BUDGET_BYTES // (max(m, 1) * entry))
 
 
-def _op(name):
-    """torch.ops.tripletloss_cuda.<name>, or None where the compiled library lacks it."""
-    if _C is None:
-        return None
-    try:
-        return getattr(getattr(torch.ops, NAMESPACE), name)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _has_kernel(key):
-    if any(_op(f"{kind}_{way}") is None for kind in KINDS for way in ("forward", "backward")):
-        return False
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{kind}_{way}", key)
-        for kind in KINDS
-        for way in ("forward", "backward")
-    )
-
-
 # Device types with compiled mining kernels, fixed at import so that torch.compile sees a constant.
-KERNEL_DEVICES = frozenset(t for t, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key))
+KERNEL_DEVICES = _library.kernel_devices(OPS)
 
 
 def _check_dist(dist):
@@ -337,6 +318,7 @@ def run(kind, dist, labels, margin, extra=None, ref_labels=None, self_index=None
     if dist.device.type in KERNEL_DEVICES:
         inputs = _contiguous(labels, ref_labels, self_index)
         return MiningFunction.apply(kind, dist.contiguous(), *inputs, den, *args)
+    _library.warn_fallback()
     total, stats = SUMS[kind](dist, labels, *args, ref_labels, self_index)
     return divide(total, stats, den), stats
 
@@ -346,6 +328,8 @@ def run_chunked(kind, x, y, labels, margin, extra, ref_labels, self_index, dista
     rows normalized where the distance needs it), ``chunk`` anchors at a time."""
     args, den = _kind_args(kind, margin, extra)
     kernel = x.device.type in KERNEL_DEVICES
+    if not kernel:
+        _library.warn_fallback()
     y = None if y is None or y is x else y.contiguous()
     inputs = _contiguous(labels, ref_labels, self_index)
     return ChunkedMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, kernel, den, *args)
