@@ -45,8 +45,10 @@ template <typename Error, typename... Args>
 }  // namespace detail
 
 // Checks whose exception carries the message alone (STD_TORCH_CHECK prefixes the function, file and line). The
-// exception type picks what Python raises (pybind11 translates the standard exceptions that reach torch.ops):
-// std::runtime_error a RuntimeError, std::out_of_range an IndexError, std::invalid_argument a ValueError.
+// exception type picks what Python raises from torch.ops: std::runtime_error a RuntimeError, std::out_of_range
+// an IndexError (every torch release), std::invalid_argument a ValueError on torch 2.11 to 2.14 but a
+// RuntimeError on 2.15 (only out_of_range keeps its type there). So wherever users must get a ValueError, the
+// Python layer checks before the op, as the fake kernels do.
 #define TL_CHECK_AS(error, cond, ...)                                            \
   do {                                                                           \
     if (!(cond)) [[unlikely]] ::tripletloss::detail::fail<error>(__VA_ARGS__); \

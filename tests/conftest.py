@@ -11,6 +11,7 @@ mining test through the compiled kernels and through the pure-PyTorch reference.
 
 import os
 import pathlib
+import sys
 from unittest import mock
 
 import pytest
@@ -19,14 +20,19 @@ import torch
 import tripletloss_cuda as tl
 from tripletloss_cuda.mining import ops as mining_ops
 
+# The checkout's own modules (benchmarks.leak_check, ...) for the tests: appended to sys.path, so that an
+# installed tripletloss_cuda (make test WHEEL=...) still comes before the checkout's.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped where none is available)")
     # `make test WHEEL=...`: the suite must test the installed wheel, with its kernels loaded, and nothing else.
     if os.environ.get("TRIPLETLOSS_EXPECT_INSTALLED") == "1":
-        root = pathlib.Path(__file__).resolve().parent.parent
         where = pathlib.Path(tl.__file__).resolve()
-        if where.is_relative_to(root):
+        if where.is_relative_to(ROOT / "tripletloss_cuda"):
             raise pytest.UsageError(f"TRIPLETLOSS_EXPECT_INSTALLED=1 but tripletloss_cuda comes from the checkout {where}")
         if tl.info()["extension_status"] != "loaded":
             raise pytest.UsageError(f"the installed tripletloss_cuda has no loaded _C: {tl.info()['extension_problem']}")

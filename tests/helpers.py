@@ -21,7 +21,7 @@ import tripletloss_cuda as tl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Whether the package under test is an installed one (`make test WHEEL=...`), not this checkout's.
-INSTALLED = not pathlib.Path(tl.__file__).resolve().is_relative_to(ROOT)
+INSTALLED = not pathlib.Path(tl.__file__).resolve().is_relative_to(ROOT / "tripletloss_cuda")
 
 
 def child_env(**extra):

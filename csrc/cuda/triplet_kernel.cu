@@ -14,8 +14,8 @@
 #include "../tripletloss.h"
 #include "cuda_compat.h"
 
-#define TL_STR_(x) #x
-#define TL_STR(x) TL_STR_(x)
+#define TL_STR_(...) #__VA_ARGS__
+#define TL_STR(...) TL_STR_(__VA_ARGS__)  // variadic: __CUDA_ARCH_LIST__ is "800,900,1000" for several
 
 namespace tripletloss {
 
