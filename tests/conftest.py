@@ -33,9 +33,13 @@ def pytest_configure(config):
     if os.environ.get("TRIPLETLOSS_EXPECT_INSTALLED") == "1":
         where = pathlib.Path(tl.__file__).resolve()
         if where.is_relative_to(ROOT / "tripletloss_cuda"):
-            raise pytest.UsageError(f"TRIPLETLOSS_EXPECT_INSTALLED=1 but tripletloss_cuda comes from the checkout {where}")
+            raise pytest.UsageError(
+                f"TRIPLETLOSS_EXPECT_INSTALLED=1 but tripletloss_cuda comes from the checkout {where}"
+            )
         if tl.info()["extension_status"] != "loaded":
-            raise pytest.UsageError(f"the installed tripletloss_cuda has no loaded _C: {tl.info()['extension_problem']}")
+            raise pytest.UsageError(
+                f"the installed tripletloss_cuda has no loaded _C: {tl.info()['extension_problem']}"
+            )
 
 
 def pytest_collection_modifyitems(config, items):

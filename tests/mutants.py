@@ -171,7 +171,9 @@ def main(names):
     prepare()
     pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING)}
     emu_lib = os.path.join(WORK, "emu-lib")  # where the emulated module is built and the tests look for it
-    env = dict(os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK, TRIPLETLOSS_EMU_LIB=emu_lib)
+    env = dict(
+        os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK, TRIPLETLOSS_EMU_LIB=emu_lib
+    )
     env.setdefault("MAX_JOBS", "2")
     env.pop("TRIPLETLOSS_EMU", None)
     test_env = env
