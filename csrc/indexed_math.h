@@ -19,8 +19,8 @@
 namespace tripletloss {
 namespace indexed {
 
+// The codes of tripletloss_cuda/distances.py OP_CODES (tests/test_layers.py checks that they agree).
 enum Distance : int { kEuclidean = 0, kSquared = 1, kDot = 2 };
-enum Reduction : int { kNone = 0, kMean = 1, kSum = 2, kMeanNonzero = 3 };
 enum Role : int { kAnchor = 0, kPositive = 1, kNegative = 2 };
 constexpr int kSaved = 4;  // per-triplet saved values: d(a,p), d(a,n), d(p,n) (0 without swap), loss
 

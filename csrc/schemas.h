@@ -3,7 +3,8 @@
 // emu/module.cpp).
 #pragma once
 
-// reduction: 0 none, 1 mean, 2 sum. dist: (N, 3) d(a,p), d(a,n), d(p,n), saved for the backward.
+// reduction: the codes of tripletloss_cuda/_library.py REDUCTIONS (0 none, 1 mean, 2 sum). dist: (N, 3) d(a,p),
+// d(a,n), d(p,n), saved for the backward.
 #define TL_TRIPLET_SCHEMAS(m)                                                                            \
   m.def(                                                                                                 \
       "triplet_margin_forward(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "  \
@@ -35,7 +36,8 @@
       "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "   \
       "float margin) -> Tensor")
 
-// distance: 0 euclidean, 1 squared euclidean, 2 dot (1 - <x, y>: cosine on normalized rows). saved: (T, 4)
+// distance: tripletloss_cuda/distances.py OP_CODES (0 euclidean, 1 squared euclidean, 2 dot: 1 - <x, y>, the
+// cosine distance of normalized rows). saved: (T, 4)
 // d(a,p), d(a,n), d(p,n), loss per triplet (the caller reduces the losses); w: (T,) the gradient of each
 // triplet's loss; entries, offsets: the CSR of the backward (tripletloss_cuda/indexed/ops.py `destinations`).
 #define TL_INDEXED_SCHEMAS(m)                                                                                 \

@@ -6,6 +6,7 @@
 // What the 2.11 surface lacks is added here by hand, on its C shim (aoti_torch_*, torch_*):
 // - check macros that throw the standard exception behind each Python error type (below);
 // - empty(): aoti_torch_empty_strided, with no trip through the boxed dispatcher (torch::stable::empty takes one);
+// - parallel_for(): inline for a one-task range;
 // - the printing of shapes and devices in messages, opmath_t (at::opmath_type), the floating dispatch macros.
 // Composite ATen code the host side used to run (at::sort/searchsorted/cat/where/arange for the indexed op's
 // backward, its reductions, at::aminmax) is now done in Python before or after the op call, or by hand in the
@@ -120,6 +121,17 @@ inline Tensor zeros(std::initializer_list<int64_t> sizes, ScalarType dtype, Devi
 // x itself when it already has `dtype` (no dispatcher call), else a converted copy.
 inline Tensor to_dtype(const Tensor& x, ScalarType dtype) {
   return x.scalar_type() == dtype ? x : torch::stable::to(x, dtype);
+}
+
+// torch::stable::parallel_for, run inline when the range is one task: the shim's call costs more than a small
+// row loop (about a thousand instructions), and at::parallel_for also runs such a range on the calling thread.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (end - begin <= grain) {
+    if (begin < end) f(begin, end);
+    return;
+  }
+  torch::stable::parallel_for(begin, end, grain, f);
 }
 
 inline Tensor as_contiguous(const Tensor& x) { return x.is_contiguous() ? x : torch::stable::contiguous(x); }

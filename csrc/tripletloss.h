@@ -12,16 +12,17 @@ namespace tripletloss {
 // Checks the op's contract; the Python fake kernels (tripletloss_cuda/ops.py) give the same messages.
 inline void check_inputs(const Tensor& anchor, const Tensor& positive, const Tensor& negative) {
   TL_CHECK(anchor.dim() == 2, "anchor should be a 2D tensor, got ", anchor.dim(), "D");
+  const IntArrayRef sizes = anchor.sizes();  // each query is a call into the shim: once each
+  const ScalarType dtype = anchor.scalar_type();
+  const Device device = anchor.device();
   const std::pair<const char*, const Tensor*> others[] = {{"positive", &positive}, {"negative", &negative}};
   for (const auto& [name, x] : others) {
-    TL_CHECK(x->sizes().equals(anchor.sizes()), name, " should have the shape of anchor ", shape(anchor), ", got ",
-             shape(*x));
-    TL_CHECK(x->scalar_type() == anchor.scalar_type(), name, " should have the dtype of anchor ",
-             anchor.scalar_type(), ", got ", x->scalar_type());
-    TL_CHECK(x->device() == anchor.device(), name, " should be on the device of anchor ", device_name(anchor),
-             ", got ", device_name(*x));
+    TL_CHECK(x->sizes().equals(sizes), name, " should have the shape of anchor ", Shape{sizes}, ", got ", shape(*x));
+    TL_CHECK(x->scalar_type() == dtype, name, " should have the dtype of anchor ", dtype, ", got ", x->scalar_type());
+    TL_CHECK(x->device() == device, name, " should be on the device of anchor ", device_name(anchor), ", got ",
+             device_name(*x));
   }
-  TL_CHECK(is_floating(anchor.scalar_type()), "anchor should be a floating tensor, got ", anchor.scalar_type());
+  TL_CHECK(is_floating(dtype), "anchor should be a floating tensor, got ", dtype);
 }
 
 // The kernels take any row stride (0 for broadcast rows included) but unit-stride columns.

@@ -542,17 +542,20 @@ def test_cuda_graph_capture():
 
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 def test_fused_distance_matrix_matches_the_reference(distance):
-    """mining._DistanceMatrix (in place, hand-written backward) gives mining_reference.distance_matrix's values
-    and gradients, with duplicate rows (distance 0: gradient 0, not NaN); gradcheck and gradgradcheck."""
-    from tripletloss_cuda.mining import api as mining
+    """distances.matrix (in place, hand-written backward) gives mining_reference.distance_matrix's values
+    and gradients, with duplicate rows (exactly 0 apart; gradient 0, not NaN); gradcheck and gradgradcheck."""
+    from tripletloss_cuda import distances
     from tripletloss_cuda.mining import reference as mining_reference
+
+    def fused(e, distance, normalize):
+        return distances.matrix(distances.rows(e, distance, normalize), None, distance)
 
     x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     x[7] = x[3]
     g = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     for normalize in (False, True):
         results = []
-        for fn in (mining._distance_matrix, mining_reference.distance_matrix):
+        for fn in (fused, mining_reference.distance_matrix):
             leaf = x.clone().requires_grad_()
             d = fn(leaf, distance, normalize)
             results.append((d, *torch.autograd.grad(d, leaf, g)))
@@ -560,10 +563,11 @@ def test_fused_distance_matrix_matches_the_reference(distance):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-10, atol=1e-10)
         assert not ours_grad.isnan().any()
+        assert ours[3, 7] == 0 and ours[7, 3] == 0 and (ours.diagonal() == 0).all()  # exactly
     small = x[:6].clone().requires_grad_()  # distinct rows: the euclidean distance has a kink at 0
 
     def fn(e):
-        return mining._distance_matrix(e, distance, False)
+        return fused(e, distance, False)
 
     assert torch.autograd.gradcheck(fn, small)
     assert torch.autograd.gradgradcheck(fn, small)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import cpu_and_cuda, seed_of
 
 import tripletloss_cuda as tl
+from tripletloss_cuda import distances
 from tripletloss_cuda.mining import ops as mining_ops
 from tripletloss_cuda.mining import reference
 
@@ -377,13 +378,13 @@ def test_chunks_never_hold_n_by_m():
     set under the documented budget (the whole matrix when it fits)."""
     x, labels, r, ref_labels = make_sets(50, 40, 4, seed=9, dtype=torch.float32)
     shapes = []
-    block = mining_ops.block_distances
+    block = distances.block
 
     def spy(xb, y, *args):
         shapes.append((xb.shape[0], y.shape[0]))
         return block(xb, y, *args)
 
-    with mock.patch.object(mining_ops, "block_distances", spy):
+    with mock.patch.object(distances, "block", spy):
         for kind, kw in CASES:
             ours(kind, x, labels, dict(kw, chunk_size=8), ref_embeddings=r, ref_labels=ref_labels)
     assert shapes and all(rows <= 8 and m == 40 for rows, m in shapes)
@@ -394,7 +395,7 @@ def test_chunks_never_hold_n_by_m():
     assert mining_ops.default_chunk(8192, torch.float32) == 4096
     with mock.patch.object(mining_ops, "MEMORY_BUDGET_BYTES", 40 * 32 * 10):  # 10 rows of 40: chunked by default
         shapes.clear()
-        with mock.patch.object(mining_ops, "block_distances", spy):
+        with mock.patch.object(distances, "block", spy):
             default = ours("batch_all", x, labels, {}, ref_embeddings=r, ref_labels=ref_labels)
         assert shapes and max(rows for rows, _ in shapes) == 10
     whole = ours("batch_all", x, labels, {"chunk_size": 50}, ref_embeddings=r, ref_labels=ref_labels)
@@ -556,36 +557,37 @@ def test_cuda_equals_cpu_with_references():
 
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_distances_between_two_sets(distance):
-    """The whole-matrix distances (api._DistanceMatrix, hand-written backward) and the chunked path's blocks
-    (ops.block_distances / block_gradients) against reference.distance_matrix with ref_embeddings, values
-    and gradients to both sets, a reference row equal to a query (distance 0: gradient 0, not NaN);
-    gradcheck and gradgradcheck of the whole-matrix one."""
-    from tripletloss_cuda.mining import api
-
+    """The whole-matrix distances (distances.matrix, hand-written backward) and a block of them
+    (distances.block / block_grad) against reference.distance_matrix with ref_embeddings, values and gradients
+    to both sets, a reference row equal to a query (exactly 0 apart; gradient 0, not NaN); gradcheck and
+    gradgradcheck of the whole-matrix one."""
     x, _, r, _ = make_sets(12, 9, 1, dim=5, seed=15)
     r[4] = x[2]
     g = torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     leaves = [x.clone().requires_grad_(), r.clone().requires_grad_()]
     expected = reference.distance_matrix(leaves[0], distance, ref_embeddings=leaves[1])
     expected_grads = torch.autograd.grad(expected, leaves, g, retain_graph=True)
-    d = api._distance_matrix(leaves[0], distance, False, leaves[1])
+
+    def whole(a, b):
+        return distances.matrix(distances.rows(a, distance), distances.rows(b, distance), distance)
+
+    d = whole(*leaves)
     torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-12)
+    assert d[2, 4] == 0
     grads = torch.autograd.grad(d, leaves, g)
     torch.testing.assert_close(grads, expected_grads, rtol=1e-10, atol=1e-10)
-    xn, rn = (F.normalize(t, dim=1) if distance == "cosine" else t for t in (x, r))
-    sq = [None if distance == "cosine" else (t * t).sum(1) for t in (xn, rn)]
-    block = mining_ops.block_distances(xn[3:8], rn, None if sq[0] is None else sq[0][3:8], sq[1], distance)
+    xn, rn = (distances.rows(t, distance) for t in (x, r))
+    sq = [distances.squared_norms(t, distance) for t in (xn, rn)]
+    keys = [distances.row_keys(t) for t in (xn, rn)]
+    sq_b = None if sq[0] is None else sq[0][3:8]
+    block = distances.block(xn[3:8], rn, sq_b, sq[1], keys[0][3:8], keys[1], distance)
     torch.testing.assert_close(block, expected[3:8].detach(), rtol=1e-12, atol=1e-12)
     if distance != "cosine":  # (cosine's block gradients are of the normalized rows)
-        gx, gy = mining_ops.block_gradients(g[3:8], block, xn[3:8], rn, distance)
+        gx, gy = distances.block_grad(g[3:8], block, xn[3:8], rn, distance)
         (ex, ey) = torch.autograd.grad(expected[3:8], leaves, g[3:8], retain_graph=True)
         torch.testing.assert_close(gx, ex[3:8], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(gy, ey, rtol=1e-10, atol=1e-10)
         assert not gx.isnan().any() and not gy.isnan().any()
     small = (x[:4].clone().requires_grad_(), r[5:8].clone().requires_grad_())  # distinct rows
-
-    def fn(a, b):
-        return api._distance_matrix(a, distance, False, b)
-
-    assert torch.autograd.gradcheck(fn, small)
-    assert torch.autograd.gradgradcheck(fn, small)
+    assert torch.autograd.gradcheck(whole, small)
+    assert torch.autograd.gradgradcheck(whole, small)

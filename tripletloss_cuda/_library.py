@@ -1,4 +1,5 @@
-"""The compiled library (_C), loaded once for the whole package, and what it provides.
+"""The compiled library (_C), loaded once for the whole package: its namespace, which devices have kernels for
+which ops, and the accumulation dtype of those kernels.
 
 _C is built on the LibTorch stable ABI for torch 2.11 and later, and as an abi3 module for CPython 3.10 and
 later (setup.py), so one build loads under every such release. Three states:
@@ -24,6 +25,9 @@ import warnings
 import torch
 
 NAMESPACE = "tripletloss_cuda"
+# The reduction codes of the ops and the losses (PyTorch's none/mean/sum, and the mean over positive losses,
+# pytorch-metric-learning's AvgNonZeroReducer).
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "mean_nonzero": 3}
 REQUIRE_ENV = "TRIPLETLOSS_CUDA_REQUIRE"
 # The build marker csrc/tripletloss.cpp leaves in the library file, readable when the library cannot be loaded.
 _MARKER = re.compile(rb"tripletloss_cuda build: torch=([0-9.]+); stable_abi=([0-9.]+);")
@@ -57,6 +61,12 @@ def _load():
 _C, FILE, ERROR = _load()
 BUILD = dict(_C.build_info()) if _C is not None else (_build_marker(FILE) if FILE else {})
 STATUS = "loaded" if _C is not None else ("failed to load" if FILE else "not built")
+
+
+def acc_dtype(dtype):
+    """The dtype the kernels accumulate and keep distances in: float64 for float64 inputs, else float32 (16-bit
+    inputs included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def has_kernels(ops, key):

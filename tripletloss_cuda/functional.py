@@ -6,6 +6,7 @@ import torch
 from torch.nn import _reduction as _Reduction
 
 from . import _library, ops, reference
+from ._checks import tensor_argument
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -73,10 +74,7 @@ def _check_tensor_arguments(anchor, positive, negative):
     """PyTorch's TypeError for a non-tensor input (raised by torch.triplet_margin_loss's argument parser, after
     torch.nn.functional's margin check)."""
     for position, (name, x) in enumerate((("anchor", anchor), ("positive", positive), ("negative", negative)), 1):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"triplet_margin_loss(): argument '{name}' (position {position}) must be Tensor, not {type(x).__name__}"
-            )
+        tensor_argument("triplet_margin_loss", name, position, x)
 
 
 def _autocast_inputs(*tensors):

@@ -24,7 +24,7 @@ void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tens
                   *n = negatives.const_data_ptr<int64_t>();
     acc_t* s = saved.mutable_data_ptr<acc_t>();
     const int64_t d = x.size(1), n_rows = x.size(0), m_rows = r.size(0);
-    torch::stable::parallel_for(0, anchors.size(0), grain(d), [&](int64_t t0, int64_t t1) {
+    parallel_for(0, anchors.size(0), grain(d), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         triplet_forward<scalar_t, acc_t>(px, pr, d, n_rows, m_rows, a[t], p[t], n[t], int(distance), acc_t(margin),
                                          swap, soft, s + t * kSaved);
@@ -47,7 +47,7 @@ void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Ten
     acc_t *gx = grad_x.mutable_data_ptr<acc_t>(), *gr = grad_r.mutable_data_ptr<acc_t>();
     const int64_t d = x.size(1), n_rows = x.size(0), m_rows = r.size(0), t = anchors.size(0);
     const int64_t rows = offsets.size(0) - 1;
-    torch::stable::parallel_for(0, rows, grain(d), [&](int64_t k0, int64_t k1) {
+    parallel_for(0, rows, grain(d), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         acc_t* out = k < n_rows ? gx + k * d : gr + (k - n_rows) * d;
         row_backward<scalar_t, acc_t>(px, pr, d, n_rows, m_rows, a, p, n, s, pw, e, o[k], o[k + 1], t, int(distance),

@@ -19,7 +19,7 @@ int64_t grain(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 15) / std:
 
 template <typename F>
 void for_each_anchor(int64_t n, int64_t m, F&& f) {
-  torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+  parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) f(i);
   });
 }
@@ -87,7 +87,7 @@ void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
-    torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
       std::vector<scalar_t> ps;
       std::vector<int64_t> pi;
@@ -110,7 +110,7 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
     const scalar_t s = scalar_t(*scale.const_data_ptr<double>());
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
-    torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;
       std::vector<scalar_t> ps;
       std::vector<int64_t> pi;
@@ -129,7 +129,7 @@ void for_each_sorted_anchor(const Tensor& dist, const Labels& lab, F&& f) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "semi_hard", [&] {
     const scalar_t* d = dist.const_data_ptr<scalar_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
-    torch::stable::parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<scalar_t, int64_t>> pairs;  // per-task scratch
       std::vector<scalar_t> ps, best_d;
       std::vector<int64_t> pi, best_k;

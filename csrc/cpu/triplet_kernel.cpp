@@ -175,7 +175,7 @@ void forward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, int64_
   // Fixed blocks of rows, whatever the thread count: the partial sums, and so the result, are the same.
   const int64_t rows = rows_per_block(in.cols), blocks = (in.rows + rows - 1) / rows;
   std::vector<double> partial(blocks, 0.0);
-  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       partial[b] = forward_range<scalar_t, NORM, SWAP>(in, b * rows, std::min(in.rows, (b + 1) * rows), k,
                                                        reduction == 0, out, dst);
@@ -196,11 +196,12 @@ void backward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, const
   // grad is (N,) for reduction none, else one value for every row (divided by N for mean).
   const int64_t gs = reduction == 0 ? grad.stride(0) : 0;
   const acc_t gscale = reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1);
-  torch::stable::parallel_for(0, in.rows, rows_per_block(in.cols), [&](int64_t i0, int64_t i1) {
-    backward_range<scalar_t, NORM, SWAP>(in, i0, i1, k, grad.const_data_ptr<scalar_t>(), gs, gscale,
-                                         grad_at_zero_hinge, dist.const_data_ptr<acc_t>(),
-                                         ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
-                                         gn.mutable_data_ptr<scalar_t>());
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const acc_t* d = dist.const_data_ptr<acc_t>();
+  scalar_t *pa = ga.mutable_data_ptr<scalar_t>(), *pp = gp.mutable_data_ptr<scalar_t>();
+  scalar_t* pn = gn.mutable_data_ptr<scalar_t>();
+  parallel_for(0, in.rows, rows_per_block(in.cols), [&](int64_t i0, int64_t i1) {
+    backward_range<scalar_t, NORM, SWAP>(in, i0, i1, k, g, gs, gscale, grad_at_zero_hinge, d, pa, pp, pn);
   });
 }
 

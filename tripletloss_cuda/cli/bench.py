@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import tripletloss_cuda as tl
 
 from .args import ArgumentParser
+from .common import fmt_time, log, resolve_device, sync
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout (results go to benchmarks/results)
 CHECKOUT = (ROOT / "setup.py").is_file() and (ROOT / "benchmarks").is_dir()  # an in-place build, not site-packages
@@ -68,21 +69,6 @@ LAUNCH_BOUND_BYTES = 4e6  # CUDA rows moving fewer bytes are launch-bound: the t
 # Timing budget per (shape, dtype, mode, impl): seconds of timed calls, and the least and most repeats.
 BUDGET = {"cpu": (0.3, 3, 500), "cuda": (0.15, 5, 200), "quick": (0.01, 3, 10)}
 CUDA_MIN_SAMPLE_S = 1e-4  # a CUDA sample (one pair of events) spans at least this long: batches small calls
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device).type
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _time_calls(call, device, samples, inner=1):
@@ -118,7 +104,7 @@ def copy_bandwidth(device, nbytes=256 << 20, repeats=None):
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: first touch of the pages
-    _sync(device)
+    sync(device)
     times = _time_calls(lambda: dst.copy_(src), device, repeats or (20 if device == "cuda" else 10))
     return 2 * nbytes / statistics.median(times) / 1e9
 
@@ -166,7 +152,7 @@ def _measure(fn, sets, mode, device, repeats, budget):
             torch.autograd.grad(loss, inputs)
 
     call()  # warm-up; compiles torch.compile
-    _sync(device)
+    sync(device)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -272,7 +258,7 @@ def iter_rows(
                     row["gbps"] = row["min_bytes"] / median / 1e9
                     if peak is not None:
                         row["peak_extra_bytes"] = peak
-                    progress.result(_fmt_time(median))
+                    progress.result(fmt_time(median))
                 except Exception as err:  # noqa: BLE001  (report the row and go on)
                     row["status"] = "oom" if _is_oom(err) else "n/a" if impl == "compile" else "error"
                     first_line = (str(err).strip().splitlines() or [""])[0]
@@ -308,10 +294,6 @@ def _group(row):
     return row["device"], row["dtype"], row["n"], row["d"], row["mode"]
 
 
-def _fmt_time(seconds):
-    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
-
-
 def markdown(meta, rows):
     """The results as markdown: a header of metadata and one table line per row."""
     copy = meta.get("copy_gbps")
@@ -342,8 +324,8 @@ def markdown(meta, rows):
             speedup = f"{r['tl_speedup']:.2f}×" if "tl_speedup" in r else ""
             peak = f"{r['peak_extra_bytes'] / 1e6:.1f}" if "peak_extra_bytes" in r else ""
             pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else ""
-            spread = f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}"
-            cells = [_fmt_time(r["median_s"]), spread, speedup, f"{r['gbps']:.1f}", pct, peak]
+            spread = f"{fmt_time(r['p20_s'])}–{fmt_time(r['p80_s'])}"
+            cells = [fmt_time(r["median_s"]), spread, speedup, f"{r['gbps']:.1f}", pct, peak]
         lines.append("| " + " | ".join(head + [IMPLS.get(r["impl"], r["impl"])] + cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -23,17 +23,15 @@ import datetime
 import json
 import os
 import pathlib
-import resource
-import statistics
 import sys
 import time
 
 import torch
 
 from . import bench_mining
-from .bench import _sync, log, resolve_device, write_results
 from .bench import metadata as core_metadata
-from .bench_mining import _fmt_bytes, _fmt_time, _proc_status, _reset_peak_rss
+from .bench import write_results
+from .common import fmt_bytes, fmt_time, log, measure, resolve_device
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 D, PER_CLASS, MARGIN = 128, 32, 0.2
@@ -100,41 +98,9 @@ def measure_row(spec):
     small = dict(spec, n=128, triplets=min(spec.get("triplets") or 0, 500))
     warm_fn, wx, wy = make(small, device, seed=1)
     torch.autograd.grad(warm_fn(wx, wy), wx)
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        exact = _reset_peak_rss()
-        before = _proc_status("VmRSS")
-    start = time.perf_counter()
-    value = call()
-    _sync(device)
-    first = time.perf_counter() - start
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    elif exact:
-        peak = _proc_status("VmHWM") - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    least, most = spec["repeats"]
-    times = []
-    while len(times) < most and (len(times) < least or sum(times) < spec["budget_s"]):
-        _sync(device)
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
-    return {
-        "median_s": statistics.median(times),
-        "p20_s": q[0],
-        "p80_s": q[3],
-        "first_s": first,
-        "repeats": len(times),
-        "loss_value": value.item(),
-        "peak_bytes": max(int(peak), 0),
-    }
+    m = measure(call, device, spec["repeats"], spec["budget_s"])
+    keys = ("median_s", "p20_s", "p80_s", "first_s", "repeats", "peak_bytes")
+    return {**{k: m[k] for k in keys}, "loss_value": m["value"].item()}
 
 
 def run_row(spec):
@@ -163,7 +129,7 @@ def rows(device, ns, indexed_n, triplets, quick):
         row.update(
             {"skipped": reason} if reason else run_row(dict(spec, device=device, budget_s=budget, repeats=repeats))
         )
-        summary = row.get("skipped") or f"{_fmt_time(row['median_s'])}, peak {_fmt_bytes(row['peak_bytes'])}"
+        summary = row.get("skipped") or f"{fmt_time(row['median_s'])}, peak {fmt_bytes(row['peak_bytes'])}"
         log(f"{spec['case']} N={spec['n']} {spec['impl']}: {summary}")
         yield row
 

@@ -45,7 +45,6 @@ import datetime
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,8 +52,9 @@ import time
 
 import torch
 
-from .bench import _sync, log, resolve_device, write_results
 from .bench import metadata as core_metadata
+from .bench import write_results
+from .common import fmt_bytes, fmt_time, log, measure, resolve_device, sync
 
 LOSSES = ("batch_hard", "batch_all", "semi_hard")
 IMPLS = {"tl": "tripletloss_cuda", "reference": "tl reference (PyTorch)", "pml": "pytorch-metric-learning"}
@@ -131,22 +131,6 @@ def skip_reason(loss, impl, n, device):
 # ---------------------------------------------------------------- one row, in its own process
 
 
-def _proc_status(field):
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss():
-    """Resets VmHWM to the current RSS; False where /proc/self/clear_refs is not writable."""
-    try:
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_row(spec):
     """Runs one row: {loss, impl, n, d, per_class, device, budget_s, repeats: [min, max]} -> the row's results."""
     device = spec["device"]
@@ -164,66 +148,27 @@ def measure_row(spec):
     # A small call first loads libraries and code paths (and pml's imports) outside the measurement.
     small_x, small_y = make_inputs(64, spec["d"], min(spec["per_class"], 4), device, seed=1)
     torch.autograd.grad(fn(small_x, small_y), small_x)
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        value = call()
-        _sync(device)
-        first = time.perf_counter() - start
-        peak, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
-    else:
-        exact = _reset_peak_rss()
-        before = _proc_status("VmRSS") if pathlib.Path("/proc/self/status").exists() else None
-        start = time.perf_counter()
-        value = call()
-        first = time.perf_counter() - start
-        if before is None:  # not Linux: no measure of the current RSS to subtract
-            peak, how = None, "unavailable (no /proc)"
-        elif exact:
-            peak, how = _proc_status("VmHWM") - before, "VmHWM after clear_refs"
-        else:
-            peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, "ru_maxrss"
-    least, most = spec["repeats"]
-    times = []
-    while len(times) < most and (len(times) < least or sum(times) < spec["budget_s"]):
-        _sync(device)
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    times = times or [first]
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    m = measure(call, device, spec["repeats"], spec["budget_s"])
     chunk = spec.get("chunk_size")
     if spec["impl"] == "tl" and chunk is None:
         from tripletloss_cuda.mining import ops
 
         chunk = ops.default_chunk(spec.get("m") or spec["n"], torch.float32)
-    return {
-        "chunk": spec["n"] if chunk == "whole" or (chunk or 0) >= spec["n"] else chunk,
-        "median_s": statistics.median(times),
-        "p20_s": q[0],
-        "p80_s": q[3],
-        "min_s": min(times),
-        "first_s": first,
-        "loss_value": value.item(),
-        "repeats": len(times),
-        "peak_bytes": None if peak is None else max(int(peak), 0),
-        "memory_measure": how,
-    }
+    keys = ("median_s", "p20_s", "p80_s", "min_s", "first_s", "repeats", "peak_bytes", "memory_measure")
+    chunk = spec["n"] if chunk == "whole" or (chunk or 0) >= spec["n"] else chunk
+    return {"chunk": chunk, **{k: m[k] for k in keys}, "loss_value": m["value"].item()}
 
 
 def _median_time(f, device, budget_s, calls=SPLIT_CALLS):
     """Median seconds of one call of f, timed over batches of `calls` calls between synchronizations."""
     f()
-    _sync(device)
+    sync(device)
     times = []
     while len(times) < 3 or (len(times) < 30 and sum(times) * calls < budget_s):
         start = time.perf_counter()
         for _ in range(calls):
             f()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
@@ -267,8 +212,8 @@ def iter_split_rows(device, ns, losses):
             row.update(run_row(spec, ROW_TIMEOUT_S))
             if not row.get("skipped"):
                 log(
-                    f"{loss} N={n}: matmul {_fmt_time(row['matmul_s'])}, forward {_fmt_time(row['forward_s'])}, "
-                    f"backward {_fmt_time(row['backward_s'])}, ops/matmul {row['ops_over_matmul']:.2f}"
+                    f"{loss} N={n}: matmul {fmt_time(row['matmul_s'])}, forward {fmt_time(row['forward_s'])}, "
+                    f"backward {fmt_time(row['backward_s'])}, ops/matmul {row['ops_over_matmul']:.2f}"
                 )
             else:
                 log(f"{loss} N={n}: {row['skipped']}")
@@ -291,7 +236,7 @@ def split_markdown(meta, rows):
         if r.get("skipped"):
             lines.append(f"| {r['loss']} | {r['n']} | {r['skipped']} | | | |")
         else:
-            cells = [_fmt_time(r[k]) for k in ("matmul_s", "forward_s", "backward_s")]
+            cells = [fmt_time(r[k]) for k in ("matmul_s", "forward_s", "backward_s")]
             lines.append(f"| {r['loss']} | {r['n']} | " + " | ".join(cells) + f" | {r['ops_over_matmul']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -355,7 +300,7 @@ def iter_scale_rows(device, losses, threads=None):
 def _row_summary(row):
     if row.get("skipped"):
         return row["skipped"]
-    return f"{_fmt_time(row['median_s'])} ({row['repeats']} calls), peak {_fmt_bytes(row['peak_bytes'])}"
+    return f"{fmt_time(row['median_s'])} ({row['repeats']} calls), peak {fmt_bytes(row['peak_bytes'])}"
 
 
 def annotate(rows):
@@ -373,16 +318,6 @@ def _case(row):
     return row["loss"], row["n"], row.get("m"), row["d"], row["per_class"]
 
 
-def _fmt_time(seconds):
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
-def _fmt_bytes(nbytes):
-    if nbytes is None:
-        return "n/a"
-    return f"{nbytes / 2**20:.3g} MiB"
-
-
 def result_cells(r, ratios=True):
     """The table cells of a measured row (or of a skipped one): loss value, median, p20–p80, peak memory, and
     (with ratios) tl speedup and memory ratio."""
@@ -391,9 +326,9 @@ def result_cells(r, ratios=True):
     speedup, ratio = (r.get("tl_speedup"), r.get("tl_memory_ratio")) if ratios else (None, None)
     return [
         f"{r['loss_value']:.6g}",
-        _fmt_time(r["median_s"]),
-        f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}",
-        _fmt_bytes(r["peak_bytes"]),
+        fmt_time(r["median_s"]),
+        f"{fmt_time(r['p20_s'])}–{fmt_time(r['p80_s'])}",
+        fmt_bytes(r["peak_bytes"]),
         "" if speedup is None else f"{speedup:.1f}×",
         "" if ratio is None else f"{ratio:.1f}×",
     ]

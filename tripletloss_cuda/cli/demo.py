@@ -50,6 +50,7 @@ from torch import nn
 import tripletloss_cuda as tl
 
 from .args import ArgumentParser, missing
+from .common import sync
 
 IMPLS = {"tl": "tripletloss_cuda", "naive": "naive module", "torch": "F.triplet_margin_loss"}
 
@@ -157,11 +158,6 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train(impl, args, data, device, dist_info):
     """Train one implementation from the seeded initial weights: (model, [seconds per epoch], [mean loss])."""
     x_train, y_train = data
@@ -185,7 +181,7 @@ def train(impl, args, data, device, dist_info):
     for epoch in range(args.epochs):
         batches = class_balanced_batches(y_shard.cpu(), args.classes_per_batch, args.per_class, steps, gen)
         bar = _progress(batches, steps, f"{impl} epoch {epoch + 1}/{args.epochs}", args.progress and rank == 0)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         total = torch.zeros((), device=device)
         for idx in bar:
@@ -200,7 +196,7 @@ def train(impl, args, data, device, dist_info):
                 loss.backward()
             optimizer.step()
             total += loss.detach()
-        _sync(device)
+        sync(device)
         epoch_seconds.append(time.perf_counter() - start)
         losses.append(total.item() / steps)
     return model, epoch_seconds, losses

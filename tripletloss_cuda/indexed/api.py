@@ -6,21 +6,13 @@ tuple needs, without gathering (T, D) copies of the rows.
 """
 
 import torch
-import torch.nn.functional as F
 
-from ..mining.api import check_ref_embeddings
-from ..mining.reference import DISTANCES
+from .. import distances
+from .._checks import check_ref_embeddings, tensor_argument
+from .._library import REDUCTIONS
 from . import ops
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "mean_nonzero": 3}
-
-
-def tensor_argument(function, name, position, value):
-    """PyTorch's TypeError for a non-tensor argument."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"{function}(): argument '{name}' (position {position}) must be Tensor, not {type(value).__name__}"
-        )
+DISTANCES = distances.NAMES
 
 
 def _index(name, idx, t, device):
@@ -47,8 +39,7 @@ def _check(embeddings, anchors, positives, negatives, ref_embeddings, distance, 
         raise TypeError(f"embeddings should be a floating tensor, got {embeddings.dtype}")
     if ref_embeddings is not None:
         check_ref_embeddings(embeddings, ref_embeddings)
-    if distance not in DISTANCES:
-        raise ValueError(f"distance should be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+    distances.check_name(distance)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction should be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if anchors.dim() != 1:
@@ -106,12 +97,11 @@ def triplet_margin_loss_from_indices(
         embeddings, anchors, positives, negatives, ref_embeddings, distance, reduction
     )
     x, ref = embeddings, ref_embeddings
-    op_distance = distance
-    if normalize or distance == "cosine":
-        x = F.normalize(x.to(ops.acc_dtype(x.dtype)), dim=1)
-        ref = None if ref is None else F.normalize(ref.to(x.dtype), dim=1)
-        op_distance = "dot" if distance == "cosine" else distance
+    if normalize or distance == "cosine":  # else the kernels read 16-bit rows as they are
+        x = distances.rows(x, distance, normalize=True)
+        ref = None if ref is None else distances.rows(ref, distance, normalize=True)
+    op = distances.op_name(distance)
     loss = ops.loss_from_indices(
-        x, ref, anchors, positives, negatives, op_distance, float(margin), bool(swap), bool(soft), REDUCTIONS[reduction]
+        x, ref, anchors, positives, negatives, op, float(margin), bool(swap), bool(soft), REDUCTIONS[reduction]
     )
     return loss.to(embeddings.dtype)

@@ -1,7 +1,7 @@
 """The compiled ops of the loss over index triplets: fake (meta) kernels for torch.compile, the
 autograd.Function, and the fallback to the pure-PyTorch reference where no kernel is compiled for the device.
 
-Ops (schemas in csrc/schemas.h); distance 0/1/2 = euclidean / squared euclidean / dot (1 - <x, y>):
+Ops (schemas in csrc/schemas.h); distance: distances.OP_CODES (euclidean, squared euclidean, dot = 1 - <x, y>):
     indexed_triplet_forward(embeddings, ref_embeddings?, anchors, positives, negatives, distance, margin, swap,
                             soft) -> saved
         saved: (T, 4) d(a,p), d(a,n), d(p,n), loss per triplet in float32 (float64 for float64 embeddings)
@@ -16,20 +16,17 @@ the torch 2.11 stable ABI the C++ is written against has no division, sort or se
 
 import torch
 
-from .. import _library
+from .. import _library, distances
+from .._library import acc_dtype
 from . import reference
 
 NAMESPACE = _library.NAMESPACE
-DISTANCE_CODES = {"euclidean": 0, "squared_euclidean": 1, "dot": 2}
+DISTANCE_CODES = distances.OP_CODES
 SAVED = 4
 OPS = ("indexed_triplet_forward", "indexed_triplet_backward")
 
 # Device types with compiled kernels, fixed at import so that torch.compile sees a constant.
 KERNEL_DEVICES = _library.kernel_devices(OPS)
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_op_inputs(x, ref, anchors, positives, negatives):
@@ -126,7 +123,7 @@ class IndexedTripletFunction(torch.autograd.Function):
 
 
 def loss_from_indices(x, ref, anchors, positives, negatives, distance, margin, swap, soft, reduction):
-    """The loss with autograd, in x's dtype; ``distance`` a name of reference.OP_DISTANCES, reduction 0/1/2/3."""
+    """The loss with autograd, in x's dtype; ``distance`` a name of distances.OP_CODES, ``reduction`` a code of REDUCTIONS."""
     if x.device.type in KERNEL_DEVICES:
         code = DISTANCE_CODES[distance]
         losses = IndexedTripletFunction.apply(x, ref, anchors, positives, negatives, code, margin, swap, soft)

@@ -49,8 +49,9 @@ Differences from PML 2.9:
 import torch
 from torch.nn import Module
 
-from .. import indexed, mining
-from ..indexed.api import tensor_argument
+from .. import distances, indexed, mining
+from .._checks import tensor_argument
+from .._library import REDUCTIONS
 
 # Above this N*M*M, listing every triplet (what PML does) is refused: its (N, M, M) mask alone is 64 MiB.
 MAX_ALL_TRIPLETS_CUBE = 1 << 26
@@ -231,19 +232,39 @@ class TripletMarginLoss(Module):
             **kwargs,
         )
 
+    # The cross-batch memory's protocol (tripletloss_cuda/mining/memory.py): PML 2.9's CrossBatchMemory without a
+    # miner, each anchor's own slot excluded.
+    def cross_batch_check(self, embeddings, labels):
+        tensor_argument("CrossBatchMemory.forward", "embeddings", 1, embeddings)
+        tensor_argument("CrossBatchMemory.forward", "labels", 2, labels)
+        if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                "CrossBatchMemory: embeddings should be (N, D) and labels (N,), "
+                f"got shapes {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+            )
+        return labels.to(embeddings.device)
+
+    def cross_batch_label_dtype(self, labels):
+        return labels.dtype  # PML's label memory takes the labels' dtype
+
+    def cross_batch_loss(self, embeddings, labels, memory_embeddings, memory_labels, self_index):
+        return self._forward(
+            embeddings, labels, None, memory_embeddings, memory_labels, ref_self_index=self_index
+        ), None
+
     def _dense_triplets(self, embeddings, anchors, positives, negatives, kwargs):
         """More triplets than N^2 / 2 (e.g. TripletMarginMiner's on a whole batch): reading rows per triplet would
         cost more than one (N, N) distance matrix (two matrix products each way), so the triplets' distances are
-        gathered from that matrix, as PML does, but built in place by the mining losses' _DistanceMatrix."""
-        from ..mining.api import _distance_matrix
-
-        dist = _distance_matrix(embeddings, kwargs["distance"], kwargs["normalize"])
+        gathered from that matrix, as PML does, but built in place (distances.matrix)."""
+        dist = distances.matrix(
+            distances.rows(embeddings, kwargs["distance"], kwargs["normalize"]), None, kwargs["distance"]
+        )
         d_an = dist[anchors, negatives]
         if self.swap:
             d_an = torch.minimum(d_an, dist[positives, negatives])
         h = kwargs["margin"] + dist[anchors, positives] - d_an
         losses = torch.nn.functional.softplus(h) if self.smooth_loss else torch.relu(h)
-        return indexed.reference.reduce(losses, indexed.REDUCTIONS[self._reduction]).to(embeddings.dtype)
+        return indexed.reference.reduce(losses, REDUCTIONS[self._reduction], embeddings.dtype)
 
     def _all_triplets(self, embeddings, labels, ref_emb, ref_labels, ref_self_index):
         n = embeddings.shape[0]

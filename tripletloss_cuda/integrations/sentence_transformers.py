@@ -34,7 +34,8 @@ Its conventions, kept here where they differ from tripletloss_cuda's mining loss
 import torch
 from sentence_transformers.sentence_transformer import losses as st_losses
 
-from ..indexed.api import tensor_argument
+from .._checks import tensor_argument
+from .._library import REDUCTIONS
 from ..mining import ops as mining_ops
 
 BatchHardTripletLossDistanceFunction = st_losses.BatchHardTripletLossDistanceFunction
@@ -100,7 +101,7 @@ def _invalid_anchor_terms(d, has_pos, has_neg, invalid, margin, soft):
 def batch_all_loss(dist, labels, margin):
     """sentence-transformers' batch-all loss on the (B, B) matrix ``dist`` (mean over positive losses)."""
     d = _matrix(dist, dist.shape[0])
-    loss, _ = mining_ops.batch_all(d, labels, float(margin), 0)
+    loss, _ = mining_ops.batch_all(d, labels, float(margin), REDUCTIONS["mean_nonzero"])
     return loss.to(dist.dtype)
 
 

@@ -10,9 +10,8 @@ Shared semantics (embeddings (N, D) float16/bfloat16/float32/float64, labels (N,
   itself, M = N), computed from one matrix product in float32 (float64 for float64 embeddings):
   ``"euclidean"`` ||x_i - x_j|| (not squared; its gradient at distance 0 is 0, never NaN),
   ``"squared_euclidean"``, or ``"cosine"`` 1 - cos(x_i, x_j). ``normalize=True`` L2-normalizes the rows first.
-  Mined whole against itself, the squared norms are the Gram matrix's own diagonal, so duplicate rows are
-  exactly 0 apart; against a reference set or in chunks they are computed apart, so identical rows come
-  out 0 up to rounding (clamped at 0; the gradient stays finite; each anchor's own column is excluded anyway).
+  Identical rows are exactly 0 apart, whole or in chunks, against the batch or a reference set
+  (tripletloss_cuda/distances.py: one formula for every path).
 - A valid triplet (i, j, k) has y_i == y_j, i != j (j is a positive of anchor i) and y_k != y_i (a negative).
 - Reference sets (as pytorch-metric-learning's ``ref_emb``/``ref_labels``): with ``ref_embeddings`` (M, D)
   (the embeddings' dtype and device) and ``ref_labels`` (M,), anchors come from ``embeddings``, positives and
@@ -46,9 +45,11 @@ from typing import NamedTuple
 import torch
 from torch.nn import Module
 
+from .. import distances
+from .._checks import check_ref_embeddings
 from . import ops, reference
 
-DISTANCES = reference.DISTANCES
+DISTANCES = distances.NAMES
 BATCH_ALL_REDUCTIONS = reference.BATCH_ALL_REDUCTIONS
 
 
@@ -92,27 +93,9 @@ def _check(embeddings, labels, margin, distance):
         raise TypeError(f"labels should be an integer tensor, got {labels.dtype}")
     if labels.device != embeddings.device:
         raise ValueError(f"labels should be on the device of embeddings {embeddings.device}, got {labels.device}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance should be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+    distances.check_name(distance)
     if not margin >= 0:
         raise ValueError(f"margin should be non-negative, got {margin}")
-
-
-def check_ref_embeddings(embeddings, ref_embeddings):
-    """A reference set (M, D) for embeddings (N, D): their width, dtype and device (also the indexed loss's)."""
-    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings should be a 2D tensor (M, {embeddings.shape[1]}) (the width of embeddings), "
-            f"got shape {tuple(ref_embeddings.shape)}"
-        )
-    if ref_embeddings.dtype != embeddings.dtype:
-        raise TypeError(
-            f"ref_embeddings should have the dtype of embeddings {embeddings.dtype}, got {ref_embeddings.dtype}"
-        )
-    if ref_embeddings.device != embeddings.device:
-        raise ValueError(
-            f"ref_embeddings should be on the device of embeddings {embeddings.device}, got {ref_embeddings.device}"
-        )
 
 
 def _check_references(embeddings, ref_embeddings, ref_labels, ref_self_index, check_range=True):
@@ -170,7 +153,7 @@ def _check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size should be at least 1, got {chunk_size}")
 
 
-def _global_batch(embeddings, labels, ref_embeddings, ref_labels, ref_self_index, distributed):
+def global_batch(embeddings, labels, ref_embeddings, ref_labels, ref_self_index, distributed):
     """The sets to mine: the local ones, or with ``distributed`` every rank's (see distributed.gather)."""
     local = embeddings, labels, ref_embeddings, ref_labels, ref_self_index
     if not distributed:
@@ -189,77 +172,6 @@ def _global_batch(embeddings, labels, ref_embeddings, ref_labels, ref_self_index
     return tl_distributed.gather_sets(*local)
 
 
-class _DistanceMatrix(torch.autograd.Function):
-    """The (N, M) distance matrix between float32/float64 rows x and y (y None: x against itself) from one
-    matrix product, built in place in the product's buffer, with a hand-written backward: one matrix product
-    per input and a few passes over (N, M).
-
-    It computes what reference.distance_matrix computes (that one stays plain autograd, as the
-    oracle), but autograd through those PyTorch ops allocates and touches about ten fresh N×N buffers each
-    way (page faults on every one: 64 MiB each at N = 4096), which cost several times the matrix product
-    (measured at N = 4096, D = 128 on the 2-core CI machine: 454 ms forward+backward, against ~45 ms for
-    x @ x.T). The backward is written in differentiable ops, so double backward works too."""
-
-    @staticmethod
-    def forward(ctx, x, y, distance):
-        gram = x @ (x if y is None else y).T
-        ctx.distance = distance
-        # In place in eager mode (no fresh N×N buffers); out of place under torch.compile, which fuses these
-        # passes anyway, and where torch 2.11 drops the gradient of a Function output that the forward
-        # mutated in place (the compiled backward gave all-zero parameter gradients).
-        inplace = not torch.compiler.is_compiling()
-        if distance == "cosine":
-            ctx.save_for_backward(x, y)
-            return gram.neg_().add_(1) if inplace else 1 - gram
-        if y is None:
-            # d2_ij = g_ii + g_jj - 2 g_ij: the squared norms are the product's own diagonal, so that the
-            # diagonal (and duplicate rows) come out exactly 0.
-            sq_x = sq_y = gram.diagonal().clone()
-        else:
-            sq_x, sq_y = (x * x).sum(1), (y * y).sum(1)
-        # Both forms round alike: (-2 g_ij + sq_x_i) + sq_y_j.
-        if inplace:
-            out = gram.mul_(-2).add_(sq_x[:, None]).add_(sq_y[None, :]).clamp_min_(0)
-        else:
-            out = (gram * -2 + sq_x[:, None] + sq_y[None, :]).clamp_min(0)
-        if distance == "euclidean":
-            out = out.sqrt_() if inplace else out.sqrt()
-        ctx.save_for_backward(x, y, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.distance == "cosine":
-            x, y = ctx.saved_tensors
-            if y is None:
-                return -((grad + grad.T) @ x), None, None
-            return -(grad @ y), -(grad.T @ x), None
-        x, y, out = ctx.saved_tensors
-        if ctx.distance == "euclidean":
-            # dL/d(d2) = G / (2 d), and 0 at d = 0 (an infinite denominator there, rather than a where()
-            # after the division, keeps double backward free of 0/0): the gradient at distance 0 is 0.
-            s = grad / (2 * out).masked_fill_(out == 0, torch.inf)
-        else:
-            s = grad  # at d2 = 0 (the diagonal, duplicate rows) x_i - x_j = 0: any coefficient gives 0
-        if y is None:
-            # d(d2_ij)/dx_i = 2 (x_i - x_j): dx = 2 (rowsum(T) x - T x) with T = S + S^T.
-            t = s + s.T
-            return 2 * (t.sum(1, keepdim=True) * x - t @ x), None, None
-        # d(d2_ij)/dx_i = 2 (x_i - y_j), d(d2_ij)/dy_j = 2 (y_j - x_i)
-        return 2 * (s.sum(1, keepdim=True) * x - s @ y), 2 * (s.sum(0)[:, None] * y - s.T @ x), None
-
-
-def _rows(embeddings, distance, normalize):
-    x = embeddings.to(reference.acc_dtype(embeddings.dtype))
-    return torch.nn.functional.normalize(x, dim=1) if normalize or distance == "cosine" else x
-
-
-def _distance_matrix(embeddings, distance, normalize, ref_embeddings=None):
-    x = _rows(embeddings, distance, normalize)
-    y = None if ref_embeddings is None else _rows(ref_embeddings, distance, normalize)
-    return _DistanceMatrix.apply(x, y, distance)
-
-
 def _mining_loss(
     kind, extra, embeddings, labels, margin, distance, normalize, distributed, refs, chunk_size, check_self_index=True
 ):
@@ -269,20 +181,20 @@ def _mining_loss(
     _check(embeddings, labels, margin, distance)
     _check_references(embeddings, *refs, check_range=check_self_index)
     _check_chunk_size(chunk_size)
-    embeddings, labels, ref_embeddings, ref_labels, self_index = _global_batch(embeddings, labels, *refs, distributed)
+    embeddings, labels, ref_embeddings, ref_labels, self_index = global_batch(embeddings, labels, *refs, distributed)
     finite = torch.isfinite(embeddings).all()
     labels = labels.to(torch.int64)
     if ref_embeddings is not None:
         finite = finite & torch.isfinite(ref_embeddings).all()
         ref_labels = ref_labels.to(torch.int64)
-    x = _rows(embeddings, distance, normalize)
+    x = distances.rows(embeddings, distance, normalize)
     # The batch as its own reference set is one tensor (torch.compile traces no Function given one tensor twice).
     same = ref_embeddings is None or ref_embeddings is embeddings
-    y = None if same else _rows(ref_embeddings, distance, normalize)
+    y = None if same else distances.rows(ref_embeddings, distance, normalize)
     n, m = x.shape[0], (x if y is None else y).shape[0]
     chunk = chunk_size if chunk_size is not None else ops.default_chunk(m, x.dtype)
     if chunk >= n:  # one block: the whole matrix, kept for the backward
-        dist = _DistanceMatrix.apply(x, y, distance)
+        dist = distances.matrix(x, y, distance)
         loss, stats = ops.run(kind, dist, labels, float(margin), extra, ref_labels, self_index)
     else:
         loss, stats = ops.run_chunked(kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk)
@@ -414,6 +326,21 @@ class _MiningLoss(Module):
 
     def extra_repr(self):
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.kwargs)
+
+    # The cross-batch memory's protocol (mining/memory.py).
+    def cross_batch_check(self, embeddings, labels):
+        _check(embeddings, labels, self.margin, self.distance)
+        return labels
+
+    def cross_batch_label_dtype(self, labels):
+        return torch.int64
+
+    def cross_batch_loss(self, embeddings, labels, memory_embeddings, memory_labels, self_index):
+        """The batch mined against the memory (the memory gathers a distributed batch itself)."""
+        kwargs = {name: getattr(self, name) for name in self.kwargs if name != "distributed"}
+        refs = (memory_embeddings, memory_labels, self_index)
+        loss, self.last_stats = self._compute(embeddings, labels, refs, check_self_index=False, **kwargs)
+        return loss, self.last_stats
 
     def _compute(self, embeddings, labels, refs, check_self_index=True, **kwargs):
         """(loss, MiningStats) of the loss with these keyword arguments against refs = (ref_embeddings,

@@ -21,19 +21,22 @@ then this is PML 2.9's ``CrossBatchMemory(TripletMarginLoss(...), embedding_size
 (every triplet of the batch against the whole memory, each anchor's own slot removed), through the drop-in's
 reference-set path with ``ref_self_index`` = the batch's slots; the label memory takes the labels' dtype, as in
 PML. PML's ``miner``, ``indices_tuple`` and ``enqueue_mask`` are not reproduced (NotImplementedError).
+
+The memory drives its loss through a small protocol (PROTOCOL), which the mining loss modules and the PML drop-in
+implement, so that this module needs to know neither:
+    loss.cross_batch_check(embeddings, labels) -> labels     checks the batch (the loss's own errors)
+    loss.cross_batch_label_dtype(labels) -> dtype            of the label memory
+    loss.cross_batch_loss(embeddings, labels, memory_embeddings, memory_labels, self_index) -> (loss, stats)
+                                                             the batch against the memory (stats may be None)
+    loss.distributed (optional)                              gather the global batch first (distributed=True)
 """
 
 import torch
 from torch.nn import Module
 
-from ..indexed.api import tensor_argument
 from . import api
 
-
-def _is_pml_drop_in(loss):
-    from ..integrations.pml import TripletMarginLoss
-
-    return isinstance(loss, TripletMarginLoss)
+PROTOCOL = ("cross_batch_check", "cross_batch_label_dtype", "cross_batch_loss")
 
 
 class CrossBatchMemory(Module):
@@ -48,12 +51,11 @@ class CrossBatchMemory(Module):
 
     def __init__(self, loss, embedding_size, memory_size=1024, miner=None):
         super().__init__()
-        self._pml = _is_pml_drop_in(loss)
-        if not self._pml and not isinstance(loss, api._MiningLoss):
+        if not all(callable(getattr(loss, method, None)) for method in PROTOCOL):
             raise TypeError(
                 "CrossBatchMemory: loss should be a tripletloss_cuda mining loss module (BatchHardTripletLoss, "
                 "BatchAllTripletLoss or BatchSemiHardTripletLoss) or tripletloss_cuda.integrations.pml."
-                f"TripletMarginLoss, got {type(loss).__name__}"
+                f"TripletMarginLoss (or implement {', '.join(PROTOCOL)}), got {type(loss).__name__}"
             )
         if miner is not None:
             raise NotImplementedError(
@@ -84,7 +86,7 @@ class CrossBatchMemory(Module):
     def _enqueue(self, embeddings, labels):
         """Writes the batch into the ring; returns its slots (N,) int64 on the device."""
         n = embeddings.shape[0]
-        label_dtype = labels.dtype if self._pml else torch.int64  # PML's label memory takes the labels' dtype
+        label_dtype = self.loss.cross_batch_label_dtype(labels)
         if self.embedding_memory.dtype != embeddings.dtype or self.embedding_memory.device != embeddings.device:
             self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
         if self.label_memory.dtype != label_dtype or self.label_memory.device != embeddings.device:
@@ -101,25 +103,14 @@ class CrossBatchMemory(Module):
         for name, value in (("indices_tuple", indices_tuple), ("enqueue_mask", enqueue_mask)):
             if value is not None:
                 raise NotImplementedError(f"CrossBatchMemory: {name} is not reproduced")
-        if self._pml:
-            tensor_argument("CrossBatchMemory.forward", "embeddings", 1, embeddings)
-            tensor_argument("CrossBatchMemory.forward", "labels", 2, labels)
-            if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-                raise ValueError(
-                    "CrossBatchMemory: embeddings should be (N, D) and labels (N,), "
-                    f"got shapes {tuple(embeddings.shape)} and {tuple(labels.shape)}"
-                )
-            labels, kwargs = labels.to(embeddings.device), {}
-        else:
-            api._check(embeddings, labels, self.loss.margin, self.loss.distance)
-            kwargs = {name: getattr(self.loss, name) for name in self.loss.kwargs}
+        labels = self.loss.cross_batch_check(embeddings, labels)
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"CrossBatchMemory: embeddings should have {self.embedding_size} columns (embedding_size), "
                 f"got shape {tuple(embeddings.shape)}"
             )
-        if kwargs.pop("distributed", False):  # gather here, once: the memory itself is the same on every rank
-            embeddings, labels, *_ = api._global_batch(embeddings, labels, None, None, None, True)
+        if getattr(self.loss, "distributed", False):  # gather here, once: the memory is the same on every rank
+            embeddings, labels, *_ = api.global_batch(embeddings, labels, None, None, None, True)
         if embeddings.shape[0] > self.memory_size:
             raise ValueError(
                 f"CrossBatchMemory: a batch of {embeddings.shape[0]} rows does not fit a memory of "
@@ -128,11 +119,7 @@ class CrossBatchMemory(Module):
         slots = self._enqueue(embeddings, labels)
         size = self.memory_size if self.filled else self.queue_idx
         memory = (self.embedding_memory[:size], self.label_memory[:size])
-        if self._pml:
-            self.last_stats = None
-            return self.loss._forward(embeddings, labels, None, *memory, ref_self_index=slots)
-        loss, stats = self.loss._compute(embeddings, labels, (*memory, slots), check_self_index=False, **kwargs)
-        self.last_stats = self.loss.last_stats = stats
+        loss, self.last_stats = self.loss.cross_batch_loss(embeddings, labels, *memory, slots)
         return loss
 
     def extra_repr(self):

@@ -24,7 +24,8 @@ order, then divided by the global denominator (a device tensor: no host synchron
 
 import torch
 
-from .. import _library
+from .. import _library, distances
+from .._library import REDUCTIONS
 from . import reference
 
 NAMESPACE = _library.NAMESPACE
@@ -115,7 +116,8 @@ SUMS = {
     "semi_hard": reference.semi_hard_sum,
 }
 _MINED = 2  # the stat batch-hard and semi-hard average over
-_BATCH_ALL_DENOMINATOR = {0: 1, 1: 0, 2: -1}  # reduction -> stat (active, valid triplets; -1: the sum)
+# batch-all's reduction code -> the stat it divides by (active, valid triplets; -1: none, the sum)
+_BATCH_ALL_DENOMINATOR = {REDUCTIONS["mean_nonzero"]: 1, REDUCTIONS["mean"]: 0, REDUCTIONS["sum"]: -1}
 
 
 def denominator(kind, reduction=None):
@@ -184,37 +186,27 @@ class MiningFunction(torch.autograd.Function):
         return None, grad_dist, *nones
 
 
-# ---------------------------------------------------------------- distances between rows, in blocks
-
-
-def _squared_norms(x, distance):
-    return None if distance == "cosine" else (x * x).sum(1)
-
-
-def block_distances(xb, y, sq_xb, sq_y, distance):
-    """(B, M) distances between the rows of xb and y (rows already normalized for cosine), without gradient:
-    one matrix product, the rest in place."""
-    d = xb @ y.T
-    if distance == "cosine":
-        return d.neg_().add_(1)
-    d = d.mul_(-2).add_(sq_xb[:, None]).add_(sq_y[None, :]).clamp_min_(0)
-    return d.sqrt_() if distance == "euclidean" else d
-
-
-def block_gradients(grad, d, xb, y, distance, need_y=True):
-    """(dL/dxb, dL/dy) from dL/dd = grad for d = block_distances(xb, y): matrix products. The euclidean
-    gradient at distance 0 is 0 (never NaN)."""
-    if distance == "cosine":
-        return -(grad @ y), (-(grad.T @ xb) if need_y else None)
-    s = grad / (2 * d).masked_fill_(d == 0, torch.inf) if distance == "euclidean" else grad
-    # d(d2_ij)/dx_i = 2 (x_i - y_j), d(d2_ij)/dy_j = 2 (y_j - x_i)
-    gx = 2 * (s.sum(1, keepdim=True) * xb - s @ y)
-    gy = 2 * (s.sum(0)[:, None] * y - s.T @ xb) if need_y else None
-    return gx, gy
+# ---------------------------------------------------------------- blocks of anchors
 
 
 def _blocks(n, chunk):
     return [(i0, min(i0 + chunk, n)) for i0 in range(0, n, chunk)]
+
+
+class _Rows:
+    """The anchors x and references y of a chunked loss, with their squared norms and keys computed once:
+    block(i0, i1) is the (i1 - i0, M) distance block of anchors [i0, i1), exactly distances.matrix's rows."""
+
+    def __init__(self, x, y, distance):
+        self.x, self.y, self.distance = x, y, distance
+        self.sq_x, self.sq_y = distances.squared_norms(x, distance), distances.squared_norms(y, distance)
+        self.keys_x = distances.row_keys(x)
+        self.keys_y = self.keys_x if y is x else distances.row_keys(y)
+
+    def block(self, i0, i1):
+        sq_xb = None if self.sq_x is None else self.sq_x[i0:i1]
+        d = self.distance
+        return distances.block(self.x[i0:i1], self.y, sq_xb, self.sq_y, self.keys_x[i0:i1], self.keys_y, d)
 
 
 class ChunkedMiningFunction(torch.autograd.Function):
@@ -229,10 +221,10 @@ class ChunkedMiningFunction(torch.autograd.Function):
     def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, kernel, den, *args):
         ref_labels, self_index = reference.self_references(labels, ref_labels, self_index)
         refs = x if y is None else y
-        sq_x, sq_y = _squared_norms(x, distance), _squared_norms(refs, distance)
+        rows = _Rows(x, refs, distance)
         totals, stats, mined = [], [], []
         for i0, i1 in _blocks(x.shape[0], chunk):
-            d = block_distances(x[i0:i1], refs, None if sq_x is None else sq_x[i0:i1], sq_y, distance)
+            d = rows.block(i0, i1)
             total, block_stats, saved = _mine(kind, kernel, d, labels[i0:i1], ref_labels, self_index[i0:i1], args)
             totals.append(total)
             stats.append(block_stats)
@@ -259,7 +251,7 @@ class ChunkedMiningFunction(torch.autograd.Function):
         refs = x if same else y
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
-            d = _differentiable_distances(x, refs, distance)
+            d = distances.differentiable(x, refs, distance)
             total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
             loss = divide(total, ref_stats, den)
             if same:
@@ -267,30 +259,21 @@ class ChunkedMiningFunction(torch.autograd.Function):
             gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
             return None, gx, gy, *nones
         scale = divide(grad.to(torch.float64), stats, den)
-        sq_x, sq_y = _squared_norms(x, distance), _squared_norms(refs, distance)
+        rows = _Rows(x, refs, distance)
         gx = torch.zeros_like(x)
         gy = torch.zeros_like(refs) if need_y else None
         for i0, i1 in _blocks(x.shape[0], chunk):
             xb, lb, sb = x[i0:i1], labels[i0:i1], self_index[i0:i1]
-            d = block_distances(xb, refs, None if sq_x is None else sq_x[i0:i1], sq_y, distance)
+            d = rows.block(i0, i1)
             block_saved = (saved[0][i0:i1],) if kernel and kind == "batch_hard" else ()
             grad_d = _mine_grad(kind, kernel, scale, d, lb, ref_labels, sb, block_saved, args)
-            gxb, gyb = block_gradients(grad_d, d, xb, refs, distance, need_y)
+            gxb, gyb = distances.block_grad(grad_d, d, xb, refs, distance, need_y)
             gx[i0:i1] = gxb
             if need_y:
                 gy += gyb  # blocks in a fixed order: deterministic
         if same:
             return None, gx + gy, None, *nones
         return None, gx if need_x else None, gy, *nones
-
-
-def _differentiable_distances(x, y, distance):
-    """block_distances of the whole (N, M) matrix with autograd (for double backward)."""
-    g = x @ y.T
-    if distance == "cosine":
-        return 1 - g
-    d2 = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * g).clamp_min(0)
-    return d2 if distance == "squared_euclidean" else reference.safe_sqrt(d2)
 
 
 # ---------------------------------------------------------------- entry points

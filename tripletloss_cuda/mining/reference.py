@@ -23,25 +23,20 @@ Ties are broken towards the lowest index (argmax/argmin and stable sorts keep th
 import torch
 import torch.nn.functional as F
 
-DISTANCES = ("euclidean", "squared_euclidean", "cosine")
-BATCH_ALL_REDUCTIONS = {"mean_nonzero": 0, "mean": 1, "sum": 2}
+from .. import distances
+from .._library import REDUCTIONS, acc_dtype
+from ..distances import safe_sqrt
+
+DISTANCES = distances.NAMES
+# batch-all's reductions and their codes (the package's shared REDUCTIONS).
+BATCH_ALL_REDUCTIONS = {name: REDUCTIONS[name] for name in ("mean_nonzero", "mean", "sum")}
 STATS_FIELDS = ("valid_triplets", "active_triplets", "mined_triplets", "valid_anchors", "active_anchors")
 
 
-def acc_dtype(dtype):
-    """The dtype distances and losses are computed in: float64 for float64 embeddings, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def safe_sqrt(x):
-    """sqrt(x) for x >= 0 whose gradient at x == 0 is 0 (sqrt's own is inf, and 0 * inf = NaN)."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1)), 0)
-
-
 def distance_matrix(embeddings, distance="euclidean", normalize=False, ref_embeddings=None):
-    """(N, M) distances between the rows of ``embeddings`` and those of ``ref_embeddings`` (default: the
-    embeddings themselves, M = N) from one matrix product, in float32 (float64 for float64 embeddings):
+    """The oracle of tripletloss_cuda.distances (written apart from it, in plain autograd ops): (N, M)
+    distances between the rows of ``embeddings`` and those of ``ref_embeddings`` (default: the embeddings
+    themselves, M = N) from one matrix product, in float32 (float64 for float64 embeddings):
     euclidean ||x_i - y_j|| (gradient 0 at distance 0), squared_euclidean, or cosine
     1 - <x_i, y_j> / (||x_i|| ||y_j||). ``normalize`` L2-normalizes the rows first."""
     x = embeddings.to(acc_dtype(embeddings.dtype))
@@ -138,7 +133,8 @@ def batch_all_sum(dist, labels, margin=1.0, ref_labels=None, self_index=None):
 
 def batch_all(dist, labels, margin=1.0, reduction="mean_nonzero", ref_labels=None, self_index=None):
     """Batch-all loss: [margin + d_ij - d_ik]_+ over every valid triplet, reduced by ``reduction``:
-    mean_nonzero (over triplets with a positive loss), mean (over valid triplets) or sum (or 0/1/2)."""
+    mean_nonzero (over triplets with a positive loss), mean (over valid triplets) or sum (or their codes,
+    BATCH_ALL_REDUCTIONS)."""
     if isinstance(reduction, int):
         reduction = {v: k for k, v in BATCH_ALL_REDUCTIONS.items()}[reduction]
     total, stats = batch_all_sum(dist, labels, margin, ref_labels, self_index)
