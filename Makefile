@@ -24,7 +24,7 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/
 INPLACE_ARCHS ?= 9.0
 BENCH_ARGS ?=
 DEMO_ARGS ?=
-TESTS := tests benchmarks/test_bench.py
+TESTS := tests
 EMU_ENV := TRIPLETLOSS_EMU_LIB=$(EMU_LIB)
 
 .PHONY: setup build build-emu test wheel sanitize mutants sass-gate bench demo lint clean
@@ -73,7 +73,7 @@ endif
 # its __cxa_throw interceptor, which C++ exceptions thrown in kernels go through). Leaks are not
 # checked (the interpreter's own). -s: a sanitizer's report (it stops the process) is not lost in pytest's
 # capture. SANITIZE_TESTS: the emulated tests to run (default: a representative part).
-SANITIZE_TESTS ?= tests/test_emulated.py tests/test_sanitizer.py -k "not test_block_order and not test_launch_mappings or 4sm"
+SANITIZE_TESTS ?= tests/emulated -k "not test_block_order and not test_launch_mappings or 4sm"
 sanitize: build
 	TRIPLETLOSS_EMULATED=sanitize MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --build-lib $(EMU_LIB) \
 	  --build-temp $(BUILD_TEMP)-san
@@ -83,8 +83,8 @@ sanitize: build
 	  $(RUN) -m pytest -q -s -p no:cacheprovider $(SANITIZE_TESTS)
 
 mutants: setup build
-	$(PY) tests/mutants.py
-	$(PY) tests/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
+	$(PY) tools/mutants.py
+	$(PY) tools/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
 
 bench: build
 	$(RUN) -m tripletloss_cuda bench $(BENCH_ARGS)

@@ -51,7 +51,7 @@ def use_cuda():
     return possible
 
 
-# The oldest torch whose stable ABI _C targets; tests/test_stable_abi.py and tripletloss_cuda/_library.py read it.
+# The oldest torch whose stable ABI _C targets; tests/package/test_stable_abi.py and tripletloss_cuda/_library.py read it.
 STABLE_ABI = (2, 11)
 # GPU architectures of a build with no GPU visible and TORCH_CUDA_ARCH_LIST unset (a wheel): A100 (8.0), H100
 # and H200 (9.0), B200 (10.0) as machine code, and PTX of 10.0 that newer GPUs compile when they load it.
@@ -109,7 +109,7 @@ def emulated_extension(mode):
         flags += ["-O1", "-g"] + sanitize
         link += sanitize
     else:
-        flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tests/mutants.py: -O1 (compiles faster)
+        flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tools/mutants.py: -O1 (compiles faster)
     sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp", "csrc/indexed.cpp"]
     return CppExtension(name, sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
 

@@ -6,7 +6,7 @@
 # Steps: system (nvidia-smi, versions); build (setup.py build_ext --inplace, CUDA kernels forced, sm_90);
 # info (tl.info() has the CUDA kernels); check (`python3 -m tripletloss_cuda check`: gradcheck, values and
 # gradients on CPU and CUDA); demo (the training demo on CUDA, when scikit-learn is there); tests (pytest -m
-# cuda, skipped without pytest); memcheck and racecheck (compute-sanitizer on benchmarks/sanitize_cases.py);
+# cuda, skipped without pytest); memcheck and racecheck (compute-sanitizer on tools/sanitize_cases.py);
 # leak (benchmarks/leak_check.py, 3,000 steps); bench (`python3 -m tripletloss_cuda bench --device cuda`, with
 # --plot when matplotlib is there); bench_mining_split and bench_mining (the mining ops next to the distance
 # matrix's product; the three losses at N = 1024, 4096, 16384 against pytorch-metric-learning). Each step is
@@ -121,7 +121,7 @@ main() {
         skip tests "pytest is not installed"
     fi
 
-    local sanitizer tool flags="--error-exitcode 1 --print-limit 20" cases="python3 benchmarks/sanitize_cases.py"
+    local sanitizer tool flags="--error-exitcode 1 --print-limit 20" cases="python3 tools/sanitize_cases.py"
     sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     for tool in memcheck racecheck; do
         if ((!kernels)); then

@@ -1,7 +1,7 @@
 """CrossBatchMemory: the ring buffer (enqueue order, wrap-around, filling), the loss against the memory with each
 anchor's own slot excluded (= the mining loss with ref_embeddings/ref_labels/ref_self_index), pytorch-metric-
 learning 2.9's CrossBatchMemory (TripletMarginLoss, no miner) against ours with BatchAllTripletLoss and with the
-PML drop-in, state_dict, errors. (Distributed: the 2-process test in tests/test_mining_distributed.py.)"""
+PML drop-in, state_dict, errors. (Distributed: the 2-process test in tests/mining/test_mining_distributed.py.)"""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Forward + backward of tripletloss_cuda on small cases, for compute-sanitizer (memcheck, racecheck).
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tools/sanitize_cases.py
 
 Every dtype × D × N once (54 cases), with p, swap, reduction and the row layout (contiguous, a strided row
 view x.view(N, 3, D)[:, 0], rows at storage offset 1) cycling so that every pair of values occurs. float64

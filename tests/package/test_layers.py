@@ -11,7 +11,7 @@ names, and the imports form no cycle."""
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tripletloss_cuda"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "tripletloss_cuda"
 NAME = PACKAGE.name
 BOTTOM = {"_library", "_checks", "distances"}
 CORE = {"ops", "reference", "functional", "modules", "naive"}

@@ -13,7 +13,7 @@ import torch
 import tripletloss_cuda as tl
 from tripletloss_cuda import _library, distances
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOSSES = {
     "batch_hard": tl.batch_hard_triplet_loss,
     "batch_all": tl.batch_all_triplet_loss,

@@ -1,7 +1,7 @@
 """pytest-benchmark timings at a small CPU shape (nothing asserted about them), and smoke tests of the benchmark
 program (tripletloss_cuda/cli/bench.py; benchmarks/bench.py is a shim that runs it).
 
-pytest benchmarks/test_bench.py                       # timings in pytest-benchmark's table
+pytest tests/cli/test_bench.py                     # timings in pytest-benchmark's table
 """
 
 import json
@@ -74,7 +74,7 @@ def test_plot_draws_a_png(tmp_path):
 
 
 def test_shim_runs_the_package_program(tmp_path):
-    script = pathlib.Path(__file__).resolve().parent / "bench.py"  # this checkout's shim
+    script = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"  # this checkout's shim
     args = ["--quick", "--shapes", "8x4", "--dtypes", "float32", "--modes", "fwd", "--impls", "tl", "--repeats", "1"]
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr

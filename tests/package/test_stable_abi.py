@@ -13,7 +13,7 @@ import torch
 
 from tripletloss_cuda import _library
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TORCH_LIB = pathlib.Path(torch.__file__).parent / "lib"
 TORCH_LIBRARIES = ("libc10.so", "libc10_cuda.so", "libtorch.so", "libtorch_cpu.so", "libtorch_cuda.so")
 STABLE_SHIM = re.compile(r"^(aoti_torch_|torch_)")

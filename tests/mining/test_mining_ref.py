@@ -1,7 +1,7 @@
 """Mining against reference sets (ref_embeddings, ref_labels, ref_self_index) and memory-bounded mining
 (chunk_size): values, gradients to both sets and stats against an independent brute-force oracle over all
 N x M x M triplets (float64, distances row by row), the pure-PyTorch reference, chunked against unchunked,
-gradcheck, torch.compile, edge cases and errors. (The changed ops' opcheck: tests/test_mining.py op_samples,
+gradcheck, torch.compile, edge cases and errors. (The changed ops' opcheck: tests/mining/test_mining.py op_samples,
 square and rectangular.)"""
 
 from unittest import mock

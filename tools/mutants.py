@@ -2,8 +2,8 @@
 from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs the `emulated_cuda` tests on
 each (stopping at the first failure) and reports each mutant caught or not. Not in CI (a rebuild per mutant).
 
-    python tests/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one survives
-    python tests/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
+    python tools/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one survives
+    python tools/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
 
 --sanitize builds the mutants under AddressSanitizer and UBSan (tripletloss_emu_san, as `make sanitize`) and counts a
 mutant caught only when a sanitizer reports it (a read past an allocation, a misaligned access). Works in
@@ -184,7 +184,7 @@ def main(names):
         test_env = dict(env, TRIPLETLOSS_EMU="sanitize", LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
     build = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", emu_lib]
     test = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated_cuda"]
-    test += ["-s", "tests/test_emulated.py"]  # -s: a sanitizer's report is not lost in pytest's capture
+    test += ["-s", "tests/emulated/test_emulated.py"]  # -s: a sanitizer's report is not lost in pytest's capture
     results = []
     for name in names:
         path, old, new, what = MUTANTS[name]

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.sanitizer
     ],
 )
 def test_sanitizer_catches(kernel, report):
-    code = f"import sys; sys.path.append({EMU_LIB!r}); import tripletloss_emu_san as e; e.selftest({kernel!r})"
+    # torch first: the module links libc10/libtorch, which the loader finds only once torch has loaded them.
+    code = f"import sys, torch; sys.path.append({EMU_LIB!r}); import tripletloss_emu_san as e; e.selftest({kernel!r})"
     child = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert child.returncode != 0, child.stderr[-2000:]
     assert report in child.stderr and kernel in child.stderr, child.stderr[-4000:]

@@ -533,7 +533,7 @@ def test_h200_register_table_matches_the_build():
     """The fake H200's occupancy comes from emulated.REGISTERS (triplet kernels) and MINING_RESOURCES (registers
     and shared memory of the mining kernels): they must be those of the CUDA build in this tree (read with
     tools/sass_gate.py), so that a kernel change cannot leave them stale."""
-    spec = importlib.util.spec_from_file_location("sass_gate", pathlib.Path(__file__).parents[1] / "tools/sass_gate.py")
+    spec = importlib.util.spec_from_file_location("sass_gate", pathlib.Path(__file__).parents[2] / "tools/sass_gate.py")
     sass_gate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass_gate)
     cuobjdump = sass_gate.find_cuobjdump()
