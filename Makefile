@@ -8,6 +8,7 @@
 #   built into $(EMU_LIB); make test builds it and runs its `emulated_cuda` tests with the others.
 # make sanitize: the emulated build under AddressSanitizer + UBSan (tripletloss_emu_san), and the emulated tests.
 # make mutants: the emulated tests against deliberately broken copies of the kernels (not in CI; slow).
+# make lint: ruff check, ruff format --check and clang-format --dry-run (.clang-format) on the sources.
 # make sass-gate: the machine-code gate on the built _C (tools/sass_gate.py; no GPU needed).
 # Another torch release, in its own venv: make test TORCH=2.11.0 VENV=.venv-torch2.11.0.
 # The in-place build (tripletloss_cuda/_C.abi3.so) serves every venv with torch >= 2.11 (the stable ABI); each
@@ -92,10 +93,15 @@ bench: build
 demo: build
 	$(RUN) -m tripletloss_cuda demo $(DEMO_ARGS)
 
+# Lint: ruff (Python) and clang-format (csrc/, the style of .clang-format), both pinned; in CI.
+LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
+PY_SOURCES := tripletloss_cuda tests benchmarks tools setup.py
+CXX_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 lint: setup
-	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check tripletloss_cuda tests benchmarks setup.py tools
-	$(PY) -m ruff format --check tripletloss_cuda tests benchmarks setup.py tools
+	$(PY) -m pip install -q $(LINT_TOOLS)
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 sass-gate: build
 	$(PY) tools/sass_gate.py

@@ -48,8 +48,7 @@ void check_inputs(const Tensor& x, const std::optional<Tensor>& ref, const Tenso
     TL_CHECK(idx->device() == x.device(), name, " should be on the device of embeddings ", device_name(x), ", got ",
              device_name(*idx));
   }
-  TL_CHECK(distance >= 0 && distance <= 2, "distance should be 0 (euclidean), 1 (squared) or 2 (dot), got ",
-           distance);
+  TL_CHECK(distance >= 0 && distance <= 2, "distance should be 0 (euclidean), 1 (squared) or 2 (dot), got ", distance);
 }
 
 // CPU only (free there): IndexError naming the first out-of-range index, before anything is read.
@@ -57,8 +56,8 @@ void check_inputs(const Tensor& x, const std::optional<Tensor>& ref, const Tenso
   if (!idx.is_cpu() || idx.numel() == 0) return;
   const int64_t* p = idx.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < idx.numel(); ++t)
-    TL_CHECK_INDEX(p[t] >= 0 && p[t] < rows, name, "[", t, "] = ", p[t], " is out of range for ", table, " with ",
-                   rows, " rows");
+    TL_CHECK_INDEX(p[t] >= 0 && p[t] < rows, name, "[", t, "] = ", p[t], " is out of range for ", table, " with ", rows,
+                   " rows");
 }
 
 const Backend& backend_for(const Tensor& x) {
@@ -100,8 +99,7 @@ Tensor forward(const Tensor& x_, const std::optional<Tensor>& ref, const Tensor&
   const int64_t t = in.anchors.size(0);
   Tensor saved = empty({t, kSaved}, acc_dtype(in.x.scalar_type()), in.x.device());
   if (t > 0)
-    backend_for(in.x).forward(in.x, in.r, in.anchors, in.positives, in.negatives, distance, margin, swap, soft,
-                              saved);
+    backend_for(in.x).forward(in.x, in.r, in.anchors, in.positives, in.negatives, distance, margin, swap, soft, saved);
   return saved;
 }
 
@@ -148,8 +146,8 @@ std::tuple<Tensor, Tensor> backward(const Tensor& w_, const Tensor& x_, const st
   Tensor grad_x = zeros({n, in.x.size(1)}, acc, in.x.device());
   Tensor grad_r = zeros({m, in.x.size(1)}, acc, in.x.device());
   if (t > 0 && in.x.size(1) > 0)
-    backend_for(in.x).backward(in.x, in.r, in.anchors, in.positives, in.negatives, saved, w, entries, offsets,
-                               distance, margin, swap, soft, grad_x, grad_r);
+    backend_for(in.x).backward(in.x, in.r, in.anchors, in.positives, in.negatives, saved, w, entries, offsets, distance,
+                               margin, swap, soft, grad_x, grad_r);
   return {to_dtype(grad_x, in.x.scalar_type()), to_dtype(grad_r, in.x.scalar_type())};
 }
 
@@ -157,7 +155,7 @@ std::tuple<Tensor, Tensor> backward(const Tensor& w_, const Tensor& x_, const st
 }  // namespace indexed
 }  // namespace tripletloss
 
-#define TL_INDEXED_IMPLS(m)                                                        \
+#define TL_INDEXED_IMPLS(m)                                                     \
   m.impl("indexed_triplet_forward", TORCH_BOX(&tripletloss::indexed::forward)); \
   m.impl("indexed_triplet_backward", TORCH_BOX(&tripletloss::indexed::backward))
 

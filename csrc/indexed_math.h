@@ -137,8 +137,7 @@ TL_HD void row_backward(const T* x, const T* r, int64_t d, int64_t n_rows, int64
     const T* a = x + anchors[t] * d;
     const T* p = r + positives[t] * d;
     const T* n = r + negatives[t] * d;
-    for (int64_t j = 0; j < d; ++j)
-      out[j] += role_grad(distance, role, acc_t(a[j]), acc_t(p[j]), acc_t(n[j]), c, swap);
+    for (int64_t j = 0; j < d; ++j) out[j] += role_grad(distance, role, acc_t(a[j]), acc_t(p[j]), acc_t(n[j]), c, swap);
   }
 }
 

@@ -42,7 +42,7 @@ void check_inputs(const Tensor& dist, const Tensor& labels, const Tensor& ref_la
   check_vector(ref_labels, "ref_labels", dist.size(1), "columns", dist);
   check_vector(self_index, "self_index", dist.size(0), "rows", dist);
   if (self_index.is_cpu() && self_index.numel() > 0) {  // on the GPU a check would synchronize; the kernels only
-    const Tensor s = as_contiguous(self_index);           // compare it with column numbers, so any value is safe
+    const Tensor s = as_contiguous(self_index);         // compare it with column numbers, so any value is safe
     const int64_t* v = s.const_data_ptr<int64_t>();
     const auto [lo, hi] = std::minmax_element(v, v + s.numel());
     TL_CHECK(*lo >= -1 && *hi < dist.size(1), "self_index should hold column numbers in [0, ", dist.size(1),

@@ -14,8 +14,8 @@ namespace mining {
 // is float32 or float64 (N, M) (anchors x references), labels int64 (N,), ref_labels int64 (M,), self_index
 // int64 (N,) (the excluded reference column of each anchor, or -1); batch-all and semi-hard sort each
 // anchor's positives (the CPU in per-task buffers, CUDA in shared-memory tiles); loss (N,) float64 and
-// counts (N, kCounts) int64 are written per anchor (mining_math.h write_counts); scale is a 0-d float64 tensor (read on the device: no host
-// synchronization).
+// counts (N, kCounts) int64 are written per anchor (mining_math.h write_counts); scale is a 0-d float64 tensor (read on
+// the device: no host synchronization).
 struct Backend {
   void (*batch_hard)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                      double margin, bool soft, Tensor& loss, Tensor& counts, Tensor& mined);
@@ -23,12 +23,12 @@ struct Backend {
                           Tensor& grad);
   void (*batch_all)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, Tensor& loss, Tensor& counts);
-  void (*batch_all_grad)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels,
-                         const Tensor& self_index, double margin, const Tensor& scale, Tensor& grad);
+  void (*batch_all_grad)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                         double margin, const Tensor& scale, Tensor& grad);
   void (*semi_hard)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, Tensor& loss, Tensor& counts);
-  void (*semi_hard_grad)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels,
-                         const Tensor& self_index, double margin, const Tensor& scale, Tensor& grad);
+  void (*semi_hard_grad)(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                         double margin, const Tensor& scale, Tensor& grad);
 };
 
 const Backend& cpu_backend();

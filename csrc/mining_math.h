@@ -167,8 +167,8 @@ TL_HD int64_t first_active(const T* ps, int64_t n_pos, T margin, T d_neg) {
 
 // suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t].
 template <typename T>
-TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
-                         int64_t n_pos, T margin, double* suffix, double* loss, int64_t* counts) {
+TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps, int64_t n_pos,
+                         T margin, double* suffix, double* loss, int64_t* counts) {
   suffix[n_pos] = 0;
   for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
   int64_t n_neg = 0, active = 0;
@@ -241,10 +241,10 @@ TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
                          int64_t* counts) {
   int64_t active = 0;
   double l = 0;
-  const int64_t n_neg = semi_hard_pairs(d, ry, m, yi, excl, ps, pi, n_pos, margin, best_d, best_k,
-                                        [&](int64_t, int64_t, T h) {
-                                          if (h > T(0)) l += double(h), ++active;
-                                        });
+  const int64_t n_neg =
+      semi_hard_pairs(d, ry, m, yi, excl, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t, int64_t, T h) {
+        if (h > T(0)) l += double(h), ++active;
+      });
   *loss = l;
   write_counts(counts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
 }

@@ -50,9 +50,10 @@ template <typename Error, typename... Args>
 // an IndexError (every torch release), std::invalid_argument a ValueError on torch 2.11 to 2.14 but a
 // RuntimeError on 2.15 (only out_of_range keeps its type there). So wherever users must get a ValueError, the
 // Python layer checks before the op, as the fake kernels do.
-#define TL_CHECK_AS(error, cond, ...)                                            \
-  do {                                                                           \
-    if (!(cond)) [[unlikely]] ::tripletloss::detail::fail<error>(__VA_ARGS__); \
+#define TL_CHECK_AS(error, cond, ...)                  \
+  do {                                                 \
+    if (!(cond)) [[unlikely]]                          \
+      ::tripletloss::detail::fail<error>(__VA_ARGS__); \
   } while (false)
 #define TL_CHECK(cond, ...) TL_CHECK_AS(std::runtime_error, cond, __VA_ARGS__)
 #define TL_CHECK_INDEX(cond, ...) TL_CHECK_AS(std::out_of_range, cond, __VA_ARGS__)
@@ -104,8 +105,8 @@ inline Tensor empty(IntArrayRef sizes, ScalarType dtype, Device device) {
   AtenTensorHandle handle = nullptr;
   const int32_t shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   const int32_t shim_device = torch::stable::detail::to<int32_t>(torch::stable::detail::from(device.type()));
-  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(int64_t(sizes.size()), sizes.data(), strides, shim_dtype,
-                                                  shim_device, device.index(), &handle));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(int64_t(sizes.size()), sizes.data(), strides, shim_dtype, shim_device,
+                                                  device.index(), &handle));
   return Tensor(handle);
 }
 inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, Device device) {
@@ -141,30 +142,29 @@ inline Tensor as_contiguous(const Tensor& x) { return x.is_contiguous() ? x : to
 // AT_DISPATCH_FLOATING_TYPES(_AND2(kHalf, kBFloat16, ...)) on the stable surface: the body (a lambda) sees
 // `scalar_t`. (headeronly's THO_DISPATCH_V2 re-expands its body argument, so a body with a comma outside
 // parentheses does not survive it.)
-#define TL_DISPATCH_CASE(enum_type, type, ...)    \
-  case ::tripletloss::ScalarType::enum_type: {    \
-    using scalar_t [[maybe_unused]] = type;       \
-    __VA_ARGS__();                                \
-    break;                                        \
+#define TL_DISPATCH_CASE(enum_type, type, ...) \
+  case ::tripletloss::ScalarType::enum_type: { \
+    using scalar_t [[maybe_unused]] = type;    \
+    __VA_ARGS__();                             \
+    break;                                     \
   }
 #define TL_DISPATCH_DEFAULT(type, name) \
-  default:                              \
-    TL_CHECK(false, '"', name, "\" not implemented for '", type, "'")
-#define TL_DISPATCH_FLOATING(type, name, ...)              \
-  [&] {                                                    \
-    switch (type) {                                        \
-      TL_DISPATCH_CASE(Double, double, __VA_ARGS__)        \
-      TL_DISPATCH_CASE(Float, float, __VA_ARGS__)          \
-      TL_DISPATCH_DEFAULT(type, name);                     \
-    }                                                      \
+  default: TL_CHECK(false, '"', name, "\" not implemented for '", type, "'")
+#define TL_DISPATCH_FLOATING(type, name, ...)       \
+  [&] {                                             \
+    switch (type) {                                 \
+      TL_DISPATCH_CASE(Double, double, __VA_ARGS__) \
+      TL_DISPATCH_CASE(Float, float, __VA_ARGS__)   \
+      TL_DISPATCH_DEFAULT(type, name);              \
+    }                                               \
   }()
-#define TL_DISPATCH_FLOATING_AND_HALF(type, name, ...)     \
-  [&] {                                                    \
-    switch (type) {                                        \
-      TL_DISPATCH_CASE(Double, double, __VA_ARGS__)        \
-      TL_DISPATCH_CASE(Float, float, __VA_ARGS__)          \
-      TL_DISPATCH_CASE(Half, c10::Half, __VA_ARGS__)       \
+#define TL_DISPATCH_FLOATING_AND_HALF(type, name, ...)       \
+  [&] {                                                      \
+    switch (type) {                                          \
+      TL_DISPATCH_CASE(Double, double, __VA_ARGS__)          \
+      TL_DISPATCH_CASE(Float, float, __VA_ARGS__)            \
+      TL_DISPATCH_CASE(Half, c10::Half, __VA_ARGS__)         \
       TL_DISPATCH_CASE(BFloat16, c10::BFloat16, __VA_ARGS__) \
-      TL_DISPATCH_DEFAULT(type, name);                     \
-    }                                                      \
+      TL_DISPATCH_DEFAULT(type, name);                       \
+    }                                                        \
   }()

@@ -22,8 +22,7 @@ STABLE_TORCH_LIBRARY(tripletloss_cuda, m) { TL_TRIPLET_SCHEMAS(m); }
 // (tripletloss_cuda/_library.py looks for the marker): the torch whose headers it was compiled against, and
 // the oldest torch whose stable ABI it targets (setup.py's TORCH_TARGET_VERSION).
 #define TL_BUILT_WITH TL_STR(TORCH_VERSION_MAJOR) "." TL_STR(TORCH_VERSION_MINOR) "." TL_STR(TORCH_VERSION_PATCH)
-#define TL_TARGET \
-  TL_STR(TL_TARGET_MAJOR) "." TL_STR(TL_TARGET_MINOR)
+#define TL_TARGET TL_STR(TL_TARGET_MAJOR) "." TL_STR(TL_TARGET_MINOR)
 [[gnu::used]] static const char build_marker[] =
     "tripletloss_cuda build: torch=" TL_BUILT_WITH "; stable_abi=" TL_TARGET ";";
 

@@ -62,9 +62,7 @@ inline std::tuple<Tensor, Tensor, Tensor> empty_backward_outputs(const Tensor& a
 }
 
 // The value of reduction over zero rows, as PyTorch gives it: mean nan, sum 0.
-inline double empty_reduction_value(int64_t reduction) {
-  return reduction == 1 ? NAN : 0.0;
-}
+inline double empty_reduction_value(int64_t reduction) { return reduction == 1 ? NAN : 0.0; }
 
 // Calls f(norm, swap) with compile-time constants for p (1, 2 or other) and swap.
 template <typename F>

@@ -14,8 +14,8 @@ namespace {
 // Items per parallel task: about 32K elements read.
 int64_t grain(int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(3 * d, 1)); }
 
-void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives,
-             const Tensor& negatives, int64_t distance, double margin, bool swap, bool soft, Tensor& saved) {
+void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+             int64_t distance, double margin, bool swap, bool soft, Tensor& saved) {
   TL_DISPATCH_FLOATING_AND_HALF(x.scalar_type(), "indexed_triplet_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -32,10 +32,9 @@ void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tens
   });
 }
 
-void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives,
-              const Tensor& negatives, const Tensor& saved, const Tensor& w, const Tensor& entries,
-              const Tensor& offsets, int64_t distance, double margin, bool swap, bool soft, Tensor& grad_x,
-              Tensor& grad_r) {
+void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+              const Tensor& saved, const Tensor& w, const Tensor& entries, const Tensor& offsets, int64_t distance,
+              double margin, bool swap, bool soft, Tensor& grad_x, Tensor& grad_r) {
   TL_DISPATCH_FLOATING_AND_HALF(x.scalar_type(), "indexed_triplet_backward", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();

@@ -149,12 +149,13 @@ void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
   double* l = loss.mutable_data_ptr<double>();
   int64_t* c = counts.mutable_data_ptr<int64_t>();
   const int64_t m = dist.size(1);
-  for_each_sorted_anchor(dist, lab, [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos,
-                                        auto* best_d, int64_t* best_k) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
-    semi_hard_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, l + i,
-                     c + i * kCounts);
-  });
+  for_each_sorted_anchor(
+      dist, lab,
+      [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos, auto* best_d, int64_t* best_k) {
+        using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
+        semi_hard_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, l + i,
+                         c + i * kCounts);
+      });
 }
 
 void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
@@ -162,12 +163,13 @@ void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
   const Labels lab(labels, ref_labels, self_index);
   const double s = *scale.const_data_ptr<double>();
   const int64_t m = dist.size(1);
-  for_each_sorted_anchor(dist, lab, [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos,
-                                        auto* best_d, int64_t* best_k) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
-    semi_hard_grad_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, T(s),
-                          grad.mutable_data_ptr<T>() + i * m);
-  });
+  for_each_sorted_anchor(
+      dist, lab,
+      [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos, auto* best_d, int64_t* best_k) {
+        using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
+        semi_hard_grad_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, T(s),
+                              grad.mutable_data_ptr<T>() + i * m);
+      });
 }
 
 }  // namespace

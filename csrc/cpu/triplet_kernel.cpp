@@ -56,8 +56,14 @@ struct Rows {  // the three (N, D) inputs: unit-stride columns, any row stride
 
 template <typename T>
 Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
-  return {a.const_data_ptr<T>(), p.const_data_ptr<T>(), n.const_data_ptr<T>(), a.stride(0), p.stride(0),
-          n.stride(0), a.size(0), a.size(1)};
+  return {a.const_data_ptr<T>(),
+          p.const_data_ptr<T>(),
+          n.const_data_ptr<T>(),
+          a.stride(0),
+          p.stride(0),
+          n.stride(0),
+          a.size(0),
+          a.size(1)};
 }
 
 template <typename T>
@@ -67,8 +73,8 @@ struct Params {  // margin, p, eps in the accumulation type, and 1 / p
 
 // Rows [i0, i1): distances into dist, per-row loss into out (reduction none); returns the rows' loss sum.
 template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = opmath_t<scalar_t>>
-TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k,
-                                   bool per_row, scalar_t* out, acc_t* dist) {
+TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k, bool per_row,
+                                   scalar_t* out, acc_t* dist) {
   double sum = 0;
   for (int64_t i = i0; i < i1; ++i) {
     const scalar_t *a = in.a + i * in.sa, *p = in.p + i * in.sp, *n = in.n + i * in.sn;
@@ -89,13 +95,13 @@ TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t
 
 // Rows [i0, i1) of the three gradients (contiguous), from the upstream gradient g[i * gs] * gscale.
 template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = opmath_t<scalar_t>>
-TL_CPU_CLONES void backward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k,
-                                  const scalar_t* g, int64_t gs, acc_t gscale, bool grad_at_zero_hinge,
-                                  const acc_t* dist, scalar_t* ga, scalar_t* gp, scalar_t* gn) {
+TL_CPU_CLONES void backward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k, const scalar_t* g,
+                                  int64_t gs, acc_t gscale, bool grad_at_zero_hinge, const acc_t* dist, scalar_t* ga,
+                                  scalar_t* gp, scalar_t* gn) {
   const int64_t d = in.cols;
   for (int64_t i = i0; i < i1; ++i) {
     const RowGrad<acc_t> r = row_grad<NORM>(dist[3 * i], dist[3 * i + 1], dist[3 * i + 2], k.margin, k.p, SWAP,
-                                             acc_t(g[i * gs]) * gscale, grad_at_zero_hinge);
+                                            acc_t(g[i * gs]) * gscale, grad_at_zero_hinge);
     scalar_t *gai = ga + i * d, *gpi = gp + i * d, *gni = gn + i * d;
     if (r.zero) {
       std::fill_n(gai, d, scalar_t(0)), std::fill_n(gpi, d, scalar_t(0)), std::fill_n(gni, d, scalar_t(0));
@@ -189,9 +195,8 @@ void forward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, int64_
 }
 
 template <typename scalar_t, Norm NORM, bool SWAP>
-void backward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, const Tensor& grad,
-                   const Tensor& dist, int64_t reduction, bool grad_at_zero_hinge, Tensor& ga, Tensor& gp,
-                   Tensor& gn) {
+void backward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, const Tensor& grad, const Tensor& dist,
+                   int64_t reduction, bool grad_at_zero_hinge, Tensor& ga, Tensor& gp, Tensor& gn) {
   using acc_t = opmath_t<scalar_t>;
   // grad is (N,) for reduction none, else one value for every row (divided by N for mean).
   const int64_t gs = reduction == 0 ? grad.stride(0) : 0;
@@ -214,9 +219,9 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& anchor, const Tensor& posit
   TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
-      forward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(rows_of<scalar_t>(a, pos, neg),
-                                                                         {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)},
-                                                                         reduction, loss, dist);
+      forward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(
+          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)}, reduction, loss,
+          dist);
     });
   });
   return {loss, dist};

@@ -2,8 +2,8 @@
 //
 // Under nvcc this is CUDA itself: TL_LAUNCH is <<<...>>>, the functions below are the CUDA runtime and the
 // stable ABI's device guard and current stream (aoti_torch_get_current_cuda_stream; setup.py defines USE_CUDA,
-// which the shim's CUDA declarations sit behind). Built by the host compiler with -DTRIPLETLOSS_EMULATED (the test-only extension
-// tripletloss_cuda._C_emu), the same kernels and launchers run on the CPU emulator of csrc/emu/emu.h, the
+// which the shim's CUDA declarations sit behind). Built by the host compiler with -DTRIPLETLOSS_EMULATED (the test-only
+// extension tripletloss_cuda._C_emu), the same kernels and launchers run on the CPU emulator of csrc/emu/emu.h, the
 // functions answer for its fake device, and the ops register in the namespace tripletloss_cuda_emu on the
 // CPU key. The kernels use only __global__/__device__/__shared__/__syncthreads/__shfl_*_sync/atomics and the
 // built-in index variables; launchers call only what is declared here.
@@ -33,7 +33,8 @@ struct DeviceGuard {
 // The current stream of the current device (the guard's).
 inline Stream current_stream() {
   void* stream = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(torch::stable::accelerator::getCurrentDeviceIndex(), &stream));
+  TORCH_ERROR_CODE_CHECK(
+      aoti_torch_get_current_cuda_stream(torch::stable::accelerator::getCurrentDeviceIndex(), &stream));
   return static_cast<Stream>(stream);
 }
 

@@ -43,38 +43,37 @@ __global__ void backward_kernel(const T* x, const T* r, int64_t d, int64_t n_row
 
 int blocks_for(int64_t count) { return int((count + kThreads - 1) / kThreads); }
 
-void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives,
-             const Tensor& negatives, int64_t distance, double margin, bool swap, bool soft, Tensor& saved) {
+void forward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+             int64_t distance, double margin, bool swap, bool soft, Tensor& saved) {
   const tl_cuda::DeviceGuard guard(x);
   const tl_cuda::Stream stream = tl_cuda::current_stream();
   const int64_t count = anchors.size(0);
   TL_DISPATCH_FLOATING_AND_HALF(x.scalar_type(), "indexed_triplet_forward_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     constexpr auto kernel = forward_kernel<scalar_t, acc_t>;  // one macro argument
-    TL_LAUNCH(kernel, blocks_for(count), kThreads, 0, stream,
-        x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), x.size(1), x.size(0), r.size(0),
-        anchors.const_data_ptr<int64_t>(), positives.const_data_ptr<int64_t>(), negatives.const_data_ptr<int64_t>(),
-        count, int(distance), acc_t(margin), swap, soft, saved.mutable_data_ptr<acc_t>());
+    TL_LAUNCH(kernel, blocks_for(count), kThreads, 0, stream, x.const_data_ptr<scalar_t>(),
+              r.const_data_ptr<scalar_t>(), x.size(1), x.size(0), r.size(0), anchors.const_data_ptr<int64_t>(),
+              positives.const_data_ptr<int64_t>(), negatives.const_data_ptr<int64_t>(), count, int(distance),
+              acc_t(margin), swap, soft, saved.mutable_data_ptr<acc_t>());
     TL_LAUNCH_CHECK();
   });
 }
 
-void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives,
-              const Tensor& negatives, const Tensor& saved, const Tensor& w, const Tensor& entries,
-              const Tensor& offsets, int64_t distance, double margin, bool swap, bool soft, Tensor& grad_x,
-              Tensor& grad_r) {
+void backward(const Tensor& x, const Tensor& r, const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+              const Tensor& saved, const Tensor& w, const Tensor& entries, const Tensor& offsets, int64_t distance,
+              double margin, bool swap, bool soft, Tensor& grad_x, Tensor& grad_r) {
   const tl_cuda::DeviceGuard guard(x);
   const tl_cuda::Stream stream = tl_cuda::current_stream();
   const int64_t rows = offsets.size(0) - 1;
   TL_DISPATCH_FLOATING_AND_HALF(x.scalar_type(), "indexed_triplet_backward_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     constexpr auto kernel = backward_kernel<scalar_t, acc_t>;  // one macro argument
-    TL_LAUNCH(kernel, blocks_for(rows), kThreads, 0, stream,
-        x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), x.size(1), x.size(0), r.size(0),
-        anchors.const_data_ptr<int64_t>(), positives.const_data_ptr<int64_t>(), negatives.const_data_ptr<int64_t>(),
-        anchors.size(0), saved.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), entries.const_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), rows, int(distance), acc_t(margin), swap, soft,
-        grad_x.mutable_data_ptr<acc_t>(), grad_r.mutable_data_ptr<acc_t>());
+    TL_LAUNCH(kernel, blocks_for(rows), kThreads, 0, stream, x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+              x.size(1), x.size(0), r.size(0), anchors.const_data_ptr<int64_t>(), positives.const_data_ptr<int64_t>(),
+              negatives.const_data_ptr<int64_t>(), anchors.size(0), saved.const_data_ptr<acc_t>(),
+              w.const_data_ptr<acc_t>(), entries.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), rows,
+              int(distance), acc_t(margin), swap, soft, grad_x.mutable_data_ptr<acc_t>(),
+              grad_r.mutable_data_ptr<acc_t>());
     TL_LAUNCH_CHECK();
   });
 }

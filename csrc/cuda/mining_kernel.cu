@@ -254,9 +254,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) batch_hard_grad_kernel(const T* dist, const int64_t* mined, int64_t n,
-                                                                      int64_t m, T margin, bool soft,
-                                                                      const double* scale, T* grad) {
+__global__ void __launch_bounds__(kMaxThreads)
+    batch_hard_grad_kernel(const T* dist, const int64_t* mined, int64_t n, int64_t m, T margin, bool soft,
+                           const double* scale, T* grad) {
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const T* d = dist + i * m;
     const int64_t* mi = mined + i * 2;
@@ -382,8 +382,7 @@ __device__ RowCounts semi_hard_anchor(const T* d, int64_t m, const Anchor& a, T 
   for_columns(d, m, [&](int64_t j, T v) {
     if (a.negative(j) && harder_positive(v, j, far_v, far)) far_v = v, far = j;
   });
-  block_best(far_v, far, [](T v, int64_t j, T bv, int64_t b) { return harder_positive(v, j, bv, b); }, sh.sv,
-             sh.sj);
+  block_best(far_v, far, [](T v, int64_t j, T bv, int64_t b) { return harder_positive(v, j, bv, b); }, sh.sv, sh.sj);
   const RowCounts c = count_row(d, m, a, sh.sj);
   for_each_tile(d, m, a, c, sh.tv, sh.tj, [&](int nt) {
     for (int u = threadIdx.x; u <= nt; u += blockDim.x) sh.gap[u] = {~0ull, kNone};
@@ -462,24 +461,22 @@ template <auto Kernel, typename... Args>
 void launch_anchors(const Tensor& dist, Args... args) {
   const tl_cuda::DeviceGuard guard(dist);
   const int threads = threads_for(dist.size(1));
-  const int64_t resident =
-      int64_t(tl_cuda::sm_count(dist.get_device())) * tl_cuda::max_blocks_per_sm<Kernel>(threads);
+  const int64_t resident = int64_t(tl_cuda::sm_count(dist.get_device())) * tl_cuda::max_blocks_per_sm<Kernel>(threads);
   const unsigned blocks = unsigned(std::clamp<int64_t>(resident, 1, dist.size(0)));
   TL_LAUNCH(Kernel, blocks, threads, 0, tl_cuda::current_stream(), args...);
   TL_LAUNCH_CHECK();
 }
 
 Labels labels_of(const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index) {
-  return {labels.const_data_ptr<int64_t>(), ref_labels.const_data_ptr<int64_t>(),
-          self_index.const_data_ptr<int64_t>()};
+  return {labels.const_data_ptr<int64_t>(), ref_labels.const_data_ptr<int64_t>(), self_index.const_data_ptr<int64_t>()};
 }
 
 void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                 double margin, bool soft, Tensor& loss, Tensor& counts, Tensor& mined) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_hard_forward", [&] {
     launch_anchors<batch_hard_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                                labels_of(labels, ref_labels, self_index), dist.size(0),
-                                                dist.size(1), scalar_t(margin), soft, loss.mutable_data_ptr<double>(),
+                                                labels_of(labels, ref_labels, self_index), dist.size(0), dist.size(1),
+                                                scalar_t(margin), soft, loss.mutable_data_ptr<double>(),
                                                 counts.mutable_data_ptr<int64_t>(), mined.mutable_data_ptr<int64_t>());
   });
 }
@@ -487,50 +484,45 @@ void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labe
 void batch_hard_grad(const Tensor& dist, const Tensor& mined, double margin, bool soft, const Tensor& scale,
                      Tensor& grad) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_hard_backward", [&] {
-    launch_anchors<batch_hard_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                                     mined.const_data_ptr<int64_t>(), dist.size(0), dist.size(1),
-                                                     scalar_t(margin), soft, scale.const_data_ptr<double>(),
-                                                     grad.mutable_data_ptr<scalar_t>());
+    launch_anchors<batch_hard_grad_kernel<scalar_t>>(
+        dist, dist.const_data_ptr<scalar_t>(), mined.const_data_ptr<int64_t>(), dist.size(0), dist.size(1),
+        scalar_t(margin), soft, scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
   });
 }
 
 void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                double margin, Tensor& loss, Tensor& counts) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_all_forward", [&] {
-    launch_anchors<batch_all_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                               labels_of(labels, ref_labels, self_index), dist.size(0),
-                                               dist.size(1), scalar_t(margin), loss.mutable_data_ptr<double>(),
-                                               counts.mutable_data_ptr<int64_t>());
+    launch_anchors<batch_all_kernel<scalar_t>>(
+        dist, dist.const_data_ptr<scalar_t>(), labels_of(labels, ref_labels, self_index), dist.size(0), dist.size(1),
+        scalar_t(margin), loss.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>());
   });
 }
 
 void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, const Tensor& scale, Tensor& grad) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "batch_all_backward", [&] {
-    launch_anchors<batch_all_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                                    labels_of(labels, ref_labels, self_index), dist.size(0),
-                                                    dist.size(1), scalar_t(margin), scale.const_data_ptr<double>(),
-                                                    grad.mutable_data_ptr<scalar_t>());
+    launch_anchors<batch_all_grad_kernel<scalar_t>>(
+        dist, dist.const_data_ptr<scalar_t>(), labels_of(labels, ref_labels, self_index), dist.size(0), dist.size(1),
+        scalar_t(margin), scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
   });
 }
 
 void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                double margin, Tensor& loss, Tensor& counts) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "semi_hard_forward", [&] {
-    launch_anchors<semi_hard_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                               labels_of(labels, ref_labels, self_index), dist.size(0),
-                                               dist.size(1), scalar_t(margin), loss.mutable_data_ptr<double>(),
-                                               counts.mutable_data_ptr<int64_t>());
+    launch_anchors<semi_hard_kernel<scalar_t>>(
+        dist, dist.const_data_ptr<scalar_t>(), labels_of(labels, ref_labels, self_index), dist.size(0), dist.size(1),
+        scalar_t(margin), loss.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>());
   });
 }
 
 void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
                     double margin, const Tensor& scale, Tensor& grad) {
   TL_DISPATCH_FLOATING(dist.scalar_type(), "semi_hard_backward", [&] {
-    launch_anchors<semi_hard_grad_kernel<scalar_t>>(dist, dist.const_data_ptr<scalar_t>(),
-                                                    labels_of(labels, ref_labels, self_index), dist.size(0),
-                                                    dist.size(1), scalar_t(margin), scale.const_data_ptr<double>(),
-                                                    grad.mutable_data_ptr<scalar_t>());
+    launch_anchors<semi_hard_grad_kernel<scalar_t>>(
+        dist, dist.const_data_ptr<scalar_t>(), labels_of(labels, ref_labels, self_index), dist.size(0), dist.size(1),
+        scalar_t(margin), scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>());
   });
 }
 

@@ -71,9 +71,8 @@ __device__ T group_sum(T v, int group, T* smem) {
 
 template <typename T, Norm NORM, bool SWAP, int VEC>
 __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
-    forward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> inv_p,
-                   opmath_t<T> eps, int reduction, opmath_t<T> loss_scale, T* __restrict__ loss,
-                   opmath_t<T>* __restrict__ dist,
+    forward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> inv_p, opmath_t<T> eps,
+                   int reduction, opmath_t<T> loss_scale, T* __restrict__ loss, opmath_t<T>* __restrict__ dist,
                    opmath_t<T>* __restrict__ partials, unsigned* __restrict__ ticket) {
   using acc_t = opmath_t<T>;
   using P = Pack<T, VEC>;
@@ -97,7 +96,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
       const P vp = reinterpret_cast<const P*>(pos)[j];
       const P vn = reinterpret_cast<const P*>(neg)[j];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) accumulate<NORM, SWAP>(acc_t(va.v[k]), acc_t(vp.v[k]), acc_t(vn.v[k]), eps, p, ap, an, pn);
+      for (int k = 0; k < VEC; ++k)
+        accumulate<NORM, SWAP>(acc_t(va.v[k]), acc_t(vp.v[k]), acc_t(vn.v[k]), eps, p, ap, an, pn);
     }
     for (int64_t j = nvec * VEC + lane; j < in.cols; j += group) {
       accumulate<NORM, SWAP>(acc_t(a[j]), acc_t(pos[j]), acc_t(neg[j]), eps, p, ap, an, pn);
@@ -134,9 +134,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
 template <typename T, Norm NORM, bool SWAP, int VEC>
 __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
     backward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> eps,
-                    const T* __restrict__ grad, int64_t grad_stride, opmath_t<T> grad_scale,
-                    bool grad_at_zero_hinge, const opmath_t<T>* __restrict__ dist, T* __restrict__ ga,
-                    T* __restrict__ gp, T* __restrict__ gn) {
+                    const T* __restrict__ grad, int64_t grad_stride, opmath_t<T> grad_scale, bool grad_at_zero_hinge,
+                    const opmath_t<T>* __restrict__ dist, T* __restrict__ ga, T* __restrict__ gp, T* __restrict__ gn) {
   using acc_t = opmath_t<T>;
   using P = Pack<T, VEC>;
   const int lane = threadIdx.x & (group - 1);
@@ -145,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
   for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group; row < in.rows;
        row += int64_t(gridDim.x) * rows_per_block) {
     const RowGrad<acc_t> r = row_grad<NORM>(dist[3 * row], dist[3 * row + 1], dist[3 * row + 2], margin, p, SWAP,
-                                             acc_t(grad[row * grad_stride]) * grad_scale, grad_at_zero_hinge);
+                                            acc_t(grad[row * grad_stride]) * grad_scale, grad_at_zero_hinge);
     const T* a = in.a + row * in.sa;
     const T* pos = in.p + row * in.sp;
     const T* neg = in.n + row * in.sn;
@@ -214,8 +213,14 @@ bool can_vectorize(const Rows<T>& in) {
 
 template <typename T>
 Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
-  return {a.const_data_ptr<T>(), p.const_data_ptr<T>(), n.const_data_ptr<T>(), a.stride(0), p.stride(0),
-          n.stride(0), a.size(0), a.size(1)};
+  return {a.const_data_ptr<T>(),
+          p.const_data_ptr<T>(),
+          n.const_data_ptr<T>(),
+          a.stride(0),
+          p.stride(0),
+          n.stride(0),
+          a.size(0),
+          a.size(1)};
 }
 
 // Calls f(vec) with the vector width (a compile-time constant) that the inputs allow.
@@ -241,7 +246,8 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
     dispatch_vec(in, [&](auto vec) {
       dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
-        constexpr auto kernel = forward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
+        constexpr auto kernel =
+            forward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
         const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
         Tensor partials, ticket;
         if (reduction != 0) {
@@ -249,10 +255,10 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
           ticket = empty({1}, ScalarType::Int, a.device());
           tl_cuda::memset_async(ticket.mutable_data_ptr(), 0, sizeof(int), stream);
         }
-        TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p),
-                  acc_t(1) / acc_t(p), acc_t(eps), int(reduction),
-                  reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1), loss.mutable_data_ptr<scalar_t>(),
-                  dist.mutable_data_ptr<acc_t>(), reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
+        TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p), acc_t(1) / acc_t(p),
+                  acc_t(eps), int(reduction), reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1),
+                  loss.mutable_data_ptr<scalar_t>(), dist.mutable_data_ptr<acc_t>(),
+                  reduction != 0 ? partials.mutable_data_ptr<acc_t>() : nullptr,
                   reduction != 0 ? static_cast<unsigned*>(ticket.mutable_data_ptr()) : nullptr);
         TL_LAUNCH_CHECK();
       });
@@ -281,7 +287,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     const acc_t grad_scale = reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1);
     dispatch_vec(in, [&](auto vec) {
       dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
-        constexpr auto kernel = backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
+        constexpr auto kernel =
+            backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
         const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
         TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
                   g.const_data_ptr<scalar_t>(), grad_stride, grad_scale, grad_at_zero_hinge,

@@ -92,8 +92,8 @@ struct Context {
 inline void switch_context(Context& save, Context& load) { tl_emu_switch(&save.sp, load.sp); }
 void init_context(Context& c, char* stack, size_t size, void (*entry)()) {
   auto** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack + size)) & ~uintptr_t(15));
-  *--sp = nullptr;                          // entry's return address (it never returns)
-  *--sp = reinterpret_cast<void*>(entry);   // where tl_emu_switch's `ret` goes
+  *--sp = nullptr;                              // entry's return address (it never returns)
+  *--sp = reinterpret_cast<void*>(entry);       // where tl_emu_switch's `ret` goes
   for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
   *--sp = reinterpret_cast<void*>(uintptr_t(0x1F80) | (uintptr_t(0x037F) << 32));  // MXCSR, x87 CW
   c.sp = sp;
@@ -312,13 +312,12 @@ void check_stuck_shuffles(const LaunchState& l, int w) {
     for (int k = 0; k < kWarp; ++k) {
       const Fiber& g = l.fibers[first + k];
       if (!(f.mask >> k & 1) || (g.state == State::Shuffle && g.mask == f.mask)) continue;
-      const std::string where = g.state == State::Done      ? std::string("has exited")
-                                : g.state == State::Barrier ? std::string("waits at __syncthreads()")
-                                                            : std::string("waits at ") + shfl_name(g.kind) +
-                                                                  " with mask " + hex(g.mask);
-      fail(l, "lane " + std::to_string(t - first) + " of warp " + std::to_string(w) + " waits at " +
-                  shfl_name(f.kind) + " with mask " + hex(f.mask) + " for lane " + std::to_string(k) + ", which " +
-                  where + ": a deadlock");
+      const std::string where = g.state == State::Done ? std::string("has exited")
+                                : g.state == State::Barrier
+                                    ? std::string("waits at __syncthreads()")
+                                    : std::string("waits at ") + shfl_name(g.kind) + " with mask " + hex(g.mask);
+      fail(l, "lane " + std::to_string(t - first) + " of warp " + std::to_string(w) + " waits at " + shfl_name(f.kind) +
+                  " with mask " + hex(f.mask) + " for lane " + std::to_string(k) + ", which " + where + ": a deadlock");
     }
   }
 }
@@ -383,9 +382,9 @@ void shuffle(Shfl kind, unsigned mask, void* value, int bytes, int arg, int widt
   LaunchState& l = *g_launch;
   const int lane = int(f.tid % kWarp);
   TL_CHECK(mask >> lane & 1, "lane ", lane, " calls ", shfl_name(kind), " with mask ", hex(mask),
-              ", which lacks its own lane");
+           ", which lacks its own lane");
   TL_CHECK(width > 0 && width <= kWarp && (width & (width - 1)) == 0, shfl_name(kind), ": width ", width,
-              " is not a power of 2 up to 32");
+           " is not a power of 2 up to 32");
   f.kind = kind, f.mask = mask, f.bytes = bytes, f.arg = arg, f.width = width;
   std::memcpy(f.value, value, size_t(bytes));
   f.state = State::Shuffle;
@@ -400,10 +399,9 @@ void syncthreads() {
 }
 
 void run(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
-  TL_CHECK(grid.x >= 1 && grid.y == 1 && grid.z == 1 && block.x >= 1 && block.x <= 1024 && block.y == 1 &&
-                  block.z == 1,
-              "emulated CUDA kernel ", name, ": invalid configuration argument (grid ", grid.x, "x", grid.y, "x",
-              grid.z, ", block ", block.x, "x", block.y, "x", block.z, "; the emulator takes 1-D launches)");
+  TL_CHECK(grid.x >= 1 && grid.y == 1 && grid.z == 1 && block.x >= 1 && block.x <= 1024 && block.y == 1 && block.z == 1,
+           "emulated CUDA kernel ", name, ": invalid configuration argument (grid ", grid.x, "x", grid.y, "x", grid.z,
+           ", block ", block.x, "x", block.y, "x", block.z, "; the emulator takes 1-D launches)");
   TL_CHECK(g_launch == nullptr, "emulated CUDA kernel ", name, ": launched from inside a kernel");
   LaunchState l{name, body, ctx};
   l.fibers.resize(block.x);

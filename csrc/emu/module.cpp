@@ -67,8 +67,8 @@ PyObject* launches(PyObject*, PyObject*) {
     PyObject* masks = PyList_New(r.n_masks);
     for (int k = 0; k < r.n_masks; ++k) PyList_SET_ITEM(masks, k, PyLong_FromUnsignedLong(r.masks[k]));
     PyList_SET_ITEM(list, Py_ssize_t(i),
-                    Py_BuildValue("{s:s,s:I,s:I,s:K,s:N}", "kernel", r.kernel.c_str(), "grid", r.grid, "block",
-                                  r.block, "barriers", r.barriers, "masks", masks));
+                    Py_BuildValue("{s:s,s:I,s:I,s:K,s:N}", "kernel", r.kernel.c_str(), "grid", r.grid, "block", r.block,
+                                  "barriers", r.barriers, "masks", masks));
   }
   return list;
 }
