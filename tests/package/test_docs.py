@@ -108,16 +108,22 @@ MAKE_TARGETS = set(re.findall(r"^([\w.-]+)\s*:(?!=)", MAKEFILE, re.MULTILINE))
 
 
 def commands(code, console=False):
-    """The command lines of a shell block: continuations joined, comments dropped, split into words."""
-    text = code.replace("\\\n", " ")
-    for line in text.splitlines():
+    """The command lines of a shell block, split into words (continuations joined, comments dropped), each with
+    the --flags its comment names (a comment-only line continues the comment of the command above)."""
+    found = []
+    for line in code.replace("\\\n", " ").splitlines():
         if console:
             if not line.startswith("$ "):
                 continue
             line = line[2:]
         words = shlex.split(line, comments=True)
+        comment = re.search(r"(?:^|\s)#(.*)$", line)
+        flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", comment.group(1)) if comment else []
         if words:
-            yield words
+            found.append((words, flags))
+        elif found:
+            found[-1][1].extend(flags)
+    return found
 
 
 def without_env(words):
@@ -247,7 +253,9 @@ def test_shell_commands(page):
     checked = 0
     for language, code, line in blocks(page):
         if language in SHELL:
-            for words in commands(code, console=language == "console"):
+            for words, comment_flags in commands(code, console=language == "console"):
+                if without_env(words)[0] == "tripletloss-cuda":  # its comment's flags are its options
+                    words = words + comment_flags
                 try:
                     check_command(words)
                 except AssertionError as err:
