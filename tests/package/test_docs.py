@@ -1,11 +1,11 @@
 """The docs cannot go stale: every code block of README.md and docs/*.md runs or is checked here.
 
 - ```python blocks are executed, per file in order, in one fresh namespace per file: a page's blocks build
-  on each other as a reader runs them (README's mining example uses the `device` of its first block). They
-  must run anywhere, so a block that would want a GPU picks it with
-  `torch.device("cuda" if torch.cuda.is_available() else "cpu")`; none is exempt. The
-  pytorch-metric-learning and sentence-transformers blocks run too (their models are built in the block
-  from a config with random weights; nothing is downloaded).
+  on each other as a reader runs them (README's mining example uses the `device` of its first block), with
+  torch's global RNG seeded (0) before each page. They must run anywhere, so a block that would want a GPU
+  picks it with `torch.device("cuda" if torch.cuda.is_available() else "cpu")`; none is exempt. The
+  pytorch-metric-learning and sentence-transformers blocks run too (the sentence-transformers model is built
+  in the block, a StaticEmbedding with random weights over a word-level tokenizer; nothing is downloaded).
 - ```bash / ```sh / ```shell / ```console blocks (and inline `make ...`, `tripletloss-cuda ...`,
   `python ...`, `pytest ...`, `torchrun ...` spans of the prose) are checked, not run: each `make TARGET`
   is a target of the Makefile and `make -n TARGET VAR=...` succeeds; each `tripletloss-cuda CMD --flag`
@@ -90,6 +90,7 @@ def inline_code(page):
 def test_python_blocks_run(page):
     code = [(code, line) for language, code, line in blocks(page) if language == "python"]
     namespace = {"__name__": "__docs__"}
+    torch.manual_seed(0)  # each page's random examples are the same every run
     for source, line in code:
         # Line numbers of a traceback are the page's.
         exec(compile("\n" * line + source, str(page), "exec"), namespace)  # noqa: S102 (the docs are this repo's)
