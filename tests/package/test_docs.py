@@ -27,6 +27,7 @@
 import contextlib
 import importlib
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -105,6 +106,8 @@ def test_languages_known(page):
 # Shell commands.
 
 MAKEFILE = (ROOT / "Makefile").read_text()
+# Under `make test` the parent make's flags (jobserver, -n of its own) must not reach the dry run.
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
 MAKE_TARGETS = set(re.findall(r"^([\w.-]+)\s*:(?!=)", MAKEFILE, re.MULTILINE))
 
 
@@ -143,7 +146,9 @@ def check_make(args):
     variables = [a for a in args if "=" in a and "<" not in a]
     for target in targets or ["setup"]:
         assert target in MAKE_TARGETS, f"make {target}: no such target in the Makefile"
-        run = subprocess.run(["make", "-n", target, *variables], check=False, cwd=ROOT, capture_output=True, text=True)
+        run = subprocess.run(
+            ["make", "-n", target, *variables], check=False, cwd=ROOT, capture_output=True, text=True, env=MAKE_ENV
+        )
         assert run.returncode == 0, f"make -n {target} {' '.join(variables)}: {run.stderr}"
 
 
