@@ -26,8 +26,9 @@ INSTALLED = not pathlib.Path(tl.__file__).resolve().is_relative_to(ROOT / "tripl
 
 def child_env(**extra):
     """os.environ for a child Python that imports the same tripletloss_cuda as the tests, wherever it runs:
-    this checkout on PYTHONPATH for an in-place build, nothing added for an installed package."""
-    path = [] if INSTALLED else [str(ROOT)]
+    this checkout on PYTHONPATH for an in-place build, nothing added for an installed package; and tests/, for a
+    test file that runs itself as a script (tests/<family>/test_*.py importing these helpers)."""
+    path = [str(ROOT / "tests")] + ([] if INSTALLED else [str(ROOT)])
     pythonpath = os.pathsep.join(filter(None, [*path, os.environ.get("PYTHONPATH")]))
     return dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}), **extra)
 

@@ -9,9 +9,9 @@ For every kernel of ours in the extension's sm_90 cubin it checks:
   through for_columns (MINING_VECTORIZED);
 and prints registers per thread and the theoretical occupancy at the kernel's block size on sm_90
 (64 warps, 32 blocks and 228 KiB of shared memory per SM; 64K registers in four partitions of 16K,
-allocated per warp in units of 256). --markdown prints the README table (one row per kernel, dtype and vector width; the register
-and occupancy ranges cover the norm and swap variants). Exits 1 when a check fails or when there is no
-cubin to read (a build without the CUDA kernels), 2 when cuobjdump is not found.
+allocated per warp in units of 256). --markdown prints the table of docs/machine-code.md (one row per kernel,
+dtype and vector width; the register and occupancy ranges cover the norm and swap variants). Exits 1 when a
+check fails or when there is no cubin to read (a build without the CUDA kernels), 2 when cuobjdump is not found.
 
 cuobjdump comes from the CUDA toolkit, or from the Triton that ships with torch
 (triton/backends/nvidia/bin/cuobjdump).
@@ -178,7 +178,7 @@ def built_extension():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="sass_gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("extension", nargs="?", help="the built _C*.so (default: tripletloss_cuda/_C*.so)")
-    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--markdown", action="store_true", help="print the table of docs/machine-code.md")
     args = parser.parse_args(argv)
     path = args.extension or built_extension()
     if not path or not os.path.exists(path):
