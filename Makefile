@@ -17,7 +17,11 @@ TORCH ?= 2.14.1
 VENV ?= .venv
 WHEEL ?=
 BUILD_TEMP = build/$(notdir $(VENV))
-EMU_LIB = $(CURDIR)/build/$(notdir $(VENV))-emu
+# EMU_FROM=<folder>: the emulated build another venv made, used as it is (it is on the stable ABI as well, so one
+#   build serves every torch >= 2.11 on the same CPython); make test then builds none (.ci/run: one build, 2.11).
+EMU_FROM ?=
+EMU_LIB = $(if $(EMU_FROM),$(abspath $(EMU_FROM)),$(CURDIR)/build/$(notdir $(VENV))-emu)
+EMU_BUILD = $(if $(EMU_FROM),,build-emu)
 PY := $(VENV)/bin/python
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
@@ -57,13 +61,13 @@ wheel: setup
 	ls -l dist/*.whl
 
 ifeq ($(WHEEL),)
-test: build build-emu
+test: build $(EMU_BUILD)
 	$(EMU_ENV) $(RUN) -m pytest -q $(TESTS)
 else
 # The wheel into the venv (replacing any earlier install), then the suite from a folder outside the checkout,
 # without PYTHONPATH: `import tripletloss_cuda` is the installed package (conftest.py checks it is).
 TEST_CWD = $(CURDIR)/build/$(notdir $(VENV))-cwd
-test: setup build-emu
+test: setup $(EMU_BUILD)
 	$(PY) -m pip install -q --force-reinstall --no-deps $(abspath $(WHEEL))
 	mkdir -p $(TEST_CWD)
 	cd $(TEST_CWD) && $(EMU_ENV) TRIPLETLOSS_EXPECT_INSTALLED=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
