@@ -25,6 +25,25 @@ inline void check_inputs(const Tensor& anchor, const Tensor& positive, const Ten
   TL_CHECK(is_floating(dtype), "anchor should be a floating tensor, got ", dtype);
 }
 
+// The three (N, D) inputs as the CPU and CUDA kernels read them: unit-stride columns, any row stride (elements).
+template <typename T>
+struct Rows {
+  const T *a, *p, *n;
+  int64_t sa, sp, sn, rows, cols;
+};
+
+template <typename T>
+Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
+  return {a.const_data_ptr<T>(),
+          p.const_data_ptr<T>(),
+          n.const_data_ptr<T>(),
+          a.stride(0),
+          p.stride(0),
+          n.stride(0),
+          a.size(0),
+          a.size(1)};
+}
+
 // The kernels take any row stride (0 for broadcast rows included) but unit-stride columns.
 inline Tensor unit_stride_columns(const Tensor& x) {
   return (x.size(1) <= 1 || x.stride(1) == 1) ? x : torch::stable::contiguous(x);

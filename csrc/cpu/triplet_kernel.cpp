@@ -49,24 +49,6 @@ constexpr int64_t kBlockElems = 1 << 15;  // elements of one input per parallel 
 int64_t rows_per_block(int64_t d) { return std::max<int64_t>(1, kBlockElems / std::max<int64_t>(d, 1)); }
 
 template <typename T>
-struct Rows {  // the three (N, D) inputs: unit-stride columns, any row stride
-  const T *a, *p, *n;
-  int64_t sa, sp, sn, rows, cols;
-};
-
-template <typename T>
-Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
-  return {a.const_data_ptr<T>(),
-          p.const_data_ptr<T>(),
-          n.const_data_ptr<T>(),
-          a.stride(0),
-          p.stride(0),
-          n.stride(0),
-          a.size(0),
-          a.size(1)};
-}
-
-template <typename T>
 struct Params {  // margin, p, eps in the accumulation type, and 1 / p
   T margin, p, eps, inv_p;
 };

@@ -43,15 +43,6 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-template <typename T>
-struct Rows {
-  const T* a;
-  const T* p;
-  const T* n;
-  int64_t sa, sp, sn;  // row strides (elements)
-  int64_t rows, cols;
-};
-
 // Sum over the threads of a group; every thread of the group gets the result. A group of more than a
 // warp is the whole block (all its threads call this together); smem holds kThreads / kWarp values.
 template <typename T>
@@ -209,18 +200,6 @@ bool can_vectorize(const Rows<T>& in) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % vec == 0;
   };
   return in.cols % vec == 0 && aligned(in.a, in.sa) && aligned(in.p, in.sp) && aligned(in.n, in.sn);
-}
-
-template <typename T>
-Rows<T> rows_of(const Tensor& a, const Tensor& p, const Tensor& n) {
-  return {a.const_data_ptr<T>(),
-          p.const_data_ptr<T>(),
-          n.const_data_ptr<T>(),
-          a.stride(0),
-          p.stride(0),
-          n.stride(0),
-          a.size(0),
-          a.size(1)};
 }
 
 // Calls f(vec) with the vector width (a compile-time constant) that the inputs allow.
