@@ -83,23 +83,14 @@ def test_bench_quick(capsys, tmp_path):
     assert [r["status"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == ["ok", "ok"]
 
 
-def test_bench_mining_dispatches(capsys, monkeypatch):
+@pytest.mark.parametrize("flag", ["--mining", "--integrations"])
+def test_bench_flag_dispatches(capsys, monkeypatch, flag):
     calls = []
-    fake = types.ModuleType("tripletloss_cuda.cli.bench_mining")
+    fake = types.ModuleType(f"tripletloss_cuda.cli.bench_{flag[2:]}")
     fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, None)
     fake.main = lambda argv: calls.append(argv) or 0
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    assert run_cli(["bench", "--mining", "--quick"], capsys)[0] == 0
-    assert calls == [["--quick"]]
-
-
-def test_bench_integrations_dispatches(capsys, monkeypatch):
-    calls = []
-    fake = types.ModuleType("tripletloss_cuda.cli.bench_integrations")
-    fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, None)
-    fake.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    assert run_cli(["bench", "--integrations", "--quick"], capsys)[0] == 0
+    assert run_cli(["bench", flag, "--quick"], capsys)[0] == 0
     assert calls == [["--quick"]]
 
 
