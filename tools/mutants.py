@@ -30,10 +30,12 @@ Verdicts (a pytest plugin written into the copy records which test started, fini
 caught only when a sanitizer reports it (a read past an allocation, a misaligned access; the sanitizers end the
 process with status 1), in the test that was running.
 
-Each mutant's log is build/mutants[-san]/NAME.log (the control's: control.log)."""
+MUTANTS_PYTEST_ARGS adds pytest arguments (the control's too), e.g. MUTANTS_PYTEST_ARGS='-k "not NAME"' to see
+whether another test catches a mutant. Each mutant's log is build/mutants[-san]/NAME.log (the control's: control.log)."""
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -352,6 +354,7 @@ def main(names):
     build = [sys.executable, "setup.py", "-q", "build_ext", "--force", "--build-lib", emu_lib]
     test = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", "-p", PLUGIN_NAME]
     test += ["-m", "emulated_cuda", "-s", TESTS]  # -s: a sanitizer's report is not lost in pytest's capture
+    test += shlex.split(os.environ.get("MUTANTS_PYTEST_ARGS", ""))  # e.g. -k "not some_test": what else catches it
 
     def build_and_test(name, timeout=None):
         log = os.path.join(WORK, f"{name}.log")

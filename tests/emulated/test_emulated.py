@@ -231,6 +231,28 @@ def test_block_order_does_not_change_the_result(dtype, reduction, device, shape)
     check(inputs, 2.0, True, reduction)
 
 
+# More blocks than a block has threads, as an H200 launches at production sizes: a block per row (300 rows of
+# 1024 floats: 300 blocks) and a warp per row (2100 rows of 64 doubles: 8 rows a block, 263 blocks).
+MANY_BLOCKS = [(torch.float32, (300, 1024)), (torch.float64, (2100, 64))]
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize(("dtype", "shape"), MANY_BLOCKS, ids=ids)
+def test_final_reduction_over_more_blocks_than_threads(dtype, shape, reduction):
+    """The last block's sum of the per-block partials strides over them (b += blockDim.x) more than once when the
+    grid has more blocks than a block has threads: the fake H200's grid at these sizes (launch_config's, one wave
+    of resident blocks), and the loss of the CPU op and the reference, in every block order."""
+    set_device("h200")
+    inputs = make_triplet(shape, dtype, seed=seed_of(shape, "many blocks"))
+    emu.clear_launches()
+    ours = check(inputs, 2.0, True, reduction)
+    forward = emu.launches()[0]
+    resident = DEVICES["h200"][0] * blocks_per_sm("h200", forward["kernel"])
+    assert forward["grid"] == expected_launch(*shape, kernel_vec(forward), resident)[1] > THREADS == forward["block"]
+    emu.set_seed(7)
+    assert torch.equal(run(torch.ops.tripletloss_cuda_emu, inputs, 2.0, True, reduction)[0], ours[0])
+
+
 @pytest.mark.parametrize("p", (2.0, 1.5))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=ids)
 def test_non_finite_inputs(dtype, p):
