@@ -1,8 +1,9 @@
 """The CUDA kernels and launchers of csrc/cuda/*.cu, executed on the CPU by the CUDA emulator (csrc/emu,
 tests/emulated.py), against the CPU ops (torch.ops.tripletloss_cuda.*) and the pure-PyTorch reference:
 every dtype, p and swap, the three reductions, the launch mappings (several rows per warp, a warp per row,
-a block per row, grid-stride loops, mean/sum over one block or many) on fake devices of 1, 4 and 132 SMs,
-the vector and scalar paths, bitwise equality across block orders, and the six mining ops.
+a block per row, grid-stride loops, mean/sum over one block, many, and more blocks than a block has threads)
+on fake devices of 1, 4 and 132 SMs, the vector and scalar paths, bitwise equality across block orders, and the
+six mining ops.
 
 Run with `pytest -m emulated_cuda tests` (needs `make build-emu`); hardware-only properties (CUDA graphs,
 streams, device memory) stay in test_cuda.py (`-m cuda`)."""
