@@ -1,16 +1,41 @@
 """`make mutants`: the emulated CUDA tests must catch broken kernels. Builds the emulated backend (tripletloss_emu)
-from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs the `emulated_cuda` tests on
-each (stopping at the first failure) and reports each mutant caught or not. Not in CI (a rebuild per mutant).
+from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs the `emulated_cuda` tests of
+tests/emulated/test_emulated.py on each (stopping at the first failure) and reports each mutant caught or not, and
+by which test. Not in CI (a rebuild per mutant).
 
-    python tools/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one survives
+    python tools/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one is not caught
     python tools/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
 
---sanitize builds the mutants under AddressSanitizer and UBSan (tripletloss_emu_san, as `make sanitize`) and counts a
-mutant caught only when a sanitizer reports it (a read past an allocation, a misaligned access). Works in
-build/mutants/ or build/mutants-san/ (a copy of the tree, with the _C extension of this checkout for the
-CPU ops)."""
+It works in build/mutants/ (build/mutants-san/ with --sanitize): a copy of what the tests read (csrc,
+tripletloss_cuda with this checkout's _C for the CPU ops, tests, tools, setup.py, pyproject.toml), brought up to date
+on every run by content: a file that differs from the checkout's is written anew with a fresh modification time
+(never the checkout's old one) and files the checkout no longer has are removed, so that no object built from an
+earlier run's (or an interrupted run's) mutant looks newer than its restored source; ninja recompiles what changed.
+Each run first builds and tests the unmutated copy (the control): every test must pass there, else the run stops (a
+test failing without a mutant, as one reading a file the copy lacks, would "catch" every mutant). Then, for each
+mutant, its file is written and the other restored (each write a new mtime), the module rebuilt, the tests run; at
+the end the sources are restored (and so rebuilt by the next run).
 
+Verdicts (a pytest plugin written into the copy records which test started, finished and failed):
+  caught         pytest exited 1 with a test FAILED in its call (not in its setup), the failure not a missing file
+                 or module (FileNotFoundError, ImportError); or the process died from a signal (or exit status 128
+                 and more), or ran past 3 x the control's test time + 300 s, while a test was running: since the
+                 control passed, the crash or hang is the mutant's, and that test caught it. Printed with the
+                 catching test and its first error line.
+  NOT CAUGHT     every test passed.
+  error ...      anything else: a collection or fixture error, a missing file, a crash outside a test, pytest's
+                 own exit statuses 2-5. Not counted as caught.
+  BUILD FAILED   the mutant does not compile.
+--sanitize builds under AddressSanitizer and UBSan (tripletloss_emu_san, as `make sanitize`) and counts a mutant
+caught only when a sanitizer reports it (a read past an allocation, a misaligned access; the sanitizers end the
+process with status 1), in the test that was running.
+
+MUTANTS_PYTEST_ARGS adds pytest arguments (the control's too), e.g. MUTANTS_PYTEST_ARGS='-k "not NAME"' to see
+whether another test catches a mutant. Each mutant's log is build/mutants[-san]/NAME.log (the control's: control.log)."""
+
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,6 +47,12 @@ WORK = os.path.join(ROOT, "build", "mutants-san" if SANITIZE else "mutants")
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:")
 LIBS = ("libasan.so", "libstdc++.so")  # preloaded, as `make sanitize` does
 TRIPLET, MINING = "csrc/cuda/triplet_kernel.cu", "csrc/cuda/mining_kernel.cu"
+TESTS = "tests/emulated/test_emulated.py"
+# What the tests read: copied into WORK on every run.
+COPIED_DIRS = ("csrc", "tripletloss_cuda", "tests", "tools")
+COPIED_FILES = ("setup.py", "pyproject.toml")
+# Failures that are the copy's, not the mutant's.
+MISSING = ("FileNotFoundError", "ModuleNotFoundError", "ImportError")
 
 # name: (file, original text, broken text, what it breaks)
 MUTANTS = {
@@ -133,21 +164,59 @@ MUTANTS = {
         "row += int64_t(gridDim.x) * rows_per_block + 1) {\n    const T* a",
         "forward: the grid-stride loop skips a row per step",
     ),
+    "final_reduction_stride": (
+        TRIPLET,
+        "for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x)",
+        "for (int b = threadIdx.x; b < gridDim.x; b += gridDim.x)",
+        "mean/sum: the last block strides over the partials by the grid, not the block (a grid of over 256 loses some)",
+    ),
 }
 
 
-def sh(cmd, env=None, log=None):
+# A pytest plugin (written into the copy, loaded with -p): one JSON line per test start and finish and per failed
+# report, to $MUTANTS_EVENTS, so that the verdict names the test that failed or was running when the process died.
+PLUGIN = '''"""Written by tools/mutants.py: which test started, finished, failed (and where), one JSON line each."""
+
+import json
+import os
+
+
+def _record(**event):
+    with open(os.environ["MUTANTS_EVENTS"], "a") as f:
+        f.write(json.dumps(event) + "\\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _record(event="start", test=nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _record(event="finish", test=nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash else str(report.longrepr)
+        _record(event="failed", test=report.nodeid, when=report.when, message=message.strip()[:2000])
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _record(event="collect_error", test=report.nodeid, message=str(report.longrepr).strip()[-2000:])
+'''
+PLUGIN_NAME = "mutants_pytest_plugin"
+
+
+def sh(cmd, env=None, log=None, timeout=None):
+    """The exit status (negative: killed by that signal; None: timed out, killed)."""
     with open(log, "w") if log else open(os.devnull, "w") as out:
-        return subprocess.run(cmd, check=False, cwd=WORK, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-
-
-def prepare():
-    """The tree copy (sources, package, tests) with this checkout's _C extension."""
-    for name in ("csrc", "tripletloss_cuda", "tests"):
-        src, dst = os.path.join(ROOT, name), os.path.join(WORK, name)
-        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("_C_emu*.so", "__pycache__"))
-    for name in ("setup.py", "pyproject.toml"):
-        shutil.copy(os.path.join(ROOT, name), os.path.join(WORK, name))
+        try:
+            return subprocess.run(
+                cmd, check=False, cwd=WORK, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            return None
 
 
 def read(path):
@@ -156,17 +225,115 @@ def read(path):
 
 
 def write_if_changed(path, text):
-    """Only a changed file gets a new mtime (ninja rebuilds what includes it)."""
-    if read(path) == text:
-        return
+    """Writes text unless the file already holds it; a written file gets a new mtime (ninja rebuilds what includes
+    it): returns whether it wrote."""
+    if os.path.exists(path) and read(path) == text:
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
+    return True
+
+
+def copied_files():
+    """The paths (relative to ROOT) that prepare() copies."""
+    paths = list(COPIED_FILES)
+    for top in COPIED_DIRS:
+        for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.endswith(".egg-info"))
+            for name in sorted(files):
+                if name.endswith((".pyc", ".o")) or name.startswith("_C_emu"):
+                    continue
+                paths.append(os.path.relpath(os.path.join(folder, name), ROOT))
+    return paths
+
+
+def prepare():
+    """The tree copy in WORK: what the tests read, with this checkout's _C. A file whose text differs from the
+    checkout's (or is missing) is written anew (shutil.copyfile: a fresh mtime, not the checkout's, so ninja takes
+    no object built from an earlier run's mutant, or from an interrupted run's, for up to date); files the checkout
+    no longer has (tests moved away), old logs and pytest's caches go. The build folder stays: ninja recompiles
+    what a written file changed."""
+    wanted = set(copied_files())
+    for top in COPIED_DIRS:
+        for folder, dirs, files in os.walk(os.path.join(WORK, top), topdown=False):
+            for name in files:
+                rel = os.path.relpath(os.path.join(folder, name), WORK)
+                if rel not in wanted:
+                    os.remove(os.path.join(WORK, rel))
+            for name in dirs:
+                if not os.listdir(os.path.join(folder, name)):
+                    os.rmdir(os.path.join(folder, name))
+    for name in os.listdir(WORK):
+        if name.endswith((".log", ".events")):
+            os.remove(os.path.join(WORK, name))
+    for rel in sorted(wanted):
+        src, dst = os.path.join(ROOT, rel), os.path.join(WORK, rel)
+        if not os.path.exists(dst) or not same_bytes(src, dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst)
+    write_if_changed(os.path.join(WORK, PLUGIN_NAME + ".py"), PLUGIN)
+
+
+def same_bytes(a, b):
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as f, open(b, "rb") as g:
+        return f.read() == g.read()
+
+
+def events_of(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def verdict(rc, events, log):
+    """(verdict, the catching test and what it reported, or why the mutant counts as not caught)."""
+    started = [e["test"] for e in events if e["event"] == "start"]
+    finished = {e["test"] for e in events if e["event"] == "finish"}
+    running = started[-1] if started and started[-1] not in finished else None
+    failed = [e for e in events if e["event"] == "failed"]
+    collect = [e for e in events if e["event"] == "collect_error"]
+    if collect:
+        return "error: collection", f"{collect[0]['test']}: {collect[0]['message'].splitlines()[-1][:200]}"
+    if SANITIZE:
+        text = read(log)
+        hits = [i for i in (text.find(r) for r in SANITIZER_REPORTS) if i >= 0]
+        if hits:
+            where = running or (failed[0]["test"] if failed else "no test running")
+            return "caught", f"{where}: {text[min(hits) :].splitlines()[0][:200]}"
+        if rc == 0:
+            return "NOT CAUGHT", "every test passed"
+        return "NOT CAUGHT by a sanitizer", f"pytest exit status {rc}, no sanitizer report"
+    if rc is None:
+        if running:
+            return "caught", f"{running}: timed out (the control passed in time)"
+        return "error: timeout", "no test running"
+    if rc < 0 or rc >= 128:
+        signal = -rc if rc < 0 else rc - 128
+        if running:
+            return "caught", f"{running}: the process died (signal {signal})"
+        return "error: crash", f"signal {signal} with no test running"
+    if rc == 0 and not failed:
+        return "NOT CAUGHT", "every test passed"
+    if rc == 1 and failed:
+        first = failed[0]
+        message = first["message"].splitlines()[0][:200] if first["message"] else ""
+        if first["when"] != "call":
+            return f"error: {first['when']}", f"{first['test']}: {message}"
+        if message.startswith(MISSING):
+            return "error: missing file", f"{first['test']}: {message}"
+        return "caught", f"{first['test']}: {message}"
+    return f"error: pytest {rc}", f"{len(failed)} failed reports"
 
 
 def main(names):
     for name in names:
         if name not in MUTANTS:
             sys.exit(f"no mutant {name}; mutants: {', '.join(MUTANTS)}")
+    begin = time.time()
     os.makedirs(WORK, exist_ok=True)
     prepare()
     pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING)}
@@ -182,38 +349,52 @@ def main(names):
         cxx = os.environ.get("CXX", "c++")
         libs = [subprocess.check_output([cxx, f"-print-file-name={lib}"], text=True).strip() for lib in LIBS]
         test_env = dict(env, TRIPLETLOSS_EMU="sanitize", LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
-    build = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", emu_lib]
-    test = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated_cuda"]
-    test += ["-s", "tests/emulated/test_emulated.py"]  # -s: a sanitizer's report is not lost in pytest's capture
+    # --force: torch's BuildExtension sets it with ninja; without ninja setuptools would skip the build when the
+    # module is newer than the .cpp files it lists (a mutated .cu file is included, not listed).
+    build = [sys.executable, "setup.py", "-q", "build_ext", "--force", "--build-lib", emu_lib]
+    test = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", "-p", PLUGIN_NAME]
+    test += ["-m", "emulated_cuda", "-s", TESTS]  # -s: a sanitizer's report is not lost in pytest's capture
+    test += shlex.split(os.environ.get("MUTANTS_PYTEST_ARGS", ""))  # e.g. -k "not some_test": what else catches it
+
+    def build_and_test(name, timeout=None):
+        log = os.path.join(WORK, f"{name}.log")
+        events = os.path.join(WORK, f"{name}.events")
+        start = time.time()
+        if sh(build, env, log) != 0:
+            return "BUILD FAILED", f"see {log}", time.time() - start, None
+        built = time.time()
+        rc = sh(test, dict(test_env, MUTANTS_EVENTS=events), log + ".tests", timeout)
+        with open(log, "a") as f:
+            f.write(read(log + ".tests"))
+        os.remove(log + ".tests")
+        return (*verdict(rc, events_of(events), log), time.time() - start, time.time() - built)
+
+    # The control: the unmutated copy must build and pass every test, else a failure would "catch" every mutant.
+    print(f"control (the unmutated copy) in {WORK} ...", flush=True)
+    result, detail, seconds, test_seconds = build_and_test("control")
+    if result != "NOT CAUGHT":
+        sys.exit(
+            f"control FAILED ({result}: {detail}) after {seconds:.0f} s: the unmutated copy does not pass the "
+            f"emulated tests, so no mutant can be judged; see {os.path.join(WORK, 'control.log')}"
+        )
+    print(f"control passed: {seconds:.0f} s (tests {test_seconds:.0f} s)", flush=True)
+    timeout = 3 * test_seconds + 300  # a mutant that makes a test hang: caught by that test (see verdict)
     results = []
     for name in names:
         path, old, new, what = MUTANTS[name]
         assert pristine[path].count(old) == 1, f"mutant {name}: the original text is not in {path} exactly once"
         for f, text in pristine.items():
             write_if_changed(os.path.join(WORK, f), text.replace(old, new) if f == path else text)
-        start = time.time()
-        log = os.path.join(WORK, f"{name}.log")
-        if sh(build, env, log) != 0:
-            results.append((name, "BUILD FAILED", what, time.time() - start))
-        else:
-            rc = sh(test, test_env, log)
-            # 1: a test failed; a crash (killed by a signal) also counts; 0: all passed; 2-5: pytest's own errors
-            verdict = "caught" if rc == 1 or rc < 0 or rc >= 128 else "NOT CAUGHT" if rc == 0 else f"pytest error {rc}"
-            if SANITIZE and verdict == "caught" and not any(r in read(log) for r in SANITIZER_REPORTS):
-                verdict = "NOT CAUGHT by a sanitizer"
-            results.append((name, verdict, what, time.time() - start))
-        print(f"{name:34s} {results[-1][1]:12s} {results[-1][3]:6.0f} s  {what}", flush=True)
-        if results[-1][1] == "caught" and SANITIZE:
-            text = read(log)
-            start = min(i for i in (text.find(r) for r in SANITIZER_REPORTS) if i >= 0)
-            print(f"{'':34s} {text[start:].splitlines()[0][:160]}")
-        elif results[-1][1] == "caught":
-            failed = [line for line in read(log).splitlines() if line.startswith("FAILED")]
-            print(f"{'':34s} first failure: {failed[0].strip()[:150] if failed else 'the test process died'}")
-    for f, text in pristine.items():
+        result, detail, seconds, _ = build_and_test(name, timeout)
+        results.append((name, result))
+        print(f"{name:34s} {result:12s} {seconds:6.0f} s  {what}", flush=True)
+        print(f"{'':34s} {'by' if result == 'caught' else '  '} {detail}", flush=True)
+    for f, text in pristine.items():  # restored with a new mtime: the next build recompiles them
         write_if_changed(os.path.join(WORK, f), text)
-    survivors = [r for r in results if r[1] != "caught"]
-    print(f"{len(results) - len(survivors)} of {len(results)} mutants caught")
+    survivors = [name for name, result in results if result != "caught"]
+    print(f"{len(results) - len(survivors)} of {len(results)} mutants caught in {time.time() - begin:.0f} s")
+    if survivors:
+        print(f"not caught: {', '.join(survivors)}")
     return 1 if survivors else 0
 
 

@@ -1,8 +1,9 @@
 """The CUDA kernels and launchers of csrc/cuda/*.cu, executed on the CPU by the CUDA emulator (csrc/emu,
 tests/emulated.py), against the CPU ops (torch.ops.tripletloss_cuda.*) and the pure-PyTorch reference:
 every dtype, p and swap, the three reductions, the launch mappings (several rows per warp, a warp per row,
-a block per row, grid-stride loops, mean/sum over one block or many) on fake devices of 1, 4 and 132 SMs,
-the vector and scalar paths, bitwise equality across block orders, and the six mining ops.
+a block per row, grid-stride loops, mean/sum over one block, many, and more blocks than a block has threads)
+on fake devices of 1, 4 and 132 SMs, the vector and scalar paths, bitwise equality across block orders, and the
+six mining ops.
 
 Run with `pytest -m emulated_cuda tests` (needs `make build-emu`); hardware-only properties (CUDA graphs,
 streams, device memory) stay in test_cuda.py (`-m cuda`)."""
@@ -229,6 +230,28 @@ def test_block_order_does_not_change_the_result(dtype, reduction, device, shape)
         assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
         assert all(torch.equal(g, h) for g, h in zip(first[2], other[2]))
     check(inputs, 2.0, True, reduction)
+
+
+# More blocks than a block has threads, as an H200 launches at production sizes: a block per row (300 rows of
+# 1024 floats: 300 blocks) and a warp per row (2100 rows of 64 doubles: 8 rows a block, 263 blocks).
+MANY_BLOCKS = [(torch.float32, (300, 1024)), (torch.float64, (2100, 64))]
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize(("dtype", "shape"), MANY_BLOCKS, ids=ids)
+def test_final_reduction_over_more_blocks_than_threads(dtype, shape, reduction):
+    """The last block's sum of the per-block partials strides over them (b += blockDim.x) more than once when the
+    grid has more blocks than a block has threads: the fake H200's grid at these sizes (launch_config's, one wave
+    of resident blocks), and the loss of the CPU op and the reference, in every block order."""
+    set_device("h200")
+    inputs = make_triplet(shape, dtype, seed=seed_of(shape, "many blocks"))
+    emu.clear_launches()
+    ours = check(inputs, 2.0, True, reduction)
+    forward = emu.launches()[0]
+    resident = DEVICES["h200"][0] * blocks_per_sm("h200", forward["kernel"])
+    assert forward["grid"] == expected_launch(*shape, kernel_vec(forward), resident)[1] > THREADS == forward["block"]
+    emu.set_seed(7)
+    assert torch.equal(run(torch.ops.tripletloss_cuda_emu, inputs, 2.0, True, reduction)[0], ours[0])
 
 
 @pytest.mark.parametrize("p", (2.0, 1.5))
