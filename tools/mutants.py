@@ -252,7 +252,7 @@ def prepare():
     """The tree copy in WORK: what the tests read, with this checkout's _C. A file whose text differs from the
     checkout's (or is missing) is written anew (shutil.copyfile: a fresh mtime, not the checkout's, so ninja takes
     no object built from an earlier run's mutant, or from an interrupted run's, for up to date); files the checkout
-    no longer has (tests moved away), old logs and pytest's caches go. The build folder stays: ninja recompiles
+    no longer has (tests moved away, __pycache__) and the old logs go. The build folder stays: ninja recompiles
     what a written file changed."""
     wanted = set(copied_files())
     for top in COPIED_DIRS:
@@ -265,7 +265,7 @@ def prepare():
                 if not os.listdir(os.path.join(folder, name)):
                     os.rmdir(os.path.join(folder, name))
     for name in os.listdir(WORK):
-        if name.endswith((".log", ".events")):
+        if name.endswith((".log", ".log.tests", ".events")):
             os.remove(os.path.join(WORK, name))
     for rel in sorted(wanted):
         src, dst = os.path.join(ROOT, rel), os.path.join(WORK, rel)
