@@ -8,6 +8,14 @@ Names (the mining losses, the loss over index triplets, the integrations):
     "cosine"             1 - cos(x, y): computed as "dot", 1 - <x, y>, on rows L2-normalized first
 Op codes (csrc/indexed_math.h `Distance`): OP_CODES.
 
+The distances of (anchor, positive, negative) rows in the triplet ops (csrc/triplet_math.h), TRIPLET_CODES:
+    "pairwise"           ||x - y + eps||_p, torch.pairwise_distance
+    "cosine"             1 - x.y / (max(|x|, eps) max(|y|, eps)), F.cosine_similarity: its gradient treats the
+                         clamped norm as the norm itself (ATen clamps it under no_grad)
+    "normalized"         the same value from F.normalize'd rows (sentence-transformers' COSINE): the gradient of
+                         clamp_min, none through a norm below eps; "normalized_at_eps" also passes it at a norm of
+                         exactly eps, as clamp_min did before mid-2026 (the installed torch picks, ops.py)
+
 Rows are float32 (float64 for float64 embeddings): ``rows``. The matrix is d2_ij = |x_i|^2 + |y_j|^2 -
 2 <x_i, y_j> (clamped at 0; its square root for "euclidean"), or 1 - <x_i, y_j>, with the squared norms of
 ``squared_norms`` in every path, so that a whole matrix and its blocks agree up to the matrix product's
@@ -24,6 +32,7 @@ from ._library import acc_dtype
 
 NAMES = ("euclidean", "squared_euclidean", "cosine")
 OP_CODES = {"euclidean": 0, "squared_euclidean": 1, "dot": 2}
+TRIPLET_CODES = {"pairwise": 0, "cosine": 1, "normalized": 2, "normalized_at_eps": 3}
 
 
 def op_name(distance):
