@@ -62,6 +62,11 @@ def _fused_inputs(anchor, positive, negative, p):
             shape = torch.broadcast_shapes(*shapes)
         except RuntimeError:
             return None
+        # PyTorch broadcasts each pair on its own (pairwise_distance(a, p), (a, n), (p, n)): a pair whose last
+        # dimensions are both 1 is 1 wide there, not as wide as the third input. The fused rows are all as wide
+        # as the broadcast shape, which is each pair's width only when at most one input is narrower.
+        if sum(s[-1] != shape[-1] for s in shapes) > 1:
+            return None
         tensors = [x.expand(shape) for x in tensors]  # a view: stride-0 rows need no copy
     d = tensors[0].shape[-1]
     batch = tensors[0].shape[:-1]

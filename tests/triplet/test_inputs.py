@@ -273,3 +273,14 @@ def test_non_tensor_input_raises_pytorch_type_error(position, name):
             fn(*args, margin=-1.0)
     with pytest.raises(TypeError, match=message):
         tl.TripletMarginLoss()(*args)
+
+
+@pytest.mark.parametrize("shapes", [((4, 1), (4, 1), (4, 3)), ((4, 1), (4, 3), (4, 1)), ((1, 3), (4, 1), (1, 1))])
+def test_broadcast_of_the_last_dimension_pair_by_pair(shapes):
+    """PyTorch broadcasts (a, p), (a, n) and (p, n) each on its own: with two inputs 1 wide, d of that pair is over
+    one column, not over the third input's width (the fused rows would be; such calls run the reference)."""
+    g = torch.Generator().manual_seed(5)
+    a, pos, neg = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    for swap in (False, True):
+        expected = F.triplet_margin_loss(a, pos, neg, swap=swap, reduction="none")
+        torch.testing.assert_close(tl.triplet_margin_loss(a, pos, neg, swap=swap, reduction="none"), expected)
