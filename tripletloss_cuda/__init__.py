@@ -4,6 +4,11 @@ import tripletloss_cuda as tl
 loss = tl.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False)
 criterion = tl.TripletMarginLoss(margin=1.0)
 
+With a distance function, as torch.nn.functional.triplet_margin_with_distance_loss (fused for pairwise_distance,
+nn.PairwiseDistance, tl.cosine_distance and tl.CosineDistance; any other callable runs PyTorch's loss):
+loss = tl.triplet_margin_with_distance_loss(anchor, positive, negative, distance_function=tl.cosine_distance)
+criterion = tl.TripletMarginWithDistanceLoss(distance_function=tl.CosineDistance(), margin=0.5)
+
 Online mining on a batch of embeddings with labels (see tripletloss_cuda.mining):
 loss = tl.batch_hard_triplet_loss(embeddings, labels, margin=1.0)   # also batch_all_, semi_hard_
 loss = tl.batch_all_triplet_loss(queries, labels, ref_embeddings=bank, ref_labels=bank_labels, chunk_size=1024)
@@ -19,7 +24,7 @@ Drop-in losses for pytorch-metric-learning and sentence-transformers: tripletlos
 import torch
 
 from . import _library, gradcache, indexed, mining, naive, ops, reference
-from .functional import triplet_margin_loss
+from .functional import cosine_distance, triplet_margin_loss, triplet_margin_with_distance_loss
 from .gradcache import cached_loss_backward
 from .indexed import triplet_margin_loss_from_indices
 from .mining import (
@@ -32,7 +37,7 @@ from .mining import (
     batch_hard_triplet_loss,
     semi_hard_triplet_loss,
 )
-from .modules import TripletMarginLoss
+from .modules import CosineDistance, TripletMarginLoss, TripletMarginWithDistanceLoss
 
 _library.check_required(ops.OPS + mining.ops.OPS + indexed.ops.OPS)  # TRIPLETLOSS_CUDA_REQUIRE
 
@@ -41,12 +46,15 @@ __all__ = [
     "BatchAllTripletLoss",
     "BatchHardTripletLoss",
     "BatchSemiHardTripletLoss",
+    "CosineDistance",
     "CrossBatchMemory",
     "MiningStats",
     "TripletMarginLoss",
+    "TripletMarginWithDistanceLoss",
     "batch_all_triplet_loss",
     "batch_hard_triplet_loss",
     "cached_loss_backward",
+    "cosine_distance",
     "gradcache",
     "indexed",
     "info",
@@ -57,6 +65,7 @@ __all__ = [
     "semi_hard_triplet_loss",
     "triplet_margin_loss",
     "triplet_margin_loss_from_indices",
+    "triplet_margin_with_distance_loss",
 ]
 
 

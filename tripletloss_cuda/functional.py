@@ -1,11 +1,16 @@
-"""Functional API with the exact signature of torch.nn.functional.triplet_margin_loss."""
+"""Functional API with the exact signatures of torch.nn.functional.triplet_margin_loss and
+triplet_margin_with_distance_loss, and the cosine distance function the latter fuses."""
 
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.nn import _reduction as _Reduction
+from torch.nn.modules import module as _module
+from torch.overrides import has_torch_function_variadic
 
-from . import _library, ops, reference
+from . import _library, distances, modules, ops, reference
 from ._checks import tensor_argument
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -133,5 +138,129 @@ def triplet_margin_loss(
     (a, pos, neg), batch, p, float32_loss = fused
     loss = ops.fused_triplet_margin_loss(
         a, pos, neg, float(margin), p, float(eps), bool(swap), reduction_enum, float32_loss
+    )
+    return loss.reshape(batch) if reduction_enum == 0 and batch is not None else loss
+
+
+def cosine_distance(x1, x2, eps=1e-8):
+    """1 - F.cosine_similarity(x1, x2, dim=-1, eps=eps): the cosine distance of the rows (last dimension) of x1
+    and x2, broadcast as cosine_similarity broadcasts them. As the ``distance_function`` of
+    :func:`triplet_margin_with_distance_loss` it is recognized and fused (so is :class:`CosineDistance`)."""
+    return 1 - F.cosine_similarity(x1, x2, dim=-1, eps=eps)
+
+
+_WITH_DISTANCE_REDUCTIONS = ("none", "mean", "sum")  # codes 0, 1, 2
+
+
+def _is_number(x):
+    return type(x) is float or type(x) is int
+
+
+def _plain_call(module):
+    """Whether calling ``module`` runs its class's forward and nothing else: no hooks of its own or global ones
+    (nn.Module._call_impl's test) and no forward set on the instance."""
+    return not (
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def _fused_distance(distance_function, ndim):
+    """(distance code, p, eps) of a distance function the fused op computes, None for any other: None and
+    torch.pairwise_distance (F.pairwise_distance is the same function), an nn.PairwiseDistance with keepdim=False,
+    tl.cosine_distance and a tl.CosineDistance over the last dimension (exactly these types, called plainly)."""
+    if distance_function is None or distance_function is torch.pairwise_distance:
+        return distances.TRIPLET_CODES["pairwise"], 2.0, 1e-6
+    if distance_function is cosine_distance:
+        return distances.TRIPLET_CODES["cosine"], 2.0, 1e-8
+    kind = type(distance_function)
+    if kind is nn.PairwiseDistance:
+        norm, eps = distance_function.norm, distance_function.eps
+        if distance_function.keepdim is not False or not (_is_number(norm) and _is_number(eps)):
+            return None
+        if not _plain_call(distance_function):
+            return None
+        return distances.TRIPLET_CODES["pairwise"], float(norm), float(eps)
+    if kind is modules.CosineDistance:
+        dim, eps = distance_function.dim, distance_function.eps
+        if type(dim) is not int or dim not in (-1, ndim - 1) or not _is_number(eps):
+            return None
+        if not _plain_call(distance_function):
+            return None
+        return distances.TRIPLET_CODES["cosine"], 2.0, float(eps)
+    return None
+
+
+def triplet_margin_with_distance_loss(
+    anchor, positive, negative, *, distance_function=None, margin=1.0, swap=False, reduction="mean"
+):
+    """Drop-in for torch.nn.functional.triplet_margin_with_distance_loss, fused into one kernel each way for the
+    distance functions it recognizes.
+
+    loss_i = max(margin + d(a_i, p_i) - d(a_i, n_i), 0), with ``swap`` d(a_i, n_i) replaced by
+    min(d(a_i, n_i), d(p_i, n_i)); ``reduction`` 'none', 'mean' or 'sum'; ``distance_function`` d (default
+    torch.pairwise_distance, p = 2, eps = 1e-6).
+
+    Fused: distance_function None, F.pairwise_distance / torch.pairwise_distance, an nn.PairwiseDistance
+    (keepdim=False, 0 < p < inf), :func:`cosine_distance` and a :class:`CosineDistance` over the last dimension, on
+    float32/float64/float16/bfloat16 inputs (16-bit accumulated in float32) on a device with compiled kernels.
+    Everything else (any other callable, other inputs, every error) runs PyTorch's own
+    F.triplet_margin_with_distance_loss: the same result or error.
+    """
+    fused = None
+    if (
+        reduction in _WITH_DISTANCE_REDUCTIONS
+        and _is_number(margin)
+        and margin > 0
+        and isinstance(anchor, torch.Tensor)
+        and isinstance(positive, torch.Tensor)
+        and isinstance(negative, torch.Tensor)
+        and not has_torch_function_variadic(anchor, positive, negative)
+        and anchor.dim() == positive.dim() == negative.dim()
+        and not isinstance(swap, torch.Tensor)
+    ):
+        spec = _fused_distance(distance_function, anchor.dim())
+        if spec is not None:
+            inputs = _fused_inputs(anchor, positive, negative, spec[1])
+            if inputs is not None:
+                fused = spec, inputs
+    if fused is None:
+        # PyTorch's checks (reduction, margin, dimensions), in its order, its __torch_function__ handling, its
+        # result for any other distance function or input.
+        return F.triplet_margin_with_distance_loss(
+            anchor,
+            positive,
+            negative,
+            distance_function=distance_function,
+            margin=margin,
+            swap=swap,
+            reduction=reduction,
+        )
+    (distance, p, eps), ((a, pos, neg), batch, rows_p, _) = fused
+    reduction_enum = _WITH_DISTANCE_REDUCTIONS.index(reduction)
+    # Autocast: PyTorch's loss is built from the distance function's output, so its dtype is that output's. On
+    # CUDA both fused distances come out float32 for 16-bit inputs: cosine_similarity is on autocast's fp32 list
+    # and pairwise_distance is at::norm(x1 - x2 + eps, p, dim), whose norm.ScalarOpt_dim overload autocast
+    # redispatches with dtype=float32 (fp32_append_dtype; ATen autocast_mode.h AT_FORALL_FP32 and
+    # AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE). On the CPU neither is on a list: the loss keeps the 16-bit dtype.
+    float32_loss = a.dtype in _LOW_PRECISION and a.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    loss = ops.fused_triplet_margin_loss(
+        a,
+        pos,
+        neg,
+        float(margin),
+        rows_p if distance == distances.TRIPLET_CODES["pairwise"] else p,
+        eps,
+        bool(swap),
+        reduction_enum,
+        float32_loss,
+        distance=distance,
     )
     return loss.reshape(batch) if reduction_enum == 0 and batch is not None else loss

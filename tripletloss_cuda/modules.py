@@ -1,5 +1,6 @@
 """nn.Module wrappers with the constructor signatures of their torch.nn counterparts."""
 
+from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from . import functional
@@ -31,3 +32,41 @@ class TripletMarginLoss(_Loss):
             swap=self.swap,
             reduction=self.reduction,
         )
+
+
+class TripletMarginWithDistanceLoss(_Loss):
+    """Drop-in for torch.nn.TripletMarginWithDistanceLoss, fused for the distance functions
+    :func:`tripletloss_cuda.triplet_margin_with_distance_loss` recognizes (the default nn.PairwiseDistance() among
+    them); any other runs PyTorch's loss."""
+
+    def __init__(self, *, distance_function=None, margin=1.0, swap=False, reduction="mean"):
+        super().__init__(size_average=None, reduce=None, reduction=reduction)
+        if margin <= 0:
+            raise ValueError(
+                f"TripletMarginWithDistanceLoss: expected margin to be greater than 0, got {margin} instead"
+            )
+        self.distance_function = distance_function if distance_function is not None else nn.PairwiseDistance()
+        self.margin = margin
+        self.swap = swap
+
+    def forward(self, anchor, positive, negative):
+        return functional.triplet_margin_with_distance_loss(
+            anchor,
+            positive,
+            negative,
+            distance_function=self.distance_function,
+            margin=self.margin,
+            swap=self.swap,
+            reduction=self.reduction,
+        )
+
+
+class CosineDistance(nn.CosineSimilarity):
+    """1 - nn.CosineSimilarity(dim, eps): the cosine distance, over the last dimension by default (dim=-1; PyTorch's
+    CosineSimilarity defaults to dim=1). As a ``distance_function`` over the last dimension it is fused."""
+
+    def __init__(self, dim=-1, eps=1e-8):
+        super().__init__(dim, eps)
+
+    def forward(self, x1, x2):
+        return 1 - super().forward(x1, x2)

@@ -1,5 +1,6 @@
 """sentence-transformers drop-in: the batch triplet losses of sentence-transformers 6 (6.2) on tripletloss_cuda's
-mining ops, with the same constructors, forward(sentence_features, labels), values and gradients.
+mining ops, and its TripletLoss on the fused triplet op, with the same constructors, forward(sentence_features,
+labels), values and gradients.
 
     from tripletloss_cuda.integrations.sentence_transformers import BatchHardTripletLoss   # was: ...st.losses
     loss = BatchHardTripletLoss(model, distance_metric=BatchHardTripletLossDistanceFunction.cosine_distance, margin=1)
@@ -29,16 +30,27 @@ Its conventions, kept here where they differ from tripletloss_cuda's mining loss
 - Its soft margin is torch's softplus, the identity above 20; ours is exact there (values within 2e-9).
 - A 16-bit distance matrix is mined in float32 (the loss is returned in the matrix's dtype); its built-in
   euclidean distance computes in float32 for 16-bit embeddings anyway.
+
+TripletLoss (anchor, positive, negative columns): F.relu(d(a, p) - d(a, n) + triplet_margin).mean() with its three
+TripletDistanceMetric functions fused: EUCLIDEAN = ||a - b||_2 and MANHATTAN = ||a - b||_1 (no eps), COSINE =
+1 - <F.normalize(a), F.normalize(b)> (eps 1e-12 on each norm); the hinge is relu's (gradient 0 at exactly 0). Its
+metrics upcast 16-bit embeddings to float32 (_convert_to_float_tensor): the fused op reads them as they are,
+accumulates in float32 and returns a float32 loss, gradients in the embeddings' dtype. Any other distance_metric,
+and embeddings the fused op does not take (sparse, integer, not three tensors, ...), run its own code.
 """
 
 import torch
 from sentence_transformers.sentence_transformer import losses as st_losses
+from torch.overrides import has_torch_function
 
+from .. import distances, ops
 from .._checks import tensor_argument
 from .._library import REDUCTIONS
+from ..functional import _fused_inputs
 from ..mining import ops as mining_ops
 
 BatchHardTripletLossDistanceFunction = st_losses.BatchHardTripletLossDistanceFunction
+TripletDistanceMetric = st_losses.TripletDistanceMetric
 
 
 def _check_labels(loss, labels, embeddings):
@@ -151,3 +163,50 @@ class BatchSemiHardTripletLoss(st_losses.BatchSemiHardTripletLoss):
     def batch_semi_hard_triplet_loss(self, labels, embeddings):
         labels = _check_labels(self, labels, embeddings)
         return semi_hard_loss(self.distance_metric(embeddings), labels, self.margin)
+
+
+def _triplet_metric(metric):
+    """(distance code, p, eps) of sentence-transformers' TripletDistanceMetric functions (plain functions on the
+    class, compared by identity), None for any other callable."""
+    if metric is TripletDistanceMetric.EUCLIDEAN:
+        return distances.TRIPLET_CODES["pairwise"], 2.0, 0.0
+    if metric is TripletDistanceMetric.MANHATTAN:
+        return distances.TRIPLET_CODES["pairwise"], 1.0, 0.0
+    if metric is TripletDistanceMetric.COSINE:
+        return distances.TRIPLET_CODES["normalized"], 2.0, 1e-12  # F.normalize's eps
+    return None
+
+
+def triplet_loss(embeddings, metric, margin):
+    """sentence-transformers' TripletLoss on the three embedding columns, fused; None where the fused op does not
+    take them (the caller then runs sentence-transformers' own code)."""
+    spec = _triplet_metric(metric)
+    if spec is None or not isinstance(embeddings, (list, tuple)) or len(embeddings) != 3:
+        return None
+    if not (type(margin) is float or type(margin) is int):
+        return None
+    if not all(isinstance(x, torch.Tensor) and x.layout == torch.strided for x in embeddings):
+        return None
+    if has_torch_function(embeddings):
+        return None
+    distance, p, eps = spec
+    fused = _fused_inputs(*embeddings, p)
+    if fused is None:
+        return None
+    (a, pos, neg), _, rows_p, _ = fused
+    if distance == distances.TRIPLET_CODES["pairwise"]:
+        p = rows_p
+    # Its metrics compute 16-bit embeddings in float32: a float32 loss.
+    float32_loss = a.dtype in (torch.float16, torch.bfloat16)
+    return ops.fused_triplet_margin_loss(
+        a, pos, neg, float(margin), p, eps, False, 1, float32_loss, distance=distance, grad_at_zero_hinge=False
+    )
+
+
+class TripletLoss(st_losses.TripletLoss):
+    """sentence_transformers.losses.TripletLoss on the fused triplet op for its three TripletDistanceMetric
+    functions (module docstring); any other distance_metric runs its own code."""
+
+    def compute_loss_from_embeddings(self, embeddings, labels):
+        loss = triplet_loss(embeddings, self.distance_metric, self.triplet_margin)
+        return super().compute_loss_from_embeddings(embeddings, labels) if loss is None else loss
