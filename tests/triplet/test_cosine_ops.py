@@ -71,10 +71,11 @@ def test_saved_distances(kernel):
 @pytest.mark.parametrize("swap", (False, True))
 @pytest.mark.parametrize("distance", CODES.values(), ids=CODES.keys())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
-def test_matches_pytorch(kernel, dtype, distance, swap, reduction):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_matches_pytorch(kernel, device, dtype, distance, swap, reduction):
     """Values and gradients equal PyTorch's composite, with zero rows, norms below eps, equal rows and a row at
     the other's scale (a = 1e-3 p) among ordinary ones."""
-    a, pos, neg = make_triplet((40, 24), dtype, seed=distance * 10 + swap)
+    a, pos, neg = make_triplet((40, 24), dtype, device, seed=distance * 10 + swap)
     pos[0] = 0
     a[1] *= 1e-10
     neg[2] *= 3e-11
@@ -88,7 +89,7 @@ def test_matches_pytorch(kernel, dtype, distance, swap, reduction):
     ref = pytorch_loss(*ref_leaves, distance, eps, swap, reduction)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
-    g = upstream_grad(loss.shape, dtype, "cpu")
+    g = upstream_grad(loss.shape, dtype, device)
     grads = torch.autograd.grad(loss, leaves, g)
     ref_grads = torch.autograd.grad(ref, ref_leaves, g)
     for x, y in zip(grads, ref_grads):
