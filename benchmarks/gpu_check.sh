@@ -100,7 +100,7 @@ main() {
 
     if ! step build 300 'python3 setup.py build_ext --inplace'; then
         local name
-        for name in info check demo tests memcheck racecheck leak bench bench_mining_split bench_mining \
+        for name in info check demo tests memcheck racecheck leak bench bench_cosine bench_mining_split bench_mining \
             bench_integrations; do skip "$name" "build failed"; done
         return 1
     fi
@@ -143,8 +143,12 @@ main() {
         step bench 240 'plot=(); python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/bench_cuda.png")
             python3 -m tripletloss_cuda bench --device cuda --no-progress --json "$OUT/bench_cuda.json" "${plot[@]}"'
         find benchmarks/results -name 'cuda-*' -newer "$STARTED" -exec cp {} "$OUT/" \;
+        # issue 17: the cosine distance, fused, against F.triplet_margin_with_distance_loss eager and compiled
+        step bench_cosine 150 'python3 -m tripletloss_cuda bench --device cuda --distance cosine --modes fwdbwd \
+            --no-progress --out-dir "" --json "$OUT/bench_cosine_cuda.json"'
     else
         skip bench "no CUDA kernel"
+        skip bench_cosine "no CUDA kernel"
     fi
     if ((kernels)); then  # issue 10: the mining losses against pml, and the mining ops next to the matrix product
         step bench_mining_split 90 'python3 -m tripletloss_cuda bench --mining --split --device cuda \

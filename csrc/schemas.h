@@ -3,15 +3,16 @@
 // emu/module.cpp).
 #pragma once
 
-// reduction: the codes of tripletloss_cuda/_library.py REDUCTIONS (0 none, 1 mean, 2 sum). dist: (N, 3) d(a,p),
-// d(a,n), d(p,n), saved for the backward.
-#define TL_TRIPLET_SCHEMAS(m)                                                                               \
-  m.def(                                                                                                    \
-      "triplet_margin_forward(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "     \
-      "float eps, bool swap, int reduction) -> (Tensor loss, Tensor dist)");                                \
-  m.def(                                                                                                    \
-      "triplet_margin_backward(Tensor grad, Tensor anchor, Tensor positive, Tensor negative, Tensor dist, " \
-      "float margin, float p, float eps, bool swap, int reduction, bool grad_at_zero_hinge) "               \
+// reduction: the codes of tripletloss_cuda/_library.py REDUCTIONS (0 none, 1 mean, 2 sum). distance: the codes of
+// tripletloss_cuda/distances.py TRIPLET_CODES (0 pairwise: p and eps; 1 cosine, 2 and 3 normalized cosine: eps).
+// dist: (N, 3) d(a,p), d(a,n), d(p,n), and for the cosine (N, 6) |a|, |p|, |n| after them, saved for the backward.
+#define TL_TRIPLET_SCHEMAS(m)                                                                                 \
+  m.def(                                                                                                      \
+      "triplet_margin_forward(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "       \
+      "float eps, bool swap, int reduction, int distance=0) -> (Tensor loss, Tensor dist)");                  \
+  m.def(                                                                                                      \
+      "triplet_margin_backward(Tensor grad, Tensor anchor, Tensor positive, Tensor negative, Tensor dist, "   \
+      "float margin, float p, float eps, bool swap, int reduction, bool grad_at_zero_hinge, int distance=0) " \
       "-> (Tensor grad_anchor, Tensor grad_positive, Tensor grad_negative)")
 
 // dist: (N, M) float32/float64 distances from N anchors to M references; labels: (N,) int64; ref_labels:

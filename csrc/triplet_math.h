@@ -7,6 +7,7 @@
 //   dd/ds = sgn(s) |s|^(p-1) / d^(p-1), 0 where d == 0 (p = 2: s / d; p = 1: sgn(s));
 //   minimum() splits a tie evenly; clamp_min passes the gradient where the hinge is > 0 (>= 0 in
 //   releases before mid-2026: grad_at_zero_hinge).
+// Or the cosine distance (Norm::Cos, below the p-norms): d(x, y) = 1 - x.y / (max(|x|, eps) max(|y|, eps)).
 #pragma once
 
 #include <math.h>
@@ -20,7 +21,19 @@
 
 namespace tripletloss {
 
-enum class Norm { L1, L2, Lp };  // p == 1, p == 2, any other finite p > 0
+enum class Norm { L1, L2, Lp, Cos };  // p == 1, p == 2, any other finite p > 0; the cosine distance (no p)
+
+// The distance codes of the ops (tripletloss_cuda/distances.py TRIPLET_CODES): how the cosine distance's
+// gradient passes the clamp of a norm at eps (the value is the same).
+enum Distance : int {
+  kPairwise = 0,         // ||x - y + eps||_p
+  kCosine = 1,           // F.cosine_similarity: the clamp is invisible to the gradient (ATen clamps under no_grad)
+  kNormalized = 2,       // F.normalize's clamp_min: no gradient through a norm below eps, nor at eps
+  kNormalizedAtEps = 3,  // the same, but passing it at a norm of exactly eps (clamp_min before mid-2026)
+};
+
+// Distances saved per row for the backward: d(a,p), d(a,n), d(p,n); the cosine adds |a|, |p|, |n|.
+constexpr int dist_width(Norm n) { return n == Norm::Cos ? 6 : 3; }
 
 TL_HD float tl_abs(float x) { return fabsf(x); }
 TL_HD double tl_abs(double x) { return fabs(x); }
@@ -76,12 +89,30 @@ TL_HD T norm_grad(T s, T p, T scale) {
   else return (s == T(0) ? T(0) : tl_sgn(s) * tl_pow(tl_abs(s), p - T(1))) * scale;
 }
 
-// Accumulates the three distance sums of one component (d(p,n) only with swap).
+// Accumulates the row sums of one component: the three distance sums (d(p,n) only with swap); for the cosine
+// the dot products a.p, a.n, p.n in ap, an, pn and the squared norms in aa, pp, nn (unused by the p-norms).
 template <Norm N, bool SWAP, typename T>
-TL_HD void accumulate(T a, T pos, T neg, T eps, T p, T& ap, T& an, T& pn) {
-  ap += norm_term<N>(a - pos + eps, p);
-  an += norm_term<N>(a - neg + eps, p);
-  if constexpr (SWAP) pn += norm_term<N>(pos - neg + eps, p);
+TL_HD void accumulate(T a, T pos, T neg, T eps, T p, T& ap, T& an, T& pn, T& aa, T& pp, T& nn) {
+  if constexpr (N == Norm::Cos) {
+    ap += a * pos, an += a * neg, aa += a * a, pp += pos * pos, nn += neg * neg;
+    if constexpr (SWAP) pn += pos * neg;
+  } else {
+    ap += norm_term<N>(a - pos + eps, p);
+    an += norm_term<N>(a - neg + eps, p);
+    if constexpr (SWAP) pn += norm_term<N>(pos - neg + eps, p);
+  }
+}
+
+// max(norm, eps) as clamp_min gives it: NaN propagates.
+template <typename T>
+TL_HD T clamp_norm(T norm, T eps) {
+  return norm < eps ? eps : norm;
+}
+
+// 1 - x.y / (max(|x|, eps) max(|y|, eps)) from the row's dot product and the two norms.
+template <typename T>
+TL_HD T cosine_distance(T dot, T nx, T ny, T eps) {
+  return T(1) - dot / (clamp_norm(nx, eps) * clamp_norm(ny, eps));
 }
 
 // torch.minimum: NaN propagates.
@@ -97,10 +128,28 @@ TL_HD T hinge_loss(T d_ap, T d_an, T d_pn, T margin, bool swap) {
   return (h > T(0) || h != h) ? h : T(0);
 }
 
-// Per-row gradient scales: the loss gradient w.r.t. each distance, folded with norm_grad_scale.
+// The row's distances from its sums (into d[0 .. dist_width)), and its loss.
+template <Norm N, bool SWAP, typename T>
+TL_HD T finish_row(T ap, T an, T pn, T aa, T pp, T nn, T inv_p, T eps, T margin, T* d) {
+  if constexpr (N == Norm::Cos) {
+    const T na = tl_sqrt(aa), np = tl_sqrt(pp), nn_ = tl_sqrt(nn);
+    d[0] = cosine_distance(ap, na, np, eps), d[1] = cosine_distance(an, na, nn_, eps);
+    d[2] = SWAP ? cosine_distance(pn, np, nn_, eps) : T(0);
+    d[3] = na, d[4] = np, d[5] = nn_;
+  } else {
+    d[0] = norm_finish<N>(ap, inv_p), d[1] = norm_finish<N>(an, inv_p);
+    d[2] = SWAP ? norm_finish<N>(pn, inv_p) : T(0);
+  }
+  return hinge_loss(d[0], d[1], d[2], margin, SWAP);
+}
+
+// Per-row gradient scales: the loss gradient w.r.t. each distance, folded with norm_grad_scale. The cosine
+// distance's gradients are linear in the rows: grad_a = aa a + ap p + an n, grad_p = ap a + pp p + pn n,
+// grad_n = an a + pn p + nn n (the coefficients below).
 template <typename T>
 struct RowGrad {
   T ap, an, pn;  // scales for s_ap, s_an, s_pn
+  T aa, pp, nn;  // the cosine's diagonal coefficients (unused by the p-norms)
   bool zero;     // every component's gradient is exactly zero (inactive hinge, finite distances)
 };
 
@@ -115,7 +164,7 @@ TL_HD RowGrad<T> row_grad(T d_ap, T d_an, T d_pn, T margin, T p, bool swap, T g,
     alpha = tie ? T(0.5) : (d_an > d_pn ? T(0) : T(1));
     beta = tie ? T(0.5) : (d_an < d_pn ? T(0) : T(1));
   }
-  RowGrad<T> r;
+  RowGrad<T> r{};
   r.ap = norm_grad_scale<N>(d_ap, p, w);
   r.an = norm_grad_scale<N>(d_an, p, -w * alpha);
   r.pn = norm_grad_scale<N>(d_pn, p, -w * beta);
@@ -124,9 +173,60 @@ TL_HD RowGrad<T> row_grad(T d_ap, T d_an, T d_pn, T margin, T p, bool swap, T g,
   return r;
 }
 
-// Gradients of one component: s_ap = a - p + eps feeds +a -p, s_an feeds +a -n, s_pn feeds +p -n.
+// The cosine distance's part of one pair (x, y) with d = 1 - c, c = x.y / (cx cy), cx = max(|x|, eps), given
+// w = dL/dd: dL/dx = -w (y / (cx cy) - kx c x / (cx |x|)) and likewise for y, where kx is the clamp's gradient
+// (1 for F.cosine_similarity, [|x| > eps] for F.normalize, [|x| >= eps] for clamp_min before mid-2026) and the
+// x term is 0 where |x| == 0 (the norm's gradient, as PyTorch masks it). Adds -w / (cx cy) to the pair's
+// coefficient, and the diagonal terms to kx_out and ky_out.
+template <typename T>
+TL_HD void cosine_pair_grad(T d, T nx, T ny, T eps, int distance, T w, T& pair, T& dx, T& dy) {
+  const T cx = clamp_norm(nx, eps), cy = clamp_norm(ny, eps), c = T(1) - d;
+  auto passes = [&](T n) { return distance == kCosine || n > eps || (distance == kNormalizedAtEps && n == eps); };
+  const T a = -w / (cx * cy);
+  pair += a;
+  dx += nx == T(0) || !passes(nx) ? T(0) : -a * c * cy / nx;
+  dy += ny == T(0) || !passes(ny) ? T(0) : -a * c * cx / ny;
+}
+
+// The cosine's row coefficients from the saved d(a,p), d(a,n), d(p,n), |a|, |p|, |n|.
+template <typename T>
+TL_HD RowGrad<T> cosine_row_grad(const T* d, T margin, T eps, int distance, bool swap, T g, bool grad_at_zero_hinge) {
+  const T h = margin + d[0] - (swap ? min_nan(d[1], d[2]) : d[1]);
+  const T w = (h > T(0) || (grad_at_zero_hinge && h == T(0))) ? g : T(0);
+  T alpha = T(1), beta = T(0);  // minimum() backward, as in row_grad
+  if (swap) {
+    const bool tie = d[1] == d[2];
+    alpha = tie ? T(0.5) : (d[1] > d[2] ? T(0) : T(1));
+    beta = tie ? T(0.5) : (d[1] < d[2] ? T(0) : T(1));
+  }
+  RowGrad<T> r{};
+  cosine_pair_grad(d[0], d[3], d[4], eps, distance, w, r.ap, r.aa, r.pp);
+  cosine_pair_grad(d[1], d[3], d[5], eps, distance, -w * alpha, r.an, r.aa, r.nn);
+  if (swap) cosine_pair_grad(d[2], d[4], d[5], eps, distance, -w * beta, r.pn, r.pp, r.nn);
+  bool finite = true;
+  for (int k = 0; k < 6; ++k) finite = finite && tl_abs(d[k]) < INFINITY;
+  r.zero = w == T(0) && finite;
+  return r;
+}
+
+// The row's gradient scales from its saved distances d (dist_width(N) of them).
+template <Norm N, bool SWAP, typename T>
+TL_HD RowGrad<T> row_grad_of(const T* d, T margin, T p, T eps, int distance, T g, bool grad_at_zero_hinge) {
+  if constexpr (N == Norm::Cos) return cosine_row_grad(d, margin, eps, distance, SWAP, g, grad_at_zero_hinge);
+  else return row_grad<N>(d[0], d[1], d[2], margin, p, SWAP, g, grad_at_zero_hinge);
+}
+
+// Gradients of one component: s_ap = a - p + eps feeds +a -p, s_an feeds +a -n, s_pn feeds +p -n; for the
+// cosine, the row's linear combination of a, p, n.
 template <Norm N, bool SWAP, typename T>
 TL_HD void element_grad(T a, T pos, T neg, T eps, T p, const RowGrad<T>& r, T& ga, T& gp, T& gn) {
+  if constexpr (N == Norm::Cos) {
+    ga = r.aa * a + r.ap * pos + r.an * neg;
+    gp = r.ap * a + r.pp * pos;
+    gn = r.an * a + r.nn * neg;
+    if constexpr (SWAP) gp += r.pn * neg, gn += r.pn * pos;
+    return;
+  }
   const T qap = norm_grad<N>(a - pos + eps, p, r.ap);
   const T qan = norm_grad<N>(a - neg + eps, p, r.an);
   ga = qap + qan;

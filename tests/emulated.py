@@ -35,30 +35,36 @@ WARP = 32
 # the nvcc 13.0 sm_90 build (tools/sass_gate.py; no local memory or stack anywhere). test_emulated's
 # test_h200_register_table_matches_the_build fails when the build no longer matches.
 REGISTERS = {
-    ("forward", "float"): "L1/noswap/1:80 L1/noswap/4:64 L1/swap/1:64 L1/swap/4:64 L2/noswap/1:80 "
-    "L2/noswap/4:64 L2/swap/1:64 L2/swap/4:72 Lp/noswap/1:42 Lp/noswap/4:54 Lp/swap/1:48 "
-    "Lp/swap/4:56",
-    ("forward", "double"): "L1/noswap/1:80 L1/noswap/2:58 L1/swap/1:68 L1/swap/2:60 L2/noswap/1:80 "
-    "L2/noswap/2:58 L2/swap/1:66 L2/swap/2:63 Lp/noswap/1:77 Lp/noswap/2:84 Lp/swap/1:82 "
-    "Lp/swap/2:109",
-    ("forward", "c10::Half"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:62 L2/noswap/1:38 "
-    "L2/noswap/8:48 L2/swap/1:40 L2/swap/8:62 Lp/noswap/1:40 Lp/noswap/8:55 Lp/swap/1:40 "
-    "Lp/swap/8:59",
-    ("forward", "c10::BFloat16"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:60 L2/noswap/1:38 "
-    "L2/noswap/8:48 L2/swap/1:40 L2/swap/8:60 Lp/noswap/1:40 Lp/noswap/8:58 Lp/swap/1:40 "
-    "Lp/swap/8:63",
-    ("backward", "float"): "L1/noswap/1:48 L1/noswap/4:62 L1/swap/1:48 L1/swap/4:64 L2/noswap/1:48 "
-    "L2/noswap/4:61 L2/swap/1:48 L2/swap/4:62 Lp/noswap/1:48 Lp/noswap/4:69 Lp/swap/1:56 "
-    "Lp/swap/4:72",
-    ("backward", "double"): "L1/noswap/1:56 L1/noswap/2:60 L1/swap/1:57 L1/swap/2:63 L2/noswap/1:56 "
-    "L2/noswap/2:60 L2/swap/1:58 L2/swap/2:60 Lp/noswap/1:70 Lp/noswap/2:68 Lp/swap/1:70 "
-    "Lp/swap/2:72",
-    ("backward", "c10::Half"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 "
-    "L2/noswap/8:48 L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:44 Lp/noswap/8:59 Lp/swap/1:48 "
-    "Lp/swap/8:64",
-    ("backward", "c10::BFloat16"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 "
-    "L2/noswap/8:60 L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:44 Lp/noswap/8:63 Lp/swap/1:48 "
-    "Lp/swap/8:64",
+    ("forward", "float"): "L1/noswap/1:80 L1/noswap/4:64 L1/swap/1:64 L1/swap/4:64 L2/noswap/1:80 L2/noswap/4:64 "
+    "L2/swap/1:64 L2/swap/4:72 Lp/noswap/1:42 Lp/noswap/4:54 Lp/swap/1:48 Lp/swap/4:56 "
+    "Cos/noswap/1:96 Cos/noswap/4:117 Cos/swap/1:86 Cos/swap/4:110",
+    ("forward", "double"): "L1/noswap/1:80 L1/noswap/2:58 L1/swap/1:68 L1/swap/2:60 L2/noswap/1:80 L2/noswap/2:58 "
+    "L2/swap/1:66 L2/swap/2:63 Lp/noswap/1:77 Lp/noswap/2:84 Lp/swap/1:82 Lp/swap/2:109 "
+    "Cos/noswap/1:114 Cos/noswap/2:124 Cos/swap/1:96 Cos/swap/2:112",
+    ("forward", "c10::Half"): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:62 L2/noswap/1:38 L2/noswap/8:48 "
+    "L2/swap/1:40 L2/swap/8:62 Lp/noswap/1:40 Lp/noswap/8:55 Lp/swap/1:40 Lp/swap/8:59 "
+    "Cos/noswap/1:40 Cos/noswap/8:61 Cos/swap/1:40 Cos/swap/8:69",
+    (
+        "forward",
+        "c10::BFloat16",
+    ): "L1/noswap/1:38 L1/noswap/8:48 L1/swap/1:40 L1/swap/8:60 L2/noswap/1:38 L2/noswap/8:48 "
+    "L2/swap/1:40 L2/swap/8:60 Lp/noswap/1:40 Lp/noswap/8:58 Lp/swap/1:40 Lp/swap/8:63 "
+    "Cos/noswap/1:40 Cos/noswap/8:56 Cos/swap/1:40 Cos/swap/8:67",
+    ("backward", "float"): "L1/noswap/1:48 L1/noswap/4:62 L1/swap/1:48 L1/swap/4:64 L2/noswap/1:48 L2/noswap/4:61 "
+    "L2/swap/1:48 L2/swap/4:62 Lp/noswap/1:48 Lp/noswap/4:69 Lp/swap/1:56 Lp/swap/4:72 "
+    "Cos/noswap/1:64 Cos/noswap/4:80 Cos/swap/1:56 Cos/swap/4:83",
+    ("backward", "double"): "L1/noswap/1:56 L1/noswap/2:60 L1/swap/1:57 L1/swap/2:63 L2/noswap/1:56 L2/noswap/2:60 "
+    "L2/swap/1:58 L2/swap/2:60 Lp/noswap/1:70 Lp/noswap/2:68 Lp/swap/1:70 Lp/swap/2:72 "
+    "Cos/noswap/1:77 Cos/noswap/2:90 Cos/swap/1:72 Cos/swap/2:90",
+    ("backward", "c10::Half"): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 L2/noswap/8:48 "
+    "L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:44 Lp/noswap/8:59 Lp/swap/1:48 Lp/swap/8:64 "
+    "Cos/noswap/1:44 Cos/noswap/8:79 Cos/swap/1:40 Cos/swap/8:83",
+    (
+        "backward",
+        "c10::BFloat16",
+    ): "L1/noswap/1:32 L1/noswap/8:48 L1/swap/1:32 L1/swap/8:56 L2/noswap/1:38 L2/noswap/8:60 "
+    "L2/swap/1:32 L2/swap/8:48 Lp/noswap/1:44 Lp/noswap/8:63 Lp/swap/1:48 Lp/swap/8:64 "
+    "Cos/noswap/1:44 Cos/noswap/8:72 Cos/swap/1:40 Cos/swap/8:79",
 }
 
 

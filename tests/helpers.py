@@ -126,17 +126,19 @@ def fused_only():
         yield
 
 
-def value_scale(inputs, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean"):
+def value_scale(inputs, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean", distance=0):
     """The conditioning of the loss: margin + d(a,p) + d(a,n) per row (with swap, the larger of d(a,n) and
-    d(p,n)), reduced like the loss, in float64.
+    d(p,n)), reduced like the loss, in float64; the cosine distance (``distance`` a TRIPLET_CODES code) counts
+    as 1 + d, its rounding being relative to the cosine's 1.
 
     The loss is a difference of distances, so its rounding error is relative to the distances, not to
     the loss: atol = tol * value_scale."""
     a, pos, neg = (x.detach().double() for x in inputs)
-    d_ap = tl.reference.pairwise_distance(a, pos, p, eps)
-    d_an = tl.reference.pairwise_distance(a, neg, p, eps)
+    shift = 0.0 if distance == 0 else 1.0
+    d_ap = tl.reference.row_distance(a, pos, p, eps, distance) + shift
+    d_an = tl.reference.row_distance(a, neg, p, eps, distance) + shift
     if swap:
-        d_an = torch.maximum(d_an, tl.reference.pairwise_distance(pos, neg, p, eps))
+        d_an = torch.maximum(d_an, tl.reference.row_distance(pos, neg, p, eps, distance) + shift)
     scale = margin + d_ap + d_an
     return {"none": scale, "mean": scale.mean(), "sum": scale.sum()}[reduction]
 

@@ -47,6 +47,7 @@ WORK = os.path.join(ROOT, "build", "mutants-san" if SANITIZE else "mutants")
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:")
 LIBS = ("libasan.so", "libstdc++.so")  # preloaded, as `make sanitize` does
 TRIPLET, MINING = "csrc/cuda/triplet_kernel.cu", "csrc/cuda/mining_kernel.cu"
+MATH = "csrc/triplet_math.h"  # shared with the CPU kernels: a mutant here breaks only the emulated build's copy
 TESTS = "tests/emulated/test_emulated.py"
 # What the tests read: copied into WORK on every run.
 COPIED_DIRS = ("csrc", "tripletloss_cuda", "tests", "tools")
@@ -163,6 +164,30 @@ MUTANTS = {
         "row += int64_t(gridDim.x) * rows_per_block) {\n    const T* a",
         "row += int64_t(gridDim.x) * rows_per_block + 1) {\n    const T* a",
         "forward: the grid-stride loop skips a row per step",
+    ),
+    "cosine_norm_sum_skipped": (
+        TRIPLET,
+        "      nn = group_sum(nn, group, smem);\n",
+        "",
+        "cosine forward: the squared norm of the negative not summed over the row's threads",
+    ),
+    "cosine_dist_width": (
+        TRIPLET,
+        "row_grad_of<NORM, SWAP>(dist + dist_width(NORM) * row",
+        "row_grad_of<NORM, SWAP>(dist + 3 * row",
+        "cosine backward: the saved distances read 3, not 6, to a row (another row's norms)",
+    ),
+    "cosine_clamp_convention": (
+        MATH,
+        "return distance == kCosine || n > eps ||",
+        "return n > eps ||",
+        "cosine backward: F.cosine_similarity's gradient below eps taken as F.normalize's (none through the norm)",
+    ),
+    "cosine_swap_combination": (
+        MATH,
+        "if constexpr (SWAP) gp += r.pn * neg, gn += r.pn * pos;",
+        "if constexpr (SWAP) gp += r.pn * neg, gn += r.pn * neg;",
+        "cosine backward with swap: d(p,n)'s gradient of n formed from n, not p",
     ),
     "final_reduction_stride": (
         TRIPLET,
@@ -336,7 +361,7 @@ def main(names):
     begin = time.time()
     os.makedirs(WORK, exist_ok=True)
     prepare()
-    pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING)}
+    pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING, MATH)}
     emu_lib = os.path.join(WORK, "emu-lib")  # where the emulated module is built and the tests look for it
     env = dict(
         os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK, TRIPLETLOSS_EMU_LIB=emu_lib

@@ -2,7 +2,7 @@
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tools/sanitize_cases.py
 
-Every dtype × D × N once (54 cases), with p, swap, reduction and the row layout (contiguous, a strided row
+Every dtype × D × N once (54 cases; the cosine distance over every dtype × D × layout, 54 more), with p, swap, reduction and the row layout (contiguous, a strided row
 view x.view(N, 3, D)[:, 0], rows at storage offset 1) cycling so that every pair of values occurs. float64
 results are compared with the PyTorch reference; the others are checked for shape and finiteness (rounding
 makes hinge ties possible; the tests compare them). Exit status 1 on a mismatch, 2 when there is no kernel.
@@ -64,11 +64,39 @@ def main(argv=None):
             failures.append(name)
             print(f"FAIL {name}: {str(err).strip().splitlines()[0] if str(err) else 'not finite or wrong shape'}")
     indexed_failures, indexed_count = indexed_cases(device, gen)
-    failures += indexed_failures
+    cosine_failures, cosine_count = cosine_cases(device, gen)
+    failures += indexed_failures + cosine_failures
+    indexed_count += cosine_count
     if device == "cuda":
         torch.cuda.synchronize()  # an asynchronous kernel error surfaces here at the latest
     print(f"{len(cases) + indexed_count - len(failures)}/{len(cases) + indexed_count} cases ok on {device}")
     return 1 if failures else 0
+
+
+def cosine_cases(device, gen):
+    """The cosine distance (F.cosine_similarity's and F.normalize's conventions) over every dtype, D and layout
+    once, swap and reduction cycling; float64 against the reference: (failures, number of cases)."""
+    failures = []
+    cases = list(itertools.product(DTYPES, DIMS, LAYOUTS))
+    for i, (dtype, d, layout) in enumerate(cases):
+        n, swap, reduction, distance = ROWS[i % 3], bool(i % 2), i % 3, 1 + (i // 2) % 2
+        leaves, rows = zip(*(make_input(n, d, dtype, device, layout, gen) for _ in range(3)))
+        args = (1.0, 2.0, 1e-8, swap, reduction)
+        loss = tl.ops.fused_triplet_margin_loss(*rows, *args, distance=distance)
+        grad_out = torch.randn(loss.shape, dtype=dtype, device=device, generator=gen)
+        grads = torch.autograd.grad(loss, leaves, grad_out)
+        name = f"cosine {str(dtype).removeprefix('torch.')} N={n} D={d} distance={distance} swap={swap} {layout}"
+        try:
+            assert all(g.shape == x.shape and g.isfinite().all() for g, x in zip(grads, leaves))
+            assert loss.isfinite().all()
+            if dtype == torch.float64:
+                expected = tl.reference.triplet_margin_loss(*rows, *args, distance=distance)
+                torch.testing.assert_close(loss, expected)
+                torch.testing.assert_close(grads, torch.autograd.grad(expected, leaves, grad_out))
+        except AssertionError as err:
+            failures.append(name)
+            print(f"FAIL {name}: {str(err).strip().splitlines()[0] if str(err) else 'not finite or wrong shape'}")
+    return failures, len(cases)
 
 
 def indexed_cases(device, gen):

@@ -10,7 +10,8 @@ For every kernel of ours in the extension's sm_90 cubin it checks:
 and prints registers per thread and the theoretical occupancy at the kernel's block size on sm_90
 (64 warps, 32 blocks and 228 KiB of shared memory per SM; 64K registers in four partitions of 16K,
 allocated per warp in units of 256). --markdown prints the table of docs/machine-code.md (one row per kernel,
-dtype and vector width; the register and occupancy ranges cover the norm and swap variants). Exits 1 when a
+dtype and vector width, the cosine kernels in rows of their own; the register and occupancy ranges cover the
+norm and swap variants). Exits 1 when a
 check fails or when there is no cubin to read (a build without the CUDA kernels), 2 when cuobjdump is not found.
 
 cuobjdump comes from the CUDA toolkit, or from the Triton that ships with torch
@@ -41,7 +42,7 @@ MINING_VECTORIZED = (
 )
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 SIZEOF = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
-NORMS = {"0": "L1", "1": "L2", "2": "Lp"}
+NORMS = {"0": "L1", "1": "L2", "2": "Lp", "3": "Cos"}
 
 
 def find_cuobjdump():
@@ -154,7 +155,7 @@ def markdown(kernels):
     rows = collections.OrderedDict()
     for k in sorted(kernels, key=lambda k: (k.family != "triplet", k.family, k.base, k.args[:1], -k.vec)):
         dtype = DTYPES.get(k.args[0], k.args[0]) if k.args else ""
-        name = k.base if k.triplet else f"{k.family}::{k.base}"
+        name = (k.base + (" (cosine)" if k.args[1][-1] == "3" else "")) if k.triplet else f"{k.family}::{k.base}"
         rows.setdefault((name, dtype, k.vec, k.block), []).append(k)
     lines = [
         "| kernel | dtype | vector width | block | registers | occupancy (sm_90) | spills |",

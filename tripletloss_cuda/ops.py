@@ -1,11 +1,13 @@
 """The compiled ops: loading, fake (meta) kernels for torch.compile, and the autograd.Function.
 
-Ops (schemas in csrc/tripletloss.cpp), reduction 0/1/2 = none/mean/sum:
-    tripletloss_cuda::triplet_margin_forward(anchor, positive, negative, margin, p, eps, swap, reduction)
+Ops (schemas in csrc/schemas.h), reduction 0/1/2 = none/mean/sum, distance a code of
+distances.TRIPLET_CODES (0 pairwise ||x - y + eps||_p; 1 cosine; 2, 3 normalized cosine; p unused by the cosine):
+    tripletloss_cuda::triplet_margin_forward(anchor, positive, negative, margin, p, eps, swap, reduction,
+                                             distance=0)
         -> (loss, dist)      loss: (N,) or (); dist: (N, 3) distances d(a,p), d(a,n), d(p,n) in float32
-                             (float64 for float64 inputs)
+                             (float64 for float64 inputs); the cosine's (N, 6) adds |a|, |p|, |n|
     tripletloss_cuda::triplet_margin_backward(grad, anchor, positive, negative, dist, margin, p, eps,
-                                              swap, reduction, grad_at_zero_hinge)
+                                              swap, reduction, grad_at_zero_hinge, distance=0)
         -> (grad_anchor, grad_positive, grad_negative)
 Inputs are (N, D) tensors of one floating dtype on one device; rows may be strided (any row stride,
 0 included), columns must be unit-stride or they are copied.
@@ -16,7 +18,7 @@ torch.func path (TransformableTripletMarginLossFunction); plain eager calls use 
 
 import torch
 
-from . import _library, reference
+from . import _library, distances, reference
 from ._library import _C
 
 EXTENSION_ERROR = _library.ERROR  # why a built _C did not load (None: loaded, or never built)
@@ -36,6 +38,10 @@ def _clamp_min_grad_at_zero():
 
 
 GRAD_AT_ZERO_HINGE = _clamp_min_grad_at_zero()
+
+
+def _dist_width(distance):
+    return 3 if distance == distances.TRIPLET_CODES["pairwise"] else 6
 
 
 def _dist_dtype(dtype):
@@ -60,22 +66,24 @@ def _check_op_inputs(anchor, positive, negative):
 if _C is not None:
 
     @torch.library.register_fake("tripletloss_cuda::triplet_margin_forward")
-    def _forward_fake(anchor, positive, negative, margin, p, eps, swap, reduction):
+    def _forward_fake(anchor, positive, negative, margin, p, eps, swap, reduction, distance=0):
         _check_op_inputs(anchor, positive, negative)
         n = anchor.shape[0]
         loss = anchor.new_empty((n,) if reduction == 0 else ())
-        dist = anchor.new_empty((n, 3), dtype=_dist_dtype(anchor.dtype))
+        dist = anchor.new_empty((n, _dist_width(distance)), dtype=_dist_dtype(anchor.dtype))
         return loss, dist
 
     @torch.library.register_fake("tripletloss_cuda::triplet_margin_backward")
-    def _backward_fake(grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero):
+    def _backward_fake(
+        grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero, distance=0
+    ):
         _check_op_inputs(anchor, positive, negative)
         shape = anchor.shape
         return anchor.new_empty(shape), anchor.new_empty(shape), anchor.new_empty(shape)
 
 
 def loss_from_dist(dist, margin, swap, reduction):
-    """The loss in the dtype of ``dist`` (float32 for 16-bit inputs) from the (..., 3) distances, as the kernels
+    """The loss in the dtype of ``dist`` (float32 for 16-bit inputs) from the (..., 3 or 6) distances, as the kernels
     form it: max(d(a,p) - d_neg + margin, 0), d_neg = min(d(a,n), d(p,n)) with swap, NaN propagated; reduced
     over the last batch dimension (mean of no rows is nan, sum 0, as PyTorch gives them)."""
     d_neg = torch.minimum(dist[..., 1], dist[..., 2]) if swap else dist[..., 1]
@@ -87,15 +95,15 @@ def loss_from_dist(dist, margin, swap, reduction):
     return loss
 
 
-def _backward(ctx, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction):
-    """The gradients of the three inputs (None where not needed), shared by both autograd.Functions."""
+def _backward(ctx, grad, anchor, positive, negative, dist, *args):
+    """The gradients of the three inputs (None where not needed), shared by both autograd.Functions; args: the
+    backward op's (margin, p, eps, swap, reduction, grad_at_zero_hinge, distance)."""
     need = ctx.needs_input_grad[:3]
-    args = (margin, p, eps, swap, reduction, GRAD_AT_ZERO_HINGE)
     transformed = torch._C._are_functorch_transforms_active()
     if torch.is_grad_enabled() and not transformed:
         # create_graph=True: differentiate the reference instead, so that higher orders work.
         inputs = [x for x, n in zip((anchor, positive, negative), need) if n]
-        loss = reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
+        loss = _reference_loss(*args)(anchor, positive, negative)
         grads = iter(torch.autograd.grad(loss, inputs, grad.to(loss.dtype), create_graph=True))
         return tuple(next(grads) if n else None for n in need)
     if transformed:
@@ -107,7 +115,10 @@ def _backward(ctx, grad, anchor, positive, negative, dist, margin, p, eps, swap,
 
 
 class TripletMarginLossFunction(torch.autograd.Function):
-    """Fused forward and backward on (N, D) inputs; saves the inputs and the (N, 3) distances only.
+    """Fused forward and backward on (N, D) inputs; saves the inputs and the (N, 3) distances only ((N, 6) cosine).
+
+    The op arguments after the inputs: margin, p, eps, swap, reduction, float32_loss, then grad_at_zero_hinge
+    (clamp_min's, or False for a relu hinge) and distance (a TRIPLET_CODES code).
 
     forward(ctx, ...) rather than setup_context: the latter binds the arguments with inspect.signature
     on every call, about 8 us, more than the whole op at small sizes. Under torch.func transforms, which
@@ -117,24 +128,22 @@ class TripletMarginLossFunction(torch.autograd.Function):
     float32 distances, as PyTorch's autocast (which casts the inputs to float32 first) returns it."""
 
     @staticmethod
-    def forward(ctx, anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss):
+    def forward(ctx, anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss, grad_at_zero, distance):
         loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(
-            anchor, positive, negative, margin, p, eps, swap, reduction
+            anchor, positive, negative, margin, p, eps, swap, reduction, distance
         )
         ctx.save_for_backward(anchor, positive, negative, dist)
-        ctx.args = (margin, p, eps, swap, reduction)
+        ctx.args = (margin, p, eps, swap, reduction, grad_at_zero, distance)
         return loss_from_dist(dist, margin, swap, reduction) if float32_loss else loss
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True (or a transform): the general path
-            return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
+            return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 8
         # The common case inline: every Python call counts at small sizes.
-        ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(
-            grad, *ctx.saved_tensors, *ctx.args, GRAD_AT_ZERO_HINGE
-        )
+        ga, gp, gn = torch.ops.tripletloss_cuda.triplet_margin_backward(grad, *ctx.saved_tensors, *ctx.args)
         need = ctx.needs_input_grad
-        return (ga if need[0] else None, gp if need[1] else None, gn if need[2] else None) + (None,) * 6
+        return (ga if need[0] else None, gp if need[1] else None, gn if need[2] else None) + (None,) * 8
 
 
 class TransformableTripletMarginLossFunction(torch.autograd.Function):
@@ -146,23 +155,23 @@ class TransformableTripletMarginLossFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss):
+    def forward(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss, grad_at_zero, distance):
         loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(
-            anchor, positive, negative, margin, p, eps, swap, reduction
+            anchor, positive, negative, margin, p, eps, swap, reduction, distance
         )
         return (loss_from_dist(dist, margin, swap, reduction) if float32_loss else loss), dist
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss = inputs
+        anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss, grad_at_zero, distance = inputs
         ctx.save_for_backward(anchor, positive, negative, output[1])
         ctx.save_for_forward(anchor, positive, negative, output[1])
-        ctx.args = (margin, p, eps, swap, reduction)
+        ctx.args = (margin, p, eps, swap, reduction, grad_at_zero, distance)
         ctx.float32_loss = float32_loss
 
     @staticmethod
     def backward(ctx, grad, _grad_dist):
-        return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 6
+        return _backward(ctx, grad, *ctx.saved_tensors, *ctx.args) + (None,) * 8
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -181,40 +190,45 @@ class TransformableBackwardFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero_hinge):
+    def forward(grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero, distance):
         return torch.ops.tripletloss_cuda.triplet_margin_backward(
-            grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero_hinge
+            grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, grad_at_zero, distance
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:4])
         ctx.save_for_forward(*inputs[:4])
-        ctx.args = inputs[5:10]
+        ctx.args = inputs[5:]
 
     @staticmethod
     def backward(ctx, grad_ga, grad_gp, grad_gn):
         first_order = _reference_first_order(*ctx.args)
         _, vjp_fn = torch.func.vjp(first_order, *ctx.saved_tensors)
-        return (*vjp_fn((grad_ga, grad_gp, grad_gn)),) + (None,) * 7
+        return (*vjp_fn((grad_ga, grad_gp, grad_gn)),) + (None,) * 8
 
     @staticmethod
     def jvp(ctx, *tangents):
         return _reference_jvp(_reference_first_order(*ctx.args), ctx.saved_tensors, tangents[:4])
 
 
-def _reference_first_order(margin, p, eps, swap, reduction):
+def _reference_first_order(*args):
     """(grad, anchor, positive, negative) -> the reference's gradients of the three inputs, differentiable."""
 
     def first_order(grad, anchor, positive, negative):
-        loss, vjp_fn = torch.func.vjp(_reference_loss(margin, p, eps, swap, reduction), anchor, positive, negative)
+        loss, vjp_fn = torch.func.vjp(_reference_loss(*args), anchor, positive, negative)
         return vjp_fn(grad.to(loss.dtype))
 
     return first_order
 
 
-def _reference_loss(margin, p, eps, swap, reduction):
-    return lambda a, pos, neg: reference.triplet_margin_loss(a, pos, neg, margin, p, eps, swap, reduction)
+def _reference_loss(margin, p, eps, swap, reduction, grad_at_zero, distance):
+    """The reference of the ops with these arguments: a relu hinge where the backward passes no gradient at an
+    exactly-zero hinge (clamp_min in torch since mid-2026 does the same), else clamp_min's (older releases)."""
+    relu = not grad_at_zero
+    return lambda a, pos, neg: reference.triplet_margin_loss(
+        a, pos, neg, margin, p, eps, swap, reduction, distance, relu
+    )
 
 
 def _reference_jvp(fn, primals, tangents):
@@ -237,20 +251,22 @@ def _fold(x):
 if _C is not None:
 
     @torch.library.register_vmap("tripletloss_cuda::triplet_margin_forward")
-    def _forward_vmap(info, in_dims, anchor, positive, negative, margin, p, eps, swap, reduction):
+    def _forward_vmap(info, in_dims, anchor, positive, negative, margin, p, eps, swap, reduction, distance=0):
         # The vmapped dimension becomes more rows: one call with reduction 'none', then the loss is formed
         # and reduced per example from the distances in their own (float32 or float64) precision.
         size = info.batch_size
         a, pos, neg = (_batch_first(x, d, size) for x, d in zip((anchor, positive, negative), in_dims))
         n = a.shape[1]
         a, pos, neg = _fold(a), _fold(pos), _fold(neg)
-        loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(a, pos, neg, margin, p, eps, swap, 0)
-        dist = dist.view(size, n, 3)
+        loss, dist = torch.ops.tripletloss_cuda.triplet_margin_forward(a, pos, neg, margin, p, eps, swap, 0, distance)
+        dist = dist.view(size, n, -1)
         loss = loss.view(size, n) if reduction == 0 else loss_from_dist(dist, margin, swap, reduction).to(a.dtype)
         return (loss, dist), (0, 0)
 
     @torch.library.register_vmap("tripletloss_cuda::triplet_margin_backward")
-    def _backward_vmap(info, in_dims, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, gz):
+    def _backward_vmap(
+        info, in_dims, grad, anchor, positive, negative, dist, margin, p, eps, swap, reduction, gz, distance=0
+    ):
         size = info.batch_size
         tensors = (grad, anchor, positive, negative, dist)
         g, a, pos, neg, dst = (_batch_first(x, d, size) for x, d in zip(tensors, in_dims))
@@ -259,14 +275,37 @@ if _C is not None:
             g = g.reshape(size, 1).expand(size, n)
             g = g.to(_dist_dtype(g.dtype)) / n if reduction == 1 else g
         g, a, pos, neg, dst = (_fold(x) for x in (g, a, pos, neg, dst))
-        grads = torch.ops.tripletloss_cuda.triplet_margin_backward(g, a, pos, neg, dst, margin, p, eps, swap, 0, gz)
+        args = (margin, p, eps, swap, 0, gz, distance)
+        grads = torch.ops.tripletloss_cuda.triplet_margin_backward(g, a, pos, neg, dst, *args)
         return tuple(x.view(size, n, *x.shape[1:]) for x in grads), (0, 0, 0)
 
 
-def fused_triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss=False):
+_NORMALIZED = distances.TRIPLET_CODES["normalized"]
+
+
+def fused_triplet_margin_loss(
+    anchor,
+    positive,
+    negative,
+    margin,
+    p,
+    eps,
+    swap,
+    reduction,
+    float32_loss=False,
+    distance=0,
+    grad_at_zero_hinge=None,
+):
     """The fused op with autograd on (N, D) inputs of one dtype and device (see module docstring); with
-    ``float32_loss`` (autocast, 16-bit inputs) the loss is float32 and the gradients stay in the inputs' dtype."""
+    ``float32_loss`` (autocast, 16-bit inputs) the loss is float32 and the gradients stay in the inputs' dtype.
+    ``distance``: a distances.TRIPLET_CODES code ("normalized" follows the installed torch's clamp_min at a norm
+    of exactly eps); ``grad_at_zero_hinge``: None for clamp_min's gradient at an exactly-zero hinge (the
+    installed torch's), False for relu's (none)."""
+    if grad_at_zero_hinge is None:
+        grad_at_zero_hinge = GRAD_AT_ZERO_HINGE
+    if distance == _NORMALIZED and GRAD_AT_ZERO_HINGE:
+        distance = distances.TRIPLET_CODES["normalized_at_eps"]
+    args = (anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss, grad_at_zero_hinge, distance)
     if torch._C._are_functorch_transforms_active():
-        args = (anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss)
         return TransformableTripletMarginLossFunction.apply(*args)[0]
-    return TripletMarginLossFunction.apply(anchor, positive, negative, margin, p, eps, swap, reduction, float32_loss)
+    return TripletMarginLossFunction.apply(*args)

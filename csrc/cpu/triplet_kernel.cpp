@@ -49,26 +49,25 @@ constexpr int64_t kBlockElems = 1 << 15;  // elements of one input per parallel 
 int64_t rows_per_block(int64_t d) { return std::max<int64_t>(1, kBlockElems / std::max<int64_t>(d, 1)); }
 
 template <typename T>
-struct Params {  // margin, p, eps in the accumulation type, and 1 / p
+struct Params {  // margin, p, eps in the accumulation type, 1 / p, and the distance code (triplet_math.h)
   T margin, p, eps, inv_p;
+  int distance;
 };
 
 // Rows [i0, i1): distances into dist, per-row loss into out (reduction none); returns the rows' loss sum.
 template <typename scalar_t, Norm NORM, bool SWAP, typename acc_t = opmath_t<scalar_t>>
 TL_CPU_CLONES double forward_range(const Rows<scalar_t>& in, int64_t i0, int64_t i1, Params<acc_t> k, bool per_row,
                                    scalar_t* out, acc_t* dist) {
+  constexpr int W = dist_width(NORM);
   double sum = 0;
   for (int64_t i = i0; i < i1; ++i) {
     const scalar_t *a = in.a + i * in.sa, *p = in.p + i * in.sp, *n = in.n + i * in.sn;
-    acc_t ap = 0, an = 0, pn = 0;
-#pragma omp simd reduction(+ : ap, an, pn)
+    acc_t ap = 0, an = 0, pn = 0, aa = 0, pp = 0, nn = 0;
+#pragma omp simd reduction(+ : ap, an, pn, aa, pp, nn)
     for (int64_t j = 0; j < in.cols; ++j) {
-      accumulate<NORM, SWAP>(load(a[j]), load(p[j]), load(n[j]), k.eps, k.p, ap, an, pn);
+      accumulate<NORM, SWAP>(load(a[j]), load(p[j]), load(n[j]), k.eps, k.p, ap, an, pn, aa, pp, nn);
     }
-    const acc_t d_ap = norm_finish<NORM>(ap, k.inv_p), d_an = norm_finish<NORM>(an, k.inv_p);
-    const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, k.inv_p) : acc_t(0);
-    dist[3 * i] = d_ap, dist[3 * i + 1] = d_an, dist[3 * i + 2] = d_pn;
-    const acc_t l = hinge_loss(d_ap, d_an, d_pn, k.margin, SWAP);
+    const acc_t l = finish_row<NORM, SWAP>(ap, an, pn, aa, pp, nn, k.inv_p, k.eps, k.margin, dist + W * i);
     if (per_row) out[i] = scalar_t(l);
     else sum += l;
   }
@@ -82,8 +81,8 @@ TL_CPU_CLONES void backward_range(const Rows<scalar_t>& in, int64_t i0, int64_t 
                                   scalar_t* gp, scalar_t* gn) {
   const int64_t d = in.cols;
   for (int64_t i = i0; i < i1; ++i) {
-    const RowGrad<acc_t> r = row_grad<NORM>(dist[3 * i], dist[3 * i + 1], dist[3 * i + 2], k.margin, k.p, SWAP,
-                                            acc_t(g[i * gs]) * gscale, grad_at_zero_hinge);
+    const RowGrad<acc_t> r = row_grad_of<NORM, SWAP>(dist + dist_width(NORM) * i, k.margin, k.p, k.eps, k.distance,
+                                                     acc_t(g[i * gs]) * gscale, grad_at_zero_hinge);
     scalar_t *gai = ga + i * d, *gpi = gp + i * d, *gni = gn + i * d;
     if (r.zero) {
       std::fill_n(gai, d, scalar_t(0)), std::fill_n(gpi, d, scalar_t(0)), std::fill_n(gni, d, scalar_t(0));
@@ -193,17 +192,18 @@ void backward_rows(const Rows<scalar_t>& in, Params<opmath_t<scalar_t>> k, const
 }
 
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& anchor, const Tensor& positive, const Tensor& negative,
-                                       double margin, double p, double eps, bool swap, int64_t reduction) {
+                                       double margin, double p, double eps, bool swap, int64_t reduction,
+                                       int64_t distance) {
   check_inputs(anchor, positive, negative);
-  auto [loss, dist] = empty_forward_outputs(anchor, reduction);
+  auto [loss, dist] = empty_forward_outputs(anchor, reduction, distance);
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
   TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
-    dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
+    dispatch_norm_swap(distance, p, swap, [&](auto norm, auto sw) {
       forward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(
-          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)}, reduction, loss,
-          dist);
+          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p), int(distance)},
+          reduction, loss, dist);
     });
   });
   return {loss, dist};
@@ -211,19 +211,20 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& anchor, const Tensor& posit
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& anchor, const Tensor& positive,
                                                 const Tensor& negative, const Tensor& dist, double margin, double p,
-                                                double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge) {
+                                                double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge,
+                                                int64_t distance) {
   check_inputs(anchor, positive, negative);
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
-  const auto [g, dst] = backward_operands(grad, dist, a, reduction);
+  const auto [g, dst] = backward_operands(grad, dist, a, reduction, distance);
   auto& cache = GradBufferCache::get();
   Tensor ga = cache.empty(a), gp = cache.empty(a), gn = cache.empty(a);
   TL_DISPATCH_FLOATING_AND_HALF(a.scalar_type(), "triplet_margin_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
-    dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
+    dispatch_norm_swap(distance, p, swap, [&](auto norm, auto sw) {
       backward_rows<scalar_t, decltype(norm)::value, decltype(sw)::value>(
-          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p)}, g, dst, reduction,
-          grad_at_zero_hinge, ga, gp, gn);
+          rows_of<scalar_t>(a, pos, neg), {acc_t(margin), acc_t(p), acc_t(eps), acc_t(1) / acc_t(p), int(distance)}, g,
+          dst, reduction, grad_at_zero_hinge, ga, gp, gn);
     });
   });
   return {ga, gp, gn};

@@ -35,8 +35,9 @@ constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 // __launch_bounds__'s minimum blocks per SM: 0 leaves ptxas its own occupancy target (L1, L2: memory-bound);
 // for general p (pow, compute-bound) 1, since aiming at 4 blocks of 256 threads made ptxas spill the float64
-// kernels at 64 registers (tools/sass_gate.py).
-constexpr int min_blocks(Norm norm) { return norm == Norm::Lp ? 1 : 0; }
+// kernels at 64 registers (tools/sass_gate.py); for the cosine (six row sums, three divisions per row) 1 too:
+// at ptxas's own target of 64 registers four of its kernels had a stack frame.
+constexpr int min_blocks(Norm norm) { return norm == Norm::Lp || norm == Norm::Cos ? 1 : 0; }
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
     const T* a = in.a + row * in.sa;
     const T* pos = in.p + row * in.sp;
     const T* neg = in.n + row * in.sn;
-    acc_t ap = 0, an = 0, pn = 0;
+    acc_t ap = 0, an = 0, pn = 0, aa = 0, pp = 0, nn = 0;  // aa, pp, nn: the cosine's squared norms
 #pragma unroll(kUnroll)
     for (int64_t j = lane; j < nvec; j += group) {
       const P va = reinterpret_cast<const P*>(a)[j];
@@ -88,19 +89,21 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
       const P vn = reinterpret_cast<const P*>(neg)[j];
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
-        accumulate<NORM, SWAP>(acc_t(va.v[k]), acc_t(vp.v[k]), acc_t(vn.v[k]), eps, p, ap, an, pn);
+        accumulate<NORM, SWAP>(acc_t(va.v[k]), acc_t(vp.v[k]), acc_t(vn.v[k]), eps, p, ap, an, pn, aa, pp, nn);
     }
     for (int64_t j = nvec * VEC + lane; j < in.cols; j += group) {
-      accumulate<NORM, SWAP>(acc_t(a[j]), acc_t(pos[j]), acc_t(neg[j]), eps, p, ap, an, pn);
+      accumulate<NORM, SWAP>(acc_t(a[j]), acc_t(pos[j]), acc_t(neg[j]), eps, p, ap, an, pn, aa, pp, nn);
     }
     ap = group_sum(ap, group, smem);
     an = group_sum(an, group, smem);
     if constexpr (SWAP) pn = group_sum(pn, group, smem);
+    if constexpr (NORM == Norm::Cos) {
+      aa = group_sum(aa, group, smem);
+      pp = group_sum(pp, group, smem);
+      nn = group_sum(nn, group, smem);
+    }
     if (lane == 0) {
-      const acc_t d_ap = norm_finish<NORM>(ap, inv_p), d_an = norm_finish<NORM>(an, inv_p);
-      const acc_t d_pn = SWAP ? norm_finish<NORM>(pn, inv_p) : acc_t(0);
-      dist[3 * row] = d_ap, dist[3 * row + 1] = d_an, dist[3 * row + 2] = d_pn;
-      const acc_t l = hinge_loss(d_ap, d_an, d_pn, margin, SWAP);
+      const acc_t l = finish_row<NORM, SWAP>(ap, an, pn, aa, pp, nn, inv_p, eps, margin, dist + dist_width(NORM) * row);
       if (reduction == 0) loss[row] = T(l);
       else local += l;
     }
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
 
 template <typename T, Norm NORM, bool SWAP, int VEC>
 __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
-    backward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> eps,
+    backward_kernel(Rows<T> in, int group, opmath_t<T> margin, opmath_t<T> p, opmath_t<T> eps, int distance,
                     const T* __restrict__ grad, int64_t grad_stride, opmath_t<T> grad_scale, bool grad_at_zero_hinge,
                     const opmath_t<T>* __restrict__ dist, T* __restrict__ ga, T* __restrict__ gp, T* __restrict__ gn) {
   using acc_t = opmath_t<T>;
@@ -134,8 +137,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NORM))
   const int64_t nvec = in.cols / VEC;
   for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group; row < in.rows;
        row += int64_t(gridDim.x) * rows_per_block) {
-    const RowGrad<acc_t> r = row_grad<NORM>(dist[3 * row], dist[3 * row + 1], dist[3 * row + 2], margin, p, SWAP,
-                                            acc_t(grad[row * grad_stride]) * grad_scale, grad_at_zero_hinge);
+    const RowGrad<acc_t> r = row_grad_of<NORM, SWAP>(dist + dist_width(NORM) * row, margin, p, eps, distance,
+                                                     acc_t(grad[row * grad_stride]) * grad_scale, grad_at_zero_hinge);
     const T* a = in.a + row * in.sa;
     const T* pos = in.p + row * in.sp;
     const T* neg = in.n + row * in.sn;
@@ -210,11 +213,12 @@ void dispatch_vec(const Rows<T>& in, F&& f) {
 }
 
 std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& positive, const Tensor& negative,
-                                        double margin, double p, double eps, bool swap, int64_t reduction) {
+                                        double margin, double p, double eps, bool swap, int64_t reduction,
+                                        int64_t distance) {
   check_inputs(anchor, positive, negative);
   const tl_cuda::DeviceGuard guard(anchor);
   Tensor loss, dist;
-  std::tie(loss, dist) = empty_forward_outputs(anchor, reduction);
+  std::tie(loss, dist) = empty_forward_outputs(anchor, reduction, distance);
   if (anchor.size(0) == 0)
     return {reduction == 0 ? loss : torch::stable::fill_(loss, empty_reduction_value(reduction)), dist};
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
@@ -224,7 +228,7 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
     using acc_t = opmath_t<scalar_t>;
     const Rows<scalar_t> in = rows_of<scalar_t>(a, pos, neg);
     dispatch_vec(in, [&](auto vec) {
-      dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
+      dispatch_norm_swap(distance, p, swap, [&](auto norm, auto sw) {
         constexpr auto kernel =
             forward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
         const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
@@ -248,13 +252,14 @@ std::tuple<Tensor, Tensor> forward_cuda(const Tensor& anchor, const Tensor& posi
 
 std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& anchor, const Tensor& positive,
                                                  const Tensor& negative, const Tensor& dist, double margin, double p,
-                                                 double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge) {
+                                                 double eps, bool swap, int64_t reduction, bool grad_at_zero_hinge,
+                                                 int64_t distance) {
   check_inputs(anchor, positive, negative);
   const tl_cuda::DeviceGuard guard(anchor);
   const Tensor a = unit_stride_columns(anchor), pos = unit_stride_columns(positive);
   const Tensor neg = unit_stride_columns(negative);
   Tensor g, dst, ga, gp, gn;
-  std::tie(g, dst) = backward_operands(grad, dist, a, reduction);
+  std::tie(g, dst) = backward_operands(grad, dist, a, reduction, distance);
   std::tie(ga, gp, gn) = empty_backward_outputs(a);
   if (a.numel() == 0) return {ga, gp, gn};
   const tl_cuda::Stream stream = tl_cuda::current_stream();
@@ -265,12 +270,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad, const Tenso
     const int64_t grad_stride = reduction == 0 ? g.stride(0) : 0;
     const acc_t grad_scale = reduction == 1 ? acc_t(1) / acc_t(in.rows) : acc_t(1);
     dispatch_vec(in, [&](auto vec) {
-      dispatch_norm_swap(p, swap, [&](auto norm, auto sw) {
+      dispatch_norm_swap(distance, p, swap, [&](auto norm, auto sw) {
         constexpr auto kernel =
             backward_kernel<scalar_t, decltype(norm)::value, decltype(sw)::value, decltype(vec)::value>;
         const Launch cfg = launch_config<kernel>(in.rows, in.cols, decltype(vec)::value, a.get_device());
         TL_LAUNCH(kernel, cfg.blocks, kThreads, 0, stream, in, cfg.group, acc_t(margin), acc_t(p), acc_t(eps),
-                  g.const_data_ptr<scalar_t>(), grad_stride, grad_scale, grad_at_zero_hinge,
+                  int(distance), g.const_data_ptr<scalar_t>(), grad_stride, grad_scale, grad_at_zero_hinge,
                   dst.const_data_ptr<acc_t>(), ga.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(),
                   gn.mutable_data_ptr<scalar_t>());
         TL_LAUNCH_CHECK();

@@ -52,21 +52,22 @@ def fresh_emulator():
     emu.clear_launches()
 
 
-def run(ns, inputs, p=2.0, swap=False, reduction="mean", margin=1.0, eps=1e-6):
+def run(ns, inputs, p=2.0, swap=False, reduction="mean", margin=1.0, eps=1e-6, distance=0):
     """loss, dist and the three gradients (for a fixed upstream gradient) from the forward and backward ops
-    of namespace ns."""
+    of namespace ns (``distance``: a TRIPLET_CODES code)."""
     red = REDUCTIONS[reduction]
-    loss, dist = ns.triplet_margin_forward(*inputs, margin, p, eps, swap, red)
+    loss, dist = ns.triplet_margin_forward(*inputs, margin, p, eps, swap, red, distance)
     grad = upstream_grad(loss.shape, inputs[0].dtype, "cpu")
-    grads = ns.triplet_margin_backward(grad, *inputs, dist, margin, p, eps, swap, red, tl.ops.GRAD_AT_ZERO_HINGE)
+    gz = tl.ops.GRAD_AT_ZERO_HINGE
+    grads = ns.triplet_margin_backward(grad, *inputs, dist, margin, p, eps, swap, red, gz, distance)
     return loss, dist, grads
 
 
-def away_from_kinks(inputs, p, swap, margin=1.0, eps=1e-6):
+def away_from_kinks(inputs, p, swap, margin=1.0, eps=1e-6, distance=0):
     """(N,) bool: the rows whose hinge (and, with swap, d(a,n) - d(p,n)) is not within rounding of 0."""
     a, pos, neg = (x.double() for x in inputs)
-    d = [tl.reference.pairwise_distance(x, y, p, eps) for x, y in ((a, pos), (a, neg), (pos, neg))]
-    cond = value_scale(inputs, margin, p, eps, swap, "none")
+    d = [tl.reference.row_distance(x, y, p, eps, distance) for x, y in ((a, pos), (a, neg), (pos, neg))]
+    cond = value_scale(inputs, margin, p, eps, swap, "none", distance)
     away = torch.ones_like(d[0], dtype=torch.bool)
     if swap:
         away = (d[1] - d[2]).abs() >= KINK_GUARD * cond
@@ -80,25 +81,28 @@ def close(actual, expected, tol, scale, what):
     )
 
 
-def check(inputs, p=2.0, swap=False, reduction="mean"):
+def check(inputs, p=2.0, swap=False, reduction="mean", distance=0, eps=None):
     """The emulated CUDA ops against the CPU ops (loss, dist, gradients) and the float64 reference (loss);
-    returns the emulated results."""
+    returns the emulated results. ``distance``: a TRIPLET_CODES code (eps 1e-6 for pairwise, 1e-8 cosine)."""
     dtype = inputs[0].dtype
     tol = TOL[dtype]
-    ours = run(torch.ops.tripletloss_cuda_emu, inputs, p, swap, reduction)
-    cpu = run(torch.ops.tripletloss_cuda, inputs, p, swap, reduction)
+    eps = (1e-6 if distance == 0 else 1e-8) if eps is None else eps
+    ours = run(torch.ops.tripletloss_cuda_emu, inputs, p, swap, reduction, eps=eps, distance=distance)
+    cpu = run(torch.ops.tripletloss_cuda, inputs, p, swap, reduction, eps=eps, distance=distance)
     loss, dist, grads = ours
     assert loss.dtype == dtype and loss.shape == cpu[0].shape and dist.dtype == cpu[1].dtype
     if inputs[0].shape[0] == 0:
         torch.testing.assert_close(loss, cpu[0], equal_nan=True)
         assert all(g.shape == x.shape for g, x in zip(grads, inputs))
         return ours
-    scale = value_scale(inputs, p=p, swap=swap, reduction=reduction)
-    ref = tl.reference.triplet_margin_loss(*(x.double() for x in inputs), p=p, swap=swap, reduction=reduction)
+    scale = value_scale(inputs, p=p, eps=eps, swap=swap, reduction=reduction, distance=distance)
+    ref = tl.reference.triplet_margin_loss(
+        *(x.double() for x in inputs), p=p, eps=eps, swap=swap, reduction=reduction, distance=distance
+    )
     close(loss, cpu[0], tol, scale.max(), "loss vs the CPU op")
     close(loss, ref, tol, scale.max(), "loss vs the float64 reference")
     close(dist, cpu[1], TOL[dist.dtype], dist.abs().max(), "dist vs the CPU op")
-    away = away_from_kinks(inputs, p, swap)[:, None]
+    away = away_from_kinks(inputs, p, swap, eps=eps, distance=distance)[:, None]
     grad_scale = max(g.abs().max().item() for g in cpu[2]) if inputs[0].numel() else 1.0
     for g, g_cpu, name in zip(grads, cpu[2], ("anchor", "positive", "negative")):
         assert g.dtype == dtype and g.shape == inputs[0].shape and g.is_contiguous()
@@ -263,6 +267,95 @@ def test_non_finite_inputs(dtype, p):
     for reduction in REDUCTIONS:
         ours = run(torch.ops.tripletloss_cuda_emu, (a, pos, neg), p, True, reduction)
         cpu = run(torch.ops.tripletloss_cuda, (a, pos, neg), p, True, reduction)
+        for x, y in zip((ours[0], ours[1], *ours[2]), (cpu[0], cpu[1], *cpu[2])):
+            assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.isinf(), y.isinf())
+
+
+# --- the cosine distance ------------------------------------------------------------------------------------
+
+COSINE = {"cosine": 1, "normalized": 2, "normalized_at_eps": 3}
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (50, 32), (33, 130), (9, 257), (5, 1000), (3000, 4)], ids=ids)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("swap", (False, True))
+@pytest.mark.parametrize("distance", COSINE.values(), ids=COSINE.keys())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=ids)
+def test_cosine(dtype, distance, swap, reduction, shape):
+    """The cosine kernels (six row sums forward, the rows' linear combination backward) against the CPU ops and
+    the float64 reference, over group sizes from 1 thread to a warp and grid-stride loops."""
+    check(make_triplet(shape, dtype, seed=seed_of(shape, "cosine")), swap=swap, reduction=reduction, distance=distance)
+
+
+@pytest.mark.parametrize("shape", [(40, 3), (20, 130), (3, 4096), (2, 8192)], ids=ids)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=ids)
+def test_cosine_launch_mappings(dtype, device, shape):
+    """The cosine launches map rows as the p-norm ones do (launch_config: a block per long row included)."""
+    set_device(device)
+    inputs = make_triplet(shape, dtype, seed=seed_of(shape, "cosine map"))
+    emu.clear_launches()
+    check(inputs, swap=True, reduction="none", distance=1)
+    forward, backward = emu.launches()
+    vec = kernel_vec(forward)
+    for record in (forward, backward):
+        resident = DEVICES[device][0] * blocks_per_sm(device, record["kernel"])
+        assert record["grid"] == expected_launch(shape[0], shape[1], vec, resident)[1], record
+    resident = DEVICES[device][0] * blocks_per_sm(device, forward["kernel"])
+    assert launch_group(forward) == expected_launch(shape[0], shape[1], vec, resident)[0]
+    check(inputs, swap=True, reduction="mean", distance=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=ids)
+def test_cosine_layouts(dtype, layout):
+    """Strided, misaligned and broadcast rows: the cosine's vector and scalar paths give the same results."""
+    inputs = make_layout((37, 64), dtype, layout, seed_of(layout, "cosine"))
+    check(inputs, swap=True, reduction="sum", distance=1)
+    expected = 16 // inputs[0].element_size() if vectorizable(inputs) else 1
+    assert {kernel_vec(r) for r in emu.launches()} == {expected}
+
+
+@pytest.mark.parametrize("distance", COSINE.values(), ids=COSINE.keys())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=ids)
+def test_cosine_norms_at_the_clamp(dtype, distance):
+    """Zero rows, norms below eps (where each convention's gradient differs), at exactly eps, and equal rows."""
+    a, pos, neg = make_triplet((24, 16), dtype, seed=11)
+    pos[0] = 0
+    a[1] *= 1e-10
+    neg[2] *= 3e-11
+    a[3] = pos[3]
+    neg[4] = pos[4] * 1e-10
+    unit = torch.zeros(16, dtype=dtype)
+    unit[5] = 1e-8 if dtype == torch.float64 else float(torch.tensor(1e-8, dtype=dtype))
+    a[5] = unit
+    for reduction in REDUCTIONS:
+        check((a, pos, neg), swap=True, reduction=reduction, distance=distance)
+
+
+@pytest.mark.parametrize("shape", [(400, 64), (3, 4096), (300, 130)], ids=ids)
+@pytest.mark.parametrize("device", ("4sm", "h200"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=ids)
+def test_cosine_block_order_does_not_change_the_result(dtype, device, shape):
+    """Bitwise equal cosine losses, distances and gradients in three block and warp orders."""
+    set_device(device)
+    inputs = make_triplet(shape, dtype, seed=seed_of(shape, "cosine order"))
+    results = []
+    for seed in (1, 2, 3):
+        emu.set_seed(seed)
+        results.append(run(torch.ops.tripletloss_cuda_emu, inputs, swap=True, reduction="mean", eps=1e-8, distance=1))
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
+        assert all(torch.equal(g, h) for g, h in zip(results[0][2], other[2]))
+
+
+def test_cosine_non_finite_inputs():
+    """NaN and inf propagate in the cosine kernels as in the CPU ones."""
+    a, pos, neg = make_triplet((70, 40), torch.float32, seed=6)
+    a[3, 7], pos[10, 0], neg[50, 39] = float("nan"), float("inf"), float("-inf")
+    for reduction in REDUCTIONS:
+        ours = run(torch.ops.tripletloss_cuda_emu, (a, pos, neg), swap=True, reduction=reduction, eps=1e-8, distance=1)
+        cpu = run(torch.ops.tripletloss_cuda, (a, pos, neg), swap=True, reduction=reduction, eps=1e-8, distance=1)
         for x, y in zip((ours[0], ours[1], *ours[2]), (cpu[0], cpu[1], *cpu[2])):
             assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.isinf(), y.isinf())
 
@@ -570,7 +663,7 @@ def test_h200_register_table_matches_the_build():
         for (kernel, dtype), entries in REGISTERS.items()
         for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in entries.split())
     }
-    norms = {"0": "L1", "1": "L2", "2": "Lp"}
+    norms = {"0": "L1", "1": "L2", "2": "Lp", "3": "Cos"}
     built_table = {
         (
             k.base.removesuffix("_kernel"),

@@ -4,11 +4,15 @@
     tripletloss-cuda bench --device cuda              # or --device auto
     tripletloss-cuda bench --quick                    # small shapes, few repeats (CI smoke)
     tripletloss-cuda bench --shapes 128x128,16384x512 --dtypes float32 --modes fwdbwd --impls torch,tl
+    tripletloss-cuda bench --distance cosine          # the cosine distance (see below)
     tripletloss-cuda bench --plot bench.png           # also draw time and GB/s per shape (matplotlib)
 
 (`python -m tripletloss_cuda bench ...` and, from a checkout, `python benchmarks/bench.py ...` are the same.)
 
 Every implementation computes the same loss (margin 1.0, p = 2, eps 1e-6, mean) on the same random inputs.
+With --distance cosine: F.triplet_margin_with_distance_loss(distance_function=lambda x, y: 1 -
+F.cosine_similarity(x, y)) eager ("torch") and under torch.compile ("compile"), against
+tl.triplet_margin_with_distance_loss(distance_function=tl.cosine_distance) ("tl"); no naive module.
 Modes: "fwd" (the loss alone) and "fwd+bwd" (inputs require grad; the loss, then the gradients of the three
 inputs with torch.autograd.grad). A row's time is the median per call, with p20 and p80, over repeats picked
 to fit a time budget after one warm-up call (which also compiles torch.compile, outside the timing).
@@ -60,6 +64,13 @@ IMPLS = {  # key: label in the table
     "tl": "tripletloss_cuda",
 }
 MODES = ("fwd", "fwd+bwd")
+DISTANCES = ("pnorm", "cosine")
+COSINE_IMPLS = {  # the cosine rows' labels
+    "torch": "F.triplet_margin_with_distance_loss (cosine lambda)",
+    "compile": "torch.compile(F, cosine lambda)",
+    "tl": "tripletloss_cuda (tl.cosine_distance)",
+}
+COSINE_SHAPES = [(128, 128), (4096, 256), (16384, 512), (65536, 512)]
 CPU_SHAPES = [(128, 128), (1024, 128), (4096, 256), (16384, 512), (65536, 512)]
 CUDA_SHAPES = sorted(CPU_SHAPES + [(8192, 1024), (32768, 8192)], key=math.prod)
 QUICK_SHAPES = [(128, 128), (1024, 128)]
@@ -109,7 +120,25 @@ def copy_bandwidth(device, nbytes=256 << 20, repeats=None):
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def _make_impl(impl):
+def _cosine_distance_loss(anchor, positive, negative):
+    """How PyTorch users write a cosine triplet loss: a lambda as the distance function."""
+    return F.triplet_margin_with_distance_loss(
+        anchor, positive, negative, distance_function=lambda x, y: 1 - F.cosine_similarity(x, y), margin=MARGIN
+    )
+
+
+def _tl_cosine_distance_loss(anchor, positive, negative):
+    return tl.triplet_margin_with_distance_loss(
+        anchor, positive, negative, distance_function=tl.cosine_distance, margin=MARGIN
+    )
+
+
+def _make_impl(impl, distance="pnorm"):
+    if distance == "cosine":
+        if impl == "compile":
+            torch.compiler.reset()
+            return torch.compile(_cosine_distance_loss, dynamic=False)
+        return {"torch": _cosine_distance_loss, "tl": _tl_cosine_distance_loss}[impl]
     if impl == "naive":
         return tl.naive.TripletLoss(margin=MARGIN)
     if impl == "torch":
@@ -170,9 +199,18 @@ def _is_oom(err):
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in msg or "can't allocate" in msg
 
 
-def run(device="cpu", shapes=None, dtypes=DTYPES, modes=MODES, impls=tuple(IMPLS), repeats=None, quick=False):
+def run(
+    device="cpu",
+    shapes=None,
+    dtypes=DTYPES,
+    modes=MODES,
+    impls=tuple(IMPLS),
+    repeats=None,
+    quick=False,
+    distance="pnorm",
+):
     """Benchmark rows (see iter_rows) as a list."""
-    return list(iter_rows(device, shapes, dtypes, modes, impls, repeats, quick))
+    return list(iter_rows(device, shapes, dtypes, modes, impls, repeats, quick, distance=distance))
 
 
 class _Progress:
@@ -221,17 +259,25 @@ def iter_rows(
     repeats=None,
     quick=False,
     progress_bar=False,
+    distance="pnorm",
 ):
     """Benchmark rows, yielded as they are measured: one dict per (dtype, shape, mode, impl), in that order.
 
     shapes: [(N, D), ...] (default: the device's list); dtypes: names or torch dtypes; modes: "fwd",
     "fwd+bwd" (or "fwdbwd"); repeats: fixed number of timed samples (default: fit the time budget);
-    progress_bar: a tqdm bar on stderr instead of a log line per row.
+    progress_bar: a tqdm bar on stderr instead of a log line per row; distance: "pnorm" (F.triplet_margin_loss
+    and the naive module) or "cosine" (COSINE_IMPLS; the naive module has none, and is left out).
     A row's status is "ok", "oom" (out of memory for the shape: the other rows go on), "n/a" (torch.compile
     failed) or "error"; times are in seconds, bytes in bytes.
     """
     device = resolve_device(device)
-    shapes = shapes or (QUICK_SHAPES if quick else CUDA_SHAPES if device == "cuda" else CPU_SHAPES)
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; known: {list(DISTANCES)}")
+    cosine = distance == "cosine"
+    if cosine:
+        impls = [i for i in impls if i in COSINE_IMPLS]
+    default_shapes = COSINE_SHAPES if cosine else CUDA_SHAPES if device == "cuda" else CPU_SHAPES
+    shapes = shapes or (QUICK_SHAPES if quick else default_shapes)
     dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
     modes = ["fwd+bwd" if m in ("fwdbwd", "fwd+bwd", "bwd") else m for m in modes]
     budget = BUDGET["quick" if quick else device]
@@ -245,6 +291,7 @@ def iter_rows(
     try:
         for dtype, (n, d), mode in itertools.product(dtypes, shapes, modes):
             base = {"device": device, "dtype": str(dtype).removeprefix("torch."), "n": n, "d": d, "mode": mode}
+            base["distance"] = distance
             base["min_bytes"] = (3 if mode == "fwd" else 9) * n * d * dtype.itemsize
             sets = None
             for impl in impls:
@@ -252,7 +299,7 @@ def iter_rows(
                 progress.start(f"{device} {row['dtype']} {n}x{d} {mode} {impl}")
                 try:
                     sets = sets or _input_sets(n, d, dtype, device, requires_grad=mode != "fwd")
-                    times, peak = _measure(_make_impl(impl), sets, mode, device, repeats, budget)
+                    times, peak = _measure(_make_impl(impl, distance), sets, mode, device, repeats, budget)
                     median, p20, p80 = _stats(times)
                     row.update(median_s=median, p20_s=p20, p80_s=p80, repeats=len(times))
                     row["gbps"] = row["min_bytes"] / median / 1e9
@@ -291,7 +338,7 @@ def annotate(rows, copy_gbps=None):
 
 
 def _group(row):
-    return row["device"], row["dtype"], row["n"], row["d"], row["mode"]
+    return row["device"], row.get("distance", "pnorm"), row["dtype"], row["n"], row["d"], row["mode"]
 
 
 def markdown(meta, rows):
@@ -326,7 +373,8 @@ def markdown(meta, rows):
             pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else ""
             spread = f"{fmt_time(r['p20_s'])}–{fmt_time(r['p80_s'])}"
             cells = [fmt_time(r["median_s"]), spread, speedup, f"{r['gbps']:.1f}", pct, peak]
-        lines.append("| " + " | ".join(head + [IMPLS.get(r["impl"], r["impl"])] + cells) + " |")
+        labels = COSINE_IMPLS if r.get("distance") == "cosine" else IMPLS
+        lines.append("| " + " | ".join(head + [labels.get(r["impl"], r["impl"])] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -437,6 +485,13 @@ def _parse_args(argv):
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="default: %(default)s")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (default: %(default)s)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="default: %(default)s")
+    parser.add_argument(
+        "--distance",
+        default="pnorm",
+        choices=DISTANCES,
+        help="pnorm: F.triplet_margin_loss (default); cosine: F.triplet_margin_with_distance_loss with the cosine "
+        "distance, eager and compiled, against tl.triplet_margin_with_distance_loss",
+    )
     parser.add_argument("--repeats", type=int, help="timed samples per row (default: fit a time budget)")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats, no files (CI smoke test)")
     parser.add_argument("--json", help="also write the results JSON to this file")
@@ -502,7 +557,15 @@ def main(argv=None):
     try:
         rows.extend(
             iter_rows(
-                device, args.shapes, args.dtypes, args.modes, args.impls, args.repeats, args.quick, not args.no_progress
+                device,
+                args.shapes,
+                args.dtypes,
+                args.modes,
+                args.impls,
+                args.repeats,
+                args.quick,
+                not args.no_progress,
+                args.distance,
             )
         )
     except KeyboardInterrupt:
