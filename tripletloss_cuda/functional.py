@@ -10,13 +10,13 @@ from torch.nn import _reduction as _Reduction
 from torch.nn.modules import module as _module
 from torch.overrides import has_torch_function_variadic
 
-from . import _library, distances, modules, ops, reference
+from . import _library, distances, ops, reference
 from ._checks import tensor_argument
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _fused_inputs(anchor, positive, negative, p):
+def fused_inputs(anchor, positive, negative, p):
     """(rows, batch, p, float32_loss) for the fused op: the three inputs as (N, D) tensors of one floating
     dtype, the batch shape of the per-row loss (None: (N,)), the p to compute with (1 for D = 1, see below) and
     whether the loss is float32 for 16-bit inputs (autocast, see below); None when the inputs are outside the
@@ -129,7 +129,7 @@ def triplet_margin_loss(
         reduction_enum = _Reduction.get_enum(reduction)
     if margin <= 0:
         raise ValueError(f"margin must be greater than 0, got {margin}")
-    fused = _fused_inputs(anchor, positive, negative, float(p))
+    fused = fused_inputs(anchor, positive, negative, float(p))
     if fused is None:
         _library.warn_fallback()
         _check_tensor_arguments(anchor, positive, negative)
@@ -147,6 +147,18 @@ def cosine_distance(x1, x2, eps=1e-8):
     and x2, broadcast as cosine_similarity broadcasts them. As the ``distance_function`` of
     :func:`triplet_margin_with_distance_loss` it is recognized and fused (so is :class:`CosineDistance`)."""
     return 1 - F.cosine_similarity(x1, x2, dim=-1, eps=eps)
+
+
+class CosineDistance(nn.CosineSimilarity):
+    """1 - nn.CosineSimilarity(dim, eps): the cosine distance, over the last dimension by default (dim=-1; PyTorch's
+    CosineSimilarity defaults to dim=1). As a ``distance_function`` over the last dimension it is fused. (Defined
+    here, next to the dispatch that recognizes it; tl.CosineDistance and tl.modules.CosineDistance are this class.)"""
+
+    def __init__(self, dim=-1, eps=1e-8):
+        super().__init__(dim, eps)
+
+    def forward(self, x1, x2):
+        return 1 - super().forward(x1, x2)
 
 
 _WITH_DISTANCE_REDUCTIONS = ("none", "mean", "sum")  # codes 0, 1, 2
@@ -188,7 +200,7 @@ def _fused_distance(distance_function, ndim):
         if not _plain_call(distance_function):
             return None
         return distances.TRIPLET_CODES["pairwise"], float(norm), float(eps)
-    if kind is modules.CosineDistance:
+    if kind is CosineDistance:
         dim, eps = distance_function.dim, distance_function.eps
         if type(dim) is not int or dim not in (-1, ndim - 1) or not _is_number(eps):
             return None
@@ -228,7 +240,7 @@ def triplet_margin_with_distance_loss(
     ):
         spec = _fused_distance(distance_function, anchor.dim())
         if spec is not None:
-            inputs = _fused_inputs(anchor, positive, negative, spec[1])
+            inputs = fused_inputs(anchor, positive, negative, spec[1])
             if inputs is not None:
                 fused = spec, inputs
     if fused is None:

@@ -4,6 +4,9 @@ from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from . import functional
+from .functional import CosineDistance
+
+__all__ = ["CosineDistance", "TripletMarginLoss", "TripletMarginWithDistanceLoss"]
 
 
 class TripletMarginLoss(_Loss):
@@ -59,14 +62,3 @@ class TripletMarginWithDistanceLoss(_Loss):
             swap=self.swap,
             reduction=self.reduction,
         )
-
-
-class CosineDistance(nn.CosineSimilarity):
-    """1 - nn.CosineSimilarity(dim, eps): the cosine distance, over the last dimension by default (dim=-1; PyTorch's
-    CosineSimilarity defaults to dim=1). As a ``distance_function`` over the last dimension it is fused."""
-
-    def __init__(self, dim=-1, eps=1e-8):
-        super().__init__(dim, eps)
-
-    def forward(self, x1, x2):
-        return 1 - super().forward(x1, x2)

@@ -46,7 +46,7 @@ from torch.overrides import has_torch_function
 from .. import distances, ops
 from .._checks import tensor_argument
 from .._library import REDUCTIONS
-from ..functional import _fused_inputs
+from ..functional import fused_inputs
 from ..mining import ops as mining_ops
 
 BatchHardTripletLossDistanceFunction = st_losses.BatchHardTripletLossDistanceFunction
@@ -190,7 +190,7 @@ def triplet_loss(embeddings, metric, margin):
     if has_torch_function(embeddings):
         return None
     distance, p, eps = spec
-    fused = _fused_inputs(*embeddings, p)
+    fused = fused_inputs(*embeddings, p)
     if fused is None:
         return None
     (a, pos, neg), _, rows_p, _ = fused
