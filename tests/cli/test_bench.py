@@ -53,7 +53,7 @@ def test_main_writes_results(tmp_path, capsys):
 
 
 def test_error_rows_do_not_stop_the_run(monkeypatch):
-    def failing(impl):
+    def failing(impl, distance="pnorm"):
         raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB") if impl == "tl" else ValueError("broken")
 
     monkeypatch.setattr(bench, "_make_impl", failing)
@@ -79,3 +79,15 @@ def test_shim_runs_the_package_program(tmp_path):
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "| float32 | 8×4 | fwd |" in out.stdout
+
+
+def test_cosine_rows():
+    """--distance cosine: F.triplet_margin_with_distance_loss with a cosine lambda, eager and compiled, against
+    tl.triplet_margin_with_distance_loss(distance_function=tl.cosine_distance); no naive module."""
+    rows = bench.run("cpu", shapes=[(32, 16)], dtypes=["float32"], modes=["fwdbwd"], quick=True, distance="cosine")
+    assert [r["impl"] for r in rows] == ["torch", "compile", "tl"]
+    assert all(r["status"] == "ok" and r["distance"] == "cosine" for r in rows), rows
+    a, p, n = (torch.randn(8, 5) for _ in range(3))
+    torch.testing.assert_close(bench._tl_cosine_distance_loss(a, p, n), bench._cosine_distance_loss(a, p, n))
+    table = bench.markdown(bench.metadata("cpu"), bench.annotate(rows))
+    assert "tl.cosine_distance" in table and "cosine lambda" in table
