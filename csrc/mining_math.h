@@ -180,7 +180,30 @@ TL_HD int64_t first_active(const T* ps, int64_t n_pos, T margin, T d_neg) {
   return lo;
 }
 
-// suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t].
+// first_active by a branch-free count for short rows of positives (the CPU's, padded with +inf as for
+// count_below_short): the positives before the first active one are those with !(d_neg < margin + ps[t]),
+// a prefix when the sorted ps holds no NaN (short_active says whether it may be used: n_pos short and the
+// last positive, where a NaN would sort, not NaN); the count is clamped to n_pos, since a NaN or infinite
+// d_neg also counts the +inf padding.
+template <typename T>
+TL_HD bool short_active(const T* ps, int64_t n_pos) {
+  return n_pos <= kShortPositives && (n_pos == 0 || ps[n_pos - 1] == ps[n_pos - 1]);
+}
+template <typename T>
+TL_HD int64_t first_active_short(const T* ps, int64_t n_pos, T margin, T d_neg) {
+  int32_t c = 0;
+  const int32_t end = int32_t(padded(n_pos));
+#pragma omp simd reduction(+ : c)
+  for (int32_t t = 0; t < end; ++t) c += d_neg < margin + ps[t] ? 0 : 1;
+  return c < n_pos ? c : n_pos;
+}
+template <typename T>
+TL_HD int64_t first_active_row(const T* ps, int64_t n_pos, T margin, T d_neg, bool short_row) {
+  return short_row ? first_active_short(ps, n_pos, margin, d_neg) : first_active(ps, n_pos, margin, d_neg);
+}
+
+// suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t] (batch_all_row and
+// batch_all_grad_row: CPU only, ps padded with +inf, see count_below_short).
 template <typename T>
 TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps, int64_t n_pos,
                          T margin, double* suffix, double* loss, int64_t* counts) {
@@ -188,10 +211,11 @@ TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
   for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
   int64_t n_neg = 0, active = 0;
   double l = 0;
+  const bool short_row = short_active(ps, n_pos);
   for (int64_t k = 0; k < m; ++k) {
     if (k == excl || ry[k] == yi) continue;
     ++n_neg;
-    const int64_t t = first_active(ps, n_pos, margin, d[k]);
+    const int64_t t = first_active_row(ps, n_pos, margin, d[k], short_row);
     active += n_pos - t;
     l += suffix[t] - double(n_pos - t) * double(d[k]);
   }
@@ -204,9 +228,10 @@ template <typename T>
 TL_HD void batch_all_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
                               const int64_t* pi, int64_t n_pos, T margin, T scale, T* grad) {
   for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
+  const bool short_row = short_active(ps, n_pos);
   for (int64_t k = 0; k < m; ++k) {
     if (k == excl || ry[k] == yi) continue;
-    const int64_t t = first_active(ps, n_pos, margin, d[k]);
+    const int64_t t = first_active_row(ps, n_pos, margin, d[k], short_row);
     grad[k] = -scale * T(n_pos - t);
     if (t < n_pos) grad[pi[t]] += T(1);
   }
