@@ -33,6 +33,11 @@ struct Backend {
 
 const Backend& cpu_backend();
 
+// CPU only (cpu/mining_kernel.cpp): semi_hard's forward launcher that also returns the (A, 3) int64 active
+// triplets (anchor row, positive column, negative column), by anchor.
+Tensor semi_hard_triplets(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                          double margin, Tensor& loss, Tensor& counts);
+
 const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA and emulated builds only)
 
 }  // namespace mining

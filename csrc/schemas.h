@@ -18,7 +18,8 @@
 // dist: (N, M) float32/float64 distances from N anchors to M references; labels: (N,) int64; ref_labels:
 // (M,) int64; self_index: (N,) int64, the reference column excluded for each anchor (itself) or -1. loss:
 // the 0-d float64 SUM over anchors; stats: int64 (5,) valid, active and mined triplets, valid and active
-// anchors; grad: the gradient of the loss sum.
+// anchors; grad: the gradient of the loss sum. semi_hard_forward_triplets (CPU kernels only): semi_hard_forward
+// and its (A, 3) int64 active triplets (anchor row, positive column, negative column), for the sparse backward.
 #define TL_MINING_SCHEMAS(m)                                                                                \
   m.def(                                                                                                    \
       "batch_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin, " \
@@ -35,7 +36,10 @@
       "-> (Tensor loss, Tensor stats)");                                                                    \
   m.def(                                                                                                    \
       "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "  \
-      "float margin) -> Tensor")
+      "float margin) -> Tensor");                                                                           \
+  m.def(                                                                                                    \
+      "semi_hard_forward_triplets(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "       \
+      "float margin) -> (Tensor loss, Tensor stats, Tensor triplets)")
 
 // distance: tripletloss_cuda/distances.py OP_CODES (0 euclidean, 1 squared euclidean, 2 dot: 1 - <x, y>, the
 // cosine distance of normalized rows). saved: (T, 4)

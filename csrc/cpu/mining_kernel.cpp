@@ -2,6 +2,7 @@
 // anchors with parallel_for. Each anchor writes only its own outputs, so results do not depend on the
 // number of threads.
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -74,7 +75,8 @@ void sort_positives(const T* d, const Labels& lab, int64_t m, int64_t i, std::ve
     if (j != excl && lab.ry[j] == yi) pairs.emplace_back(d[j], j);
   std::sort(pairs.begin(), pairs.end(),
             [](const auto& a, const auto& b) { return sorts_before(a.first, a.second, b.first, b.second); });
-  ps.resize(pairs.size());
+  // +inf past the positives (count_below_short reads up to padded(n)): pi.size() is the positives' count.
+  ps.assign(size_t(padded(int64_t(pairs.size()))), std::numeric_limits<T>::infinity());
   pi.resize(pairs.size());
   for (size_t t = 0; t < pairs.size(); ++t) std::tie(ps[t], pi[t]) = pairs[t];
 }
@@ -94,8 +96,8 @@ void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
       std::vector<double> suffix;
       for (int64_t i = i0; i < i1; ++i) {
         sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
-        suffix.resize(ps.size() + 1);
-        batch_all_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), int64_t(ps.size()),
+        suffix.resize(pi.size() + 1);
+        batch_all_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), int64_t(pi.size()),
                                 scalar_t(margin), suffix.data(), l + i, c + i * kCounts);
       }
     });
@@ -117,7 +119,7 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
       for (int64_t i = i0; i < i1; ++i) {
         sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
         batch_all_grad_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), pi.data(),
-                                     int64_t(ps.size()), scalar_t(margin), s, g + i * m);
+                                     int64_t(pi.size()), scalar_t(margin), s, g + i * m);
       }
     });
   });
@@ -135,9 +137,9 @@ void for_each_sorted_anchor(const Tensor& dist, const Labels& lab, F&& f) {
       std::vector<int64_t> pi, best_k;
       for (int64_t i = i0; i < i1; ++i) {
         sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
-        best_d.resize(ps.size() + 1);
-        best_k.resize(ps.size() + 1);
-        f(i, d + i * m, ps.data(), pi.data(), int64_t(ps.size()), best_d.data(), best_k.data());
+        best_d.resize(pi.size() + 1);
+        best_k.resize(pi.size() + 1);
+        f(i, d + i * m, ps.data(), pi.data(), int64_t(pi.size()), best_d.data(), best_k.data());
       }
     });
   });
@@ -173,6 +175,41 @@ void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
 }
 
 }  // namespace
+
+// Semi-hard's forward that also lists its active triplets (the sparse backward's input): the loss and counts of
+// semi_hard_row, and (A, 3) int64 rows (anchor row, positive column, negative column), by anchor, then by the
+// positive's sorted position (the order semi_hard_pairs visits them): the same for any number of threads.
+Tensor semi_hard_triplets(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
+                          double margin, Tensor& loss, Tensor& counts) {
+  const Labels lab(labels, ref_labels, self_index);
+  double* l = loss.mutable_data_ptr<double>();
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  const int64_t n = dist.size(0), m = dist.size(1);
+  std::vector<std::vector<int64_t>> found(static_cast<size_t>(n));  // per anchor: (j, k) pairs of its active triplets
+  for_each_sorted_anchor(
+      dist, lab,
+      [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos, auto* best_d, int64_t* best_k) {
+        using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
+        std::vector<int64_t>& out = found[size_t(i)];
+        int64_t active = 0;
+        double li = 0;
+        const int64_t n_neg = semi_hard_pairs(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d,
+                                              best_k, [&](int64_t j, int64_t k, T h) {
+                                                if (h > T(0))
+                                                  li += double(h), ++active, out.push_back(j), out.push_back(k);
+                                              });
+        l[i] = li;
+        write_counts(c + i * kCounts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
+      });
+  int64_t total = 0;
+  for (const auto& f : found) total += int64_t(f.size()) / 2;
+  Tensor triplets = empty({total, 3}, ScalarType::Long, dist.device());
+  int64_t* t = triplets.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (size_t e = 0; e < found[size_t(i)].size(); e += 2, t += 3)
+      t[0] = i, t[1] = found[size_t(i)][e], t[2] = found[size_t(i)][e + 1];
+  return triplets;
+}
 
 const Backend& cpu_backend() {
   static const Backend backend{batch_hard, batch_hard_grad, batch_all, batch_all_grad, semi_hard, semi_hard_grad};

@@ -11,6 +11,8 @@ distance of L2-normalized embeddings (pml's default distance, so that the functi
 
 - tl: tripletloss_cuda's public functions (compiled kernels where built);
 - reference: tripletloss_cuda.mining.reference (pure PyTorch, O(N^2) memory) on its own distance matrix;
+- cdist: torch.cdist(x, x).sum() (the distance computation alone, on the same rows: issue 18's yardstick; measured
+  once per case; the table ends with tl's time over it);
 - pml: batch-hard = TripletMarginLoss(reducer=MeanReducer()) + BatchHardMiner (the same function as ours);
   batch-all = TripletMarginLoss without a miner (all triplets, AvgNonZeroReducer = our "mean_nonzero"; the same
   function); semi-hard = TripletMarginLoss + TripletMarginMiner(type_of_triplets="semihard"): NOT the same
@@ -57,7 +59,12 @@ from .bench import write_results
 from .common import fmt_bytes, fmt_time, log, measure, resolve_device, sync
 
 LOSSES = ("batch_hard", "batch_all", "semi_hard")
-IMPLS = {"tl": "tripletloss_cuda", "reference": "tl reference (PyTorch)", "pml": "pytorch-metric-learning"}
+IMPLS = {
+    "tl": "tripletloss_cuda",
+    "reference": "tl reference (PyTorch)",
+    "pml": "pytorch-metric-learning",
+    "cdist": "torch.cdist(x, x).sum()",
+}
 NS, DS, PER_CLASS = (256, 1024, 4096), (128, 512), (4, 32)
 MARGIN = 0.2
 BUDGET_S = {"full": 2.0, "quick": 0.05}  # seconds of timed calls per row (after the measured first call)
@@ -90,6 +97,8 @@ def make_loss(loss, impl, chunk_size=None):
 
         fn = getattr(ref, loss)
         return lambda x, y: fn(ref.distance_matrix(x, "euclidean", normalize=True), y.to(torch.int64), MARGIN)[0]
+    if impl == "cdist":  # the distance computation alone (issue 18's yardstick): the same rows, no mining
+        return lambda x, y: torch.cdist(x, x).sum()
     if impl == "pml":
         from pytorch_metric_learning import losses, miners, reducers
 
@@ -265,11 +274,19 @@ def run_row(spec, timeout_s, module="tripletloss_cuda.cli.bench_mining"):
 def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=None, threads=None):
     mode = "quick" if quick else "full"
     least, most = REPEATS[mode] if repeats is None else (repeats, repeats)
+    done = []
     for loss in losses:
         for n in ns:
             for d in ds:
                 for per_class in per_classes:
                     for impl in impls:
+                        if impl == "cdist" and loss != losses[0]:
+                            # loss-independent: measured once per case, with the first loss
+                            row = next(
+                                r for r in done if r["impl"] == "cdist" and _case(r)[1:] == (n, None, d, per_class)
+                            )
+                            yield dict(row, loss=loss)
+                            continue
                         row = {"loss": loss, "n": n, "d": d, "per_class": per_class, "impl": impl}
                         reason = skip_reason(loss, impl, n, device)
                         if reason:
@@ -280,6 +297,7 @@ def iter_rows(device, ns, ds, per_classes, losses, impls, quick=False, repeats=N
                             )
                             row.update(run_row(spec, ROW_TIMEOUT_S))
                         log(f"{loss} N={n} D={d} per class {per_class} {impl}: " + _row_summary(row))
+                        done.append(row)
                         yield row
 
 
@@ -312,6 +330,17 @@ def annotate(rows):
             r["tl_speedup"] = r["median_s"] / base["median_s"]
             measured = r["peak_bytes"] is not None and base["peak_bytes"]  # None or 0: no ratio
             r["tl_memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if measured else None
+
+
+def cdist_ratios(rows):
+    """{(loss, N, D, per class): tl time / torch.cdist time} for the cases with both rows measured."""
+    cdist = {_case(r)[1:]: r for r in rows if r["impl"] == "cdist" and not r.get("skipped")}
+    out = {}
+    for r in rows:
+        base = cdist.get(_case(r)[1:])
+        if r["impl"] == "tl" and not r.get("skipped") and base:
+            out[(r["loss"], r["n"], r["d"], r["per_class"])] = r["median_s"] / base["median_s"]
+    return out
 
 
 def _case(row):
@@ -356,6 +385,11 @@ def markdown(meta, rows):
         head = [r["loss"], str(r["n"]), str(r.get("m") or r["n"]), str(r["d"]), str(r["per_class"])]
         head += [IMPLS.get(r["impl"], r["impl"]), str(r.get("chunk") or "")]
         lines.append("| " + " | ".join(head + result_cells(r, ratios=r["impl"] != "tl")) + " |")
+    ratios = cdist_ratios(rows)
+    if ratios:
+        lines += ["", "tl time / torch.cdist(x, x).sum() forward+backward time on the same rows (the same run):", ""]
+        lines += ["| loss | N | D | per class | tl / cdist |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {v:.2f} |" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
 
 

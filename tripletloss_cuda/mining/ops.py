@@ -26,6 +26,7 @@ import torch
 
 from .. import _library, distances
 from .._library import REDUCTIONS
+from ..indexed import ops as indexed_ops
 from . import reference
 
 NAMESPACE = _library.NAMESPACE
@@ -274,6 +275,132 @@ class ChunkedMiningFunction(torch.autograd.Function):
         if same:
             return None, gx + gy, None, *nones
         return None, gx if need_x else None, gy, *nones
+
+
+# ---------------------------------------------------------------- the sparse backward (issue 18)
+
+# Kinds whose mined set is sparse (a few entries per anchor): their backward sends gradients from the mined
+# triplets straight to the rows, instead of forming a dense (N, M) dL/dD and pushing it through matrix products.
+SPARSE_KINDS = ("batch_hard", "semi_hard")
+SPARSE_OPS = ("batch_hard_forward", "semi_hard_forward_triplets", "indexed_triplet_backward")
+SPARSE_DEVICES = _library.kernel_devices(SPARSE_OPS) & {"cpu"}
+# False: every loss takes the dense path (tests pin the sparse path to it).
+SPARSE = True
+
+
+def use_sparse(kind, x):
+    """Whether a loss of ``kind`` on rows x takes the sparse backward: batch-hard and semi-hard, on the CPU
+    kernels, outside torch.compile (whose graphs take the dense path: the mined set has a data-dependent size)."""
+    device = x.device.type
+    return (
+        SPARSE
+        and kind in SPARSE_KINDS
+        and device in KERNEL_DEVICES
+        and device in SPARSE_DEVICES
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _sparse_mine(kind, d, labels, ref_labels, self_index, args):
+    """(loss sum, stats, triplets (T, 3) int64 with block-local anchor rows, their (T, 2) distances d(a, p),
+    d(a, n)) of one block of anchor rows d. Batch-hard: the anchors with a triplet (hardest positive and
+    negative); semi-hard: the active triplets."""
+    ops = torch.ops.tripletloss_cuda
+    if kind == "batch_hard":
+        total, stats, mined = ops.batch_hard_forward(d, labels, ref_labels, self_index, *args)
+        rows = torch.nonzero(mined[:, 0] >= 0).squeeze(1)
+        triplets = torch.cat((rows[:, None], mined[rows]), 1)
+    else:
+        total, stats, triplets = ops.semi_hard_forward_triplets(d, labels, ref_labels, self_index, *args)
+    pair = torch.stack((d[triplets[:, 0], triplets[:, 1]], d[triplets[:, 0], triplets[:, 2]]), 1)
+    return total, stats, triplets, pair
+
+
+def _sparse_weights(kind, pair, margin, soft, scale):
+    """(T,) dL/dd(a, p) of each mined triplet (dL/dd(a, n) is its negative) for the gradient ``scale`` of the
+    loss sum: batch-hard's hard_weight (mining_math.h, the same float expression), semi-hard's scale (its
+    triplets are the active ones)."""
+    s = scale.to(pair.dtype)
+    if kind == "semi_hard":
+        return s.expand(pair.shape[0])
+    x = pair[:, 0] - pair[:, 1]
+    if soft:
+        return s * (1 / (1 + torch.exp(-x)))
+    return torch.where(x + margin > 0, s, 0)  # margin + x > 0, as hard_weight (addition commutes exactly)
+
+
+class SparseMiningFunction(torch.autograd.Function):
+    """loss, stats = SparseMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk, den,
+    *args): batch-hard or semi-hard of anchors x (N, D) against references y (M, D) (None: x against itself;
+    rows of distances.rows), mined ``chunk`` anchors at a time (chunk >= N: the whole matrix in one block). The
+    forward keeps only the mined triplets and their distances (a few per anchor, never an (N, M) tensor); the
+    backward sends each triplet's gradient to its three rows with the loss over index triplets' backward op
+    (tripletloss_cuda::indexed_triplet_backward: destination rows grouped by integer sort, each row summing its
+    contributions in a fixed order; no float atomics), with the distances the mining used, so that values and
+    gradients equal the dense path's up to accumulation order."""
+
+    @staticmethod
+    def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, den, *args):
+        ref_labels, self_index = reference.self_references(labels, ref_labels, self_index)
+        rows = _Rows(x, x if y is None else y, distance)
+        totals, stats, triplets, pairs = [], [], [], []
+        for i0, i1 in _blocks(x.shape[0], chunk):
+            d = rows.block(i0, i1)
+            total, block_stats, t, pair = _sparse_mine(kind, d, labels[i0:i1], ref_labels, self_index[i0:i1], args)
+            del d  # the block's distances are dropped here
+            totals.append(total)
+            stats.append(block_stats)
+            t[:, 0] += i0
+            triplets.append(t)
+            pairs.append(pair)
+        total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
+        stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
+        triplets = torch.cat(triplets) if triplets else labels.new_zeros((0, 3))
+        pairs = torch.cat(pairs) if pairs else x.new_zeros((0, 2))
+        ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, triplets, pairs)
+        ctx.kind, ctx.distance, ctx.den, ctx.args = kind, distance, den, args
+        ctx.mark_non_differentiable(stats)
+        return divide(total, stats, den).to(x.dtype), stats
+
+    @staticmethod
+    def backward(ctx, grad, _grad_stats):
+        x, y, labels, ref_labels, self_index, stats, triplets, pairs = ctx.saved_tensors
+        kind, distance, den, args = ctx.kind, ctx.distance, ctx.den, ctx.args
+        nones = (None,) * (6 + len(args))
+        need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if not (need_x or need_y):
+            return (None, None, None, *nones)
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
+            d = distances.differentiable(x, x if y is None else y, distance)
+            total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
+            loss = divide(total, ref_stats, den)
+            if y is None:
+                return None, torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
+            gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
+            return None, gx, gy, *nones
+        scale = divide(grad.to(torch.float64), stats, den)
+        margin, soft = args[0], (args[1] if kind == "batch_hard" else False)
+        w = _sparse_weights(kind, pairs, margin, soft, scale).contiguous()
+        a, p, n = (triplets[:, c].contiguous() for c in range(3))
+        saved = torch.cat((pairs, pairs.new_zeros((pairs.shape[0], 2))), 1)
+        m = 0 if y is None else y.shape[0]
+        entries, offsets = indexed_ops.destinations(a, p, n, x.shape[0], m)
+        # margin = inf: every triplet passes the op's hinge, so its gradient is w, decided above by the mining's
+        # own test; the op's coefficients are then w / d (euclidean), 2 w (squared), w (dot) of the saved d.
+        gx, gy = torch.ops.tripletloss_cuda.indexed_triplet_backward(
+            w, x, y, a, p, n, saved, entries, offsets, distances.OP_CODES[distances.op_name(distance)],
+            float("inf"), False, False,
+        )  # fmt: skip
+        return None, gx if need_x else None, gy if need_y else None, *nones
+
+
+def run_sparse(kind, x, y, labels, margin, extra, ref_labels, self_index, distance, chunk):
+    """(loss, stats) of batch-hard or semi-hard with the sparse backward (see use_sparse): as run_chunked."""
+    args, den = _kind_args(kind, margin, extra)
+    y = None if y is None or y is x else y.contiguous()
+    inputs = _contiguous(labels, ref_labels, self_index)
+    return SparseMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, den, *args)
 
 
 # ---------------------------------------------------------------- entry points
