@@ -153,23 +153,36 @@ struct RowGrad {
   bool zero;     // every component's gradient is exactly zero (inactive hinge, finite distances)
 };
 
-template <Norm N, typename T>
-TL_HD RowGrad<T> row_grad(T d_ap, T d_an, T d_pn, T margin, T p, bool swap, T g, bool grad_at_zero_hinge) {
+// The loss gradient w.r.t. each distance, from the upstream gradient g: clamp_min's (w where the hinge is > 0, also
+// at 0 with grad_at_zero_hinge), and minimum()'s with swap: a tie sends half to each side; otherwise all to the
+// smaller (both when NaN). Shared by the p-norms and the cosine.
+template <typename T>
+struct DistGrad {
+  T ap, an, pn;  // dL/dd(a,p) (w itself), dL/dd(a,n), dL/dd(p,n)
+};
+
+template <typename T>
+TL_HD DistGrad<T> dist_grad(T d_ap, T d_an, T d_pn, T margin, bool swap, T g, bool grad_at_zero_hinge) {
   const T h = margin + d_ap - (swap ? min_nan(d_an, d_pn) : d_an);
   const T w = (h > T(0) || (grad_at_zero_hinge && h == T(0))) ? g : T(0);
-  // minimum() backward: a tie sends half to each side; otherwise all to the smaller (both when NaN).
   T alpha = T(1), beta = T(0);
   if (swap) {
     const bool tie = d_an == d_pn;
     alpha = tie ? T(0.5) : (d_an > d_pn ? T(0) : T(1));
     beta = tie ? T(0.5) : (d_an < d_pn ? T(0) : T(1));
   }
+  return {w, -w * alpha, -w * beta};
+}
+
+template <Norm N, typename T>
+TL_HD RowGrad<T> row_grad(T d_ap, T d_an, T d_pn, T margin, T p, bool swap, T g, bool grad_at_zero_hinge) {
+  const DistGrad<T> w = dist_grad(d_ap, d_an, d_pn, margin, swap, g, grad_at_zero_hinge);
   RowGrad<T> r{};
-  r.ap = norm_grad_scale<N>(d_ap, p, w);
-  r.an = norm_grad_scale<N>(d_an, p, -w * alpha);
-  r.pn = norm_grad_scale<N>(d_pn, p, -w * beta);
+  r.ap = norm_grad_scale<N>(d_ap, p, w.ap);
+  r.an = norm_grad_scale<N>(d_an, p, w.an);
+  r.pn = norm_grad_scale<N>(d_pn, p, w.pn);
   const bool finite = tl_abs(d_ap) < INFINITY && tl_abs(d_an) < INFINITY && (!swap || tl_abs(d_pn) < INFINITY);
-  r.zero = w == T(0) && finite;
+  r.zero = w.ap == T(0) && finite;
   return r;
 }
 
@@ -191,21 +204,14 @@ TL_HD void cosine_pair_grad(T d, T nx, T ny, T eps, int distance, T w, T& pair, 
 // The cosine's row coefficients from the saved d(a,p), d(a,n), d(p,n), |a|, |p|, |n|.
 template <typename T>
 TL_HD RowGrad<T> cosine_row_grad(const T* d, T margin, T eps, int distance, bool swap, T g, bool grad_at_zero_hinge) {
-  const T h = margin + d[0] - (swap ? min_nan(d[1], d[2]) : d[1]);
-  const T w = (h > T(0) || (grad_at_zero_hinge && h == T(0))) ? g : T(0);
-  T alpha = T(1), beta = T(0);  // minimum() backward, as in row_grad
-  if (swap) {
-    const bool tie = d[1] == d[2];
-    alpha = tie ? T(0.5) : (d[1] > d[2] ? T(0) : T(1));
-    beta = tie ? T(0.5) : (d[1] < d[2] ? T(0) : T(1));
-  }
+  const DistGrad<T> w = dist_grad(d[0], d[1], d[2], margin, swap, g, grad_at_zero_hinge);
   RowGrad<T> r{};
-  cosine_pair_grad(d[0], d[3], d[4], eps, distance, w, r.ap, r.aa, r.pp);
-  cosine_pair_grad(d[1], d[3], d[5], eps, distance, -w * alpha, r.an, r.aa, r.nn);
-  if (swap) cosine_pair_grad(d[2], d[4], d[5], eps, distance, -w * beta, r.pn, r.pp, r.nn);
+  cosine_pair_grad(d[0], d[3], d[4], eps, distance, w.ap, r.ap, r.aa, r.pp);
+  cosine_pair_grad(d[1], d[3], d[5], eps, distance, w.an, r.an, r.aa, r.nn);
+  if (swap) cosine_pair_grad(d[2], d[4], d[5], eps, distance, w.pn, r.pn, r.pp, r.nn);
   bool finite = true;
   for (int k = 0; k < 6; ++k) finite = finite && tl_abs(d[k]) < INFINITY;
-  r.zero = w == T(0) && finite;
+  r.zero = w.ap == T(0) && finite;
   return r;
 }
 
