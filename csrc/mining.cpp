@@ -165,20 +165,6 @@ Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor&
   return grad_dist;
 }
 
-#ifndef TRIPLETLOSS_EMULATED
-// The sparse backward's semi-hard forward (CPU): (loss, stats, triplets), triplets the (A, 3) active ones.
-std::tuple<Tensor, Tensor, Tensor> semi_hard_forward_triplets(const Tensor& dist_, const Tensor& labels_,
-                                                              const Tensor& ref_labels_, const Tensor& self_index_,
-                                                              double margin) {
-  const auto in = prepare(dist_, labels_, ref_labels_, self_index_);
-  Rows rows = empty_rows(in.dist);
-  Tensor triplets = in.dist.numel() > 0 ? semi_hard_triplets(in.dist, in.labels, in.ref_labels, in.self_index, margin,
-                                                             rows.loss, rows.counts)
-                                        : empty({0, 3}, ScalarType::Long, in.dist.device());
-  auto [loss, stats] = finish(rows);
-  return {loss, stats, triplets};
-}
-#endif
 
 }  // namespace
 
@@ -196,10 +182,7 @@ std::tuple<Tensor, Tensor, Tensor> semi_hard_forward_triplets(const Tensor& dist
 // The same device-generic code for both: only the row launchers (backend_for) differ.
 #ifndef TRIPLETLOSS_EMULATED
 STABLE_TORCH_LIBRARY_FRAGMENT(tripletloss_cuda, m) { TL_MINING_SCHEMAS(m); }
-STABLE_TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) {
-  TL_MINING_IMPLS(m);
-  m.impl("semi_hard_forward_triplets", TORCH_BOX(&tripletloss::mining::semi_hard_forward_triplets));  // CPU only
-}
+STABLE_TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) { TL_MINING_IMPLS(m); }
 #ifdef TRIPLETLOSS_WITH_CUDA
 STABLE_TORCH_LIBRARY_IMPL(tripletloss_cuda, CUDA, m) { TL_MINING_IMPLS(m); }
 #endif

@@ -33,10 +33,20 @@ struct Backend {
 
 const Backend& cpu_backend();
 
-// CPU only (cpu/mining_kernel.cpp): semi_hard's forward launcher that also returns the (A, 3) int64 active
-// triplets (anchor row, positive column, negative column), by anchor.
-Tensor semi_hard_triplets(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
-                          double margin, Tensor& loss, Tensor& counts);
+// The fused CPU mining on a Gram block (cpu/mining_gram_kernel.cpp; schemas.h TL_MINING_GRAM_SCHEMAS): contiguous
+// inputs, checked by csrc/mining_gram.cpp; sq_x/sq_y undefined (nullptr) for the dot distance.
+struct GramBlock {
+  Tensor gram;
+  const Tensor *sq_x, *sq_y;
+  Tensor keys_x, keys_y, self_index, pos_cols, pos_start, pos_end;
+  int64_t distance;
+};
+struct Mined {  // the mined triplets with a nonzero gradient, by anchor (schemas.h)
+  Tensor triplets, pair, weight;
+};
+Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss, Tensor& counts);
+Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts);
+void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts);  // writes dL/dgram into g.gram
 
 const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA and emulated builds only)
 

@@ -24,6 +24,16 @@ namespace mining {
 // active triplet (0 or 1). Summed over the anchors, they are the stats vector (reference.STATS_FIELDS).
 constexpr int kValid = 0, kActive = 1, kMined = 2, kValidAnchor = 3, kActiveAnchor = 4, kCounts = 5;
 
+// The role of reference column k for an anchor: the row functions take it as a functor role(k), so that the same
+// code serves rows described by labels (LabelRole: ry_k == yi, k != excl) and rows whose positives come from a
+// per-row mask (the CPU's fused mining on a Gram block).
+constexpr int kNegative = 0, kPositive = 1, kExcluded = 2;
+struct LabelRole {
+  const int64_t* ry;
+  int64_t yi, excl;
+  TL_HD int operator()(int64_t k) const { return k == excl ? kExcluded : ry[k] == yi ? kPositive : kNegative; }
+};
+
 TL_HD void write_counts(int64_t* counts, int64_t valid, int64_t active, int64_t mined) {
   counts[kValid] = valid;
   counts[kActive] = active;
@@ -128,13 +138,14 @@ TL_HD void batch_hard_result(const T* d, int64_t p, int64_t q, int64_t n_pos, in
   mined[1] = valid ? q : -1;
 }
 
-template <typename T>
-TL_HD void batch_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, T margin, bool soft,
-                          double* loss, int64_t* counts, int64_t* mined) {
+template <typename T, typename Role>
+TL_HD void batch_hard_row(const T* d, int64_t m, const Role& role, T margin, bool soft, double* loss, int64_t* counts,
+                          int64_t* mined) {
   int64_t p = -1, q = -1, n_pos = 0, n_neg = 0;
   for (int64_t j = 0; j < m; ++j) {
-    if (j == excl) continue;
-    if (ry[j] == yi) {
+    const int r = role(j);
+    if (r == kExcluded) continue;
+    if (r == kPositive) {
       ++n_pos;
       if (harder_positive(d[j], j, p < 0 ? T(0) : d[p], p)) p = j;
     } else {
@@ -204,16 +215,16 @@ TL_HD int64_t first_active_row(const T* ps, int64_t n_pos, T margin, T d_neg, bo
 
 // suffix[0, n_pos]: scratch for the suffix sums of the thresholds margin + ps[t] (batch_all_row and
 // batch_all_grad_row: CPU only, ps padded with +inf, see count_below_short).
-template <typename T>
-TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps, int64_t n_pos,
-                         T margin, double* suffix, double* loss, int64_t* counts) {
+template <typename T, typename Role>
+TL_HD void batch_all_row(const T* d, int64_t m, const Role& role, const T* ps, int64_t n_pos, T margin, double* suffix,
+                         double* loss, int64_t* counts) {
   suffix[n_pos] = 0;
   for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
   int64_t n_neg = 0, active = 0;
   double l = 0;
   const bool short_row = short_active(ps, n_pos);
   for (int64_t k = 0; k < m; ++k) {
-    if (k == excl || ry[k] == yi) continue;
+    if (role(k) != kNegative) continue;
     ++n_neg;
     const int64_t t = first_active_row(ps, n_pos, margin, d[k], short_row);
     active += n_pos - t;
@@ -224,13 +235,13 @@ TL_HD void batch_all_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, i
 }
 
 // The histogram of t_k is kept in the positives' own gradient slots (counts below 2^24 are exact in float).
-template <typename T>
-TL_HD void batch_all_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
-                              const int64_t* pi, int64_t n_pos, T margin, T scale, T* grad) {
+template <typename T, typename Role>
+TL_HD void batch_all_grad_row(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
+                              T margin, T scale, T* grad) {
   for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
   const bool short_row = short_active(ps, n_pos);
   for (int64_t k = 0; k < m; ++k) {
-    if (k == excl || ry[k] == yi) continue;
+    if (role(k) != kNegative) continue;
     const int64_t t = first_active_row(ps, n_pos, margin, d[k], short_row);
     grad[k] = -scale * T(n_pos - t);
     if (t < n_pos) grad[pi[t]] += T(1);
@@ -250,13 +261,13 @@ TL_HD void batch_all_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t 
 // log n_pos) per anchor, the negatives unsorted. Calls pair(j, k, h) for every positive j with its mined negative k and
 // the hinge h = margin + d_ij - d_ik (none when the anchor has no negative); returns the number of negatives.
 // The forward and the backward both mine (the backward again), so that no (N, M) choice is ever stored.
-template <typename T, typename Pair>
-TL_HD int64_t semi_hard_pairs(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
-                              const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, Pair&& pair) {
+template <typename T, typename Role, typename Pair>
+TL_HD int64_t semi_hard_pairs(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
+                              T margin, T* best_d, int64_t* best_k, Pair&& pair) {
   for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
   int64_t n_neg = 0, largest = -1;
   for (int64_t k = 0; k < m; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
-    if (k == excl || ry[k] == yi) continue;
+    if (role(k) != kNegative) continue;
     ++n_neg;
     if (harder_positive(d[k], k, largest < 0 ? T(0) : d[largest], largest)) largest = k;  // the farthest
     const int64_t b = n_pos <= kShortPositives ? count_below_short(ps, n_pos, d[k]) : count_below(ps, n_pos, d[k]);
@@ -275,14 +286,13 @@ TL_HD int64_t semi_hard_pairs(const T* d, const int64_t* ry, int64_t m, int64_t 
   return n_neg;
 }
 
-template <typename T>
-TL_HD void semi_hard_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
-                         const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, double* loss,
-                         int64_t* counts) {
+template <typename T, typename Role>
+TL_HD void semi_hard_row(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
+                         T margin, T* best_d, int64_t* best_k, double* loss, int64_t* counts) {
   int64_t active = 0;
   double l = 0;
   const int64_t n_neg =
-      semi_hard_pairs(d, ry, m, yi, excl, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t, int64_t, T h) {
+      semi_hard_pairs(d, m, role, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t, int64_t, T h) {
         if (h > T(0)) l += double(h), ++active;
       });
   *loss = l;
@@ -298,16 +308,77 @@ TL_HD T semi_hard_negative_grad(T count, T scale) {
   return count != T(0) ? -scale * count : T(0);
 }
 
-template <typename T>
-TL_HD void semi_hard_grad_row(const T* d, const int64_t* ry, int64_t m, int64_t yi, int64_t excl, const T* ps,
-                              const int64_t* pi, int64_t n_pos, T margin, T* best_d, int64_t* best_k, T scale,
-                              T* grad) {
+template <typename T, typename Role>
+TL_HD void semi_hard_grad_row(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
+                              T margin, T* best_d, int64_t* best_k, T scale, T* grad) {
   for (int64_t j = 0; j < m; ++j) grad[j] = T(0);
-  semi_hard_pairs(d, ry, m, yi, excl, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t j, int64_t k, T h) {
+  semi_hard_pairs(d, m, role, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t j, int64_t k, T h) {
     if (h > T(0)) grad[j] = scale, grad[k] += T(1);
   });
   for (int64_t k = 0; k < m; ++k)
-    if (k != excl && ry[k] != yi) grad[k] = semi_hard_negative_grad(grad[k], scale);
+    if (role(k) == kNegative) grad[k] = semi_hard_negative_grad(grad[k], scale);
+}
+
+// ---------------------------------------------------------------- mining on a Gram block (issue 18)
+// The fused CPU mining reads each block g = x_b y^T of the matrix product once: the distances, the mining and (for
+// batch-all) the gradient are computed in the pass that reads the block. Distance codes: tripletloss_cuda/
+// distances.py OP_CODES.
+constexpr int kEuclidean = 0, kSquaredEuclidean = 1, kDot = 2;
+
+// distances.block's entry, bitwise: ((g * -2) + |x_i|^2) + |y_j|^2 clamped at 0 (NaN kept), its square root for
+// euclidean; 1 - g (= -g + 1) for dot; 0 for rows with equal keys (same: identical rows).
+template <typename T>
+TL_HD T gram_distance(T g, T sq_i, T sq_j, bool same, int distance) {
+  if (same) return T(0);
+  if (distance == kDot) return T(1) - g;
+  T d2 = g * T(-2) + sq_i;
+  d2 = d2 + sq_j;
+  d2 = d2 < T(0) ? T(0) : d2;
+  return distance == kEuclidean ? tl_sqrt(d2) : d2;
+}
+
+// dL/dg of an entry from its dL/dd = c: 0 for identical rows (their distance is the constant 0) and at a euclidean
+// distance of 0 (the convention of distances.block_grad); -2c (squared: d = |x|^2 + |y|^2 - 2g), -c (dot), -c / d
+// (euclidean). The rows' gradients are then dL/dx_i = sum_j w_ij y_j - [not dot] (sum_j w_ij) x_i, and the
+// references' alike (tripletloss_cuda/mining/ops.py gram_grad).
+template <typename T>
+TL_HD T gram_grad(T c, T d, bool same, int distance) {
+  if (same || c == T(0)) return T(0);
+  if (distance == kDot) return -c;
+  if (distance == kSquaredEuclidean) return T(-2) * c;
+  return d > T(0) ? -c / d : T(0);
+}
+
+// Batch-all's loss, counts and unscaled dL/dd of a row in one pass (batch_all_row and batch_all_grad_row fused;
+// the same counts and positions): put(k, c) receives dL/dd_ik = c for every negative (-a_k) and positive (c_j),
+// the negatives as they are met, then the positives. hist: scratch of 4 (n_pos + 1) counts, four histograms of
+// t_k interleaved by k (consecutive increments of one counter would wait on each other).
+template <typename T, typename Role, typename Put>
+TL_HD void batch_all_row_grad(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
+                              T margin, double* suffix, int64_t* hist, double* loss, int64_t* counts, Put&& put) {
+  suffix[n_pos] = 0;
+  for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
+  const int64_t h = n_pos + 1;
+  for (int64_t t = 0; t < 4 * h; ++t) hist[t] = 0;
+  int64_t n_neg = 0, active = 0;
+  double l = 0;
+  const bool short_row = short_active(ps, n_pos);
+  for (int64_t k = 0; k < m; ++k) {
+    if (role(k) != kNegative) continue;
+    ++n_neg;
+    const int64_t t = first_active_row(ps, n_pos, margin, d[k], short_row);
+    active += n_pos - t;
+    l += suffix[t] - double(n_pos - t) * double(d[k]);
+    ++hist[(k & 3) * h + t];
+    put(k, -T(n_pos - t));
+  }
+  int64_t c = 0;
+  for (int64_t t = 0; t < n_pos; ++t) {
+    c += hist[t] + hist[h + t] + hist[2 * h + t] + hist[3 * h + t];
+    put(pi[t], T(c));
+  }
+  *loss = l;
+  write_counts(counts, n_pos * n_neg, active, n_pos * n_neg);
 }
 
 }  // namespace mining

@@ -18,8 +18,7 @@
 // dist: (N, M) float32/float64 distances from N anchors to M references; labels: (N,) int64; ref_labels:
 // (M,) int64; self_index: (N,) int64, the reference column excluded for each anchor (itself) or -1. loss:
 // the 0-d float64 SUM over anchors; stats: int64 (5,) valid, active and mined triplets, valid and active
-// anchors; grad: the gradient of the loss sum. semi_hard_forward_triplets (CPU kernels only): semi_hard_forward
-// and its (A, 3) int64 active triplets (anchor row, positive column, negative column), for the sparse backward.
+// anchors; grad: the gradient of the loss sum.
 #define TL_MINING_SCHEMAS(m)                                                                                \
   m.def(                                                                                                    \
       "batch_hard_forward(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, float margin, " \
@@ -36,10 +35,30 @@
       "-> (Tensor loss, Tensor stats)");                                                                    \
   m.def(                                                                                                    \
       "semi_hard_backward(Tensor grad, Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "  \
-      "float margin) -> Tensor");                                                                           \
-  m.def(                                                                                                    \
-      "semi_hard_forward_triplets(Tensor dist, Tensor labels, Tensor ref_labels, Tensor self_index, "       \
-      "float margin) -> (Tensor loss, Tensor stats, Tensor triplets)")
+      "float margin) -> Tensor")
+
+// The fused CPU mining (package _C only; csrc/mining_gram.cpp): the mining losses on a block gram = x_b y^T (B, M)
+// float32/float64 of the matrix product, read once. sq_x (B,), sq_y (M,): the rows' squared norms (None for
+// distance 2, dot); keys_x (B,), keys_y (M,) int64: distances.row_keys (equal keys: identical rows, distance 0);
+// self_index (B,) int64 as above; the positives of anchor i are pos_cols[pos_start[i]:pos_end[i]] (int64 columns
+// of the references sorted by label, ascending within a label) other than self_index[i]; distance: OP_CODES below.
+// batch_hard_gram / semi_hard_gram return the loss sum and stats of batch_hard_forward / semi_hard_forward and the
+// mined triplets with a nonzero gradient: triplets (T, 3) int64 (block row, positive column, negative column), pair
+// (T, 2) their distances d(a, p), d(a, n), weight (T,) dL/dd(a, p) of the loss sum (dL/dd(a, n) is its negative).
+// batch_all_gram_ returns batch_all_forward's loss sum and stats and overwrites gram with dL/dgram of the loss sum.
+#define TL_MINING_GRAM_SCHEMAS(m)                                                                              \
+  m.def(                                                                                                       \
+      "batch_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "                \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin, "     \
+      "bool soft) -> (Tensor loss, Tensor stats, Tensor triplets, Tensor pair, Tensor weight)");               \
+  m.def(                                                                                                       \
+      "semi_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "                 \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) "     \
+      "-> (Tensor loss, Tensor stats, Tensor triplets, Tensor pair, Tensor weight)");                          \
+  m.def(                                                                                                       \
+      "batch_all_gram_(Tensor(a!) gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "            \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) "     \
+      "-> (Tensor loss, Tensor stats)")
 
 // distance: tripletloss_cuda/distances.py OP_CODES (0 euclidean, 1 squared euclidean, 2 dot: 1 - <x, y>, the
 // cosine distance of normalized rows). saved: (T, 4)

@@ -32,6 +32,7 @@ struct Labels {
       : y(labels.const_data_ptr<int64_t>()),
         ry(ref_labels.const_data_ptr<int64_t>()),
         self(self_index.const_data_ptr<int64_t>()) {}
+  LabelRole role(int64_t i) const { return {ry, y[i], self[i]}; }
 };
 
 void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
@@ -44,8 +45,7 @@ void batch_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_labe
     int64_t* mi = mined.mutable_data_ptr<int64_t>();
     const int64_t n = dist.size(0), m = dist.size(1);
     for_each_anchor(n, m, [&](int64_t i) {
-      batch_hard_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], scalar_t(margin), soft, l + i,
-                               c + i * kCounts, mi + i * 2);
+      batch_hard_row<scalar_t>(d + i * m, m, lab.role(i), scalar_t(margin), soft, l + i, c + i * kCounts, mi + i * 2);
     });
   });
 }
@@ -97,8 +97,8 @@ void batch_all(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
       for (int64_t i = i0; i < i1; ++i) {
         sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
         suffix.resize(pi.size() + 1);
-        batch_all_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), int64_t(pi.size()),
-                                scalar_t(margin), suffix.data(), l + i, c + i * kCounts);
+        batch_all_row<scalar_t>(d + i * m, m, lab.role(i), ps.data(), int64_t(pi.size()), scalar_t(margin),
+                                suffix.data(), l + i, c + i * kCounts);
       }
     });
   });
@@ -118,8 +118,8 @@ void batch_all_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
       std::vector<int64_t> pi;
       for (int64_t i = i0; i < i1; ++i) {
         sort_positives(d + i * m, lab, m, i, pairs, ps, pi);
-        batch_all_grad_row<scalar_t>(d + i * m, lab.ry, m, lab.y[i], lab.self[i], ps.data(), pi.data(),
-                                     int64_t(pi.size()), scalar_t(margin), s, g + i * m);
+        batch_all_grad_row<scalar_t>(d + i * m, m, lab.role(i), ps.data(), pi.data(), int64_t(pi.size()),
+                                     scalar_t(margin), s, g + i * m);
       }
     });
   });
@@ -155,8 +155,7 @@ void semi_hard(const Tensor& dist, const Tensor& labels, const Tensor& ref_label
       dist, lab,
       [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos, auto* best_d, int64_t* best_k) {
         using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
-        semi_hard_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, l + i,
-                         c + i * kCounts);
+        semi_hard_row<T>(d, m, lab.role(i), ps, pi, n_pos, T(margin), best_d, best_k, l + i, c + i * kCounts);
       });
 }
 
@@ -169,47 +168,12 @@ void semi_hard_grad(const Tensor& dist, const Tensor& labels, const Tensor& ref_
       dist, lab,
       [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos, auto* best_d, int64_t* best_k) {
         using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
-        semi_hard_grad_row<T>(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d, best_k, T(s),
+        semi_hard_grad_row<T>(d, m, lab.role(i), ps, pi, n_pos, T(margin), best_d, best_k, T(s),
                               grad.mutable_data_ptr<T>() + i * m);
       });
 }
 
 }  // namespace
-
-// Semi-hard's forward that also lists its active triplets (the sparse backward's input): the loss and counts of
-// semi_hard_row, and (A, 3) int64 rows (anchor row, positive column, negative column), by anchor, then by the
-// positive's sorted position (the order semi_hard_pairs visits them): the same for any number of threads.
-Tensor semi_hard_triplets(const Tensor& dist, const Tensor& labels, const Tensor& ref_labels, const Tensor& self_index,
-                          double margin, Tensor& loss, Tensor& counts) {
-  const Labels lab(labels, ref_labels, self_index);
-  double* l = loss.mutable_data_ptr<double>();
-  int64_t* c = counts.mutable_data_ptr<int64_t>();
-  const int64_t n = dist.size(0), m = dist.size(1);
-  std::vector<std::vector<int64_t>> found(static_cast<size_t>(n));  // per anchor: (j, k) pairs of its active triplets
-  for_each_sorted_anchor(
-      dist, lab,
-      [&](int64_t i, const auto* d, const auto* ps, const int64_t* pi, int64_t n_pos, auto* best_d, int64_t* best_k) {
-        using T = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
-        std::vector<int64_t>& out = found[size_t(i)];
-        int64_t active = 0;
-        double li = 0;
-        const int64_t n_neg = semi_hard_pairs(d, lab.ry, m, lab.y[i], lab.self[i], ps, pi, n_pos, T(margin), best_d,
-                                              best_k, [&](int64_t j, int64_t k, T h) {
-                                                if (h > T(0))
-                                                  li += double(h), ++active, out.push_back(j), out.push_back(k);
-                                              });
-        l[i] = li;
-        write_counts(c + i * kCounts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
-      });
-  int64_t total = 0;
-  for (const auto& f : found) total += int64_t(f.size()) / 2;
-  Tensor triplets = empty({total, 3}, ScalarType::Long, dist.device());
-  int64_t* t = triplets.mutable_data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    for (size_t e = 0; e < found[size_t(i)].size(); e += 2, t += 3)
-      t[0] = i, t[1] = found[size_t(i)][e], t[2] = found[size_t(i)][e + 1];
-  return triplets;
-}
 
 const Backend& cpu_backend() {
   static const Backend backend{batch_hard, batch_hard_grad, batch_all, batch_all_grad, semi_hard, semi_hard_grad};

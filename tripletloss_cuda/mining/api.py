@@ -193,8 +193,8 @@ def _mining_loss(
     y = None if same else distances.rows(ref_embeddings, distance, normalize)
     n, m = x.shape[0], (x if y is None else y).shape[0]
     chunk = chunk_size if chunk_size is not None else ops.default_chunk(m, x.dtype)
-    if ops.use_sparse(kind, x):  # whole or in blocks; the backward from the mined triplets
-        loss, stats = ops.run_sparse(kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk)
+    if ops.use_fused(kind, x):  # whole or in blocks, each block of the matrix product read once
+        loss, stats = ops.run_fused(kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk)
     elif chunk >= n:  # one block: the whole matrix, kept for the backward
         dist = distances.matrix(x, y, distance)
         loss, stats = ops.run(kind, dist, labels, float(margin), extra, ref_labels, self_index)

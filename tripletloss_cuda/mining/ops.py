@@ -277,130 +277,192 @@ class ChunkedMiningFunction(torch.autograd.Function):
         return None, gx if need_x else None, gy, *nones
 
 
-# ---------------------------------------------------------------- the sparse backward (issue 18)
+# ---------------------------------------------------------------- the fused CPU mining (issue 18)
 
-# Kinds whose mined set is sparse (a few entries per anchor): their backward sends gradients from the mined
-# triplets straight to the rows, instead of forming a dense (N, M) dL/dD and pushing it through matrix products.
-SPARSE_KINDS = ("batch_hard", "semi_hard")
-SPARSE_OPS = ("batch_hard_forward", "semi_hard_forward_triplets", "indexed_triplet_backward")
-SPARSE_DEVICES = _library.kernel_devices(SPARSE_OPS) & {"cpu"}
-# False: every loss takes the dense path (tests pin the sparse path to it).
-SPARSE = True
+# The ops of the fused mining: each block of the matrix product is read once (distances, mining and batch-all's
+# gradient in one pass, csrc/mining_gram.cpp); batch-hard and semi-hard send their gradients from the mined triplets
+# straight to the rows (the loss over index triplets' backward op), batch-all through matrix products of its
+# gradient with respect to the block.
+FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "indexed_triplet_backward")
+FUSED_DEVICES = _library.kernel_devices(FUSED_OPS) & {"cpu"}
+_GRAM_OPS = {"batch_hard": "batch_hard_gram", "semi_hard": "semi_hard_gram", "batch_all": "batch_all_gram_"}
+# False: every loss takes the dense path (tests pin the fused path to it).
+FUSED = True
 
 
-def use_sparse(kind, x):
-    """Whether a loss of ``kind`` on rows x takes the sparse backward: batch-hard and semi-hard, on the CPU
-    kernels, outside torch.compile (whose graphs take the dense path: the mined set has a data-dependent size)."""
+def use_fused(kind, x):
+    """Whether a loss on rows x takes the fused mining: on the CPU kernels, outside torch.compile (whose graphs take
+    the dense path: the mined set has a data-dependent size, and batch-all's op works in place)."""
     device = x.device.type
-    return (
-        SPARSE
-        and kind in SPARSE_KINDS
-        and device in KERNEL_DEVICES
-        and device in SPARSE_DEVICES
-        and not torch.compiler.is_compiling()
-    )
+    return FUSED and device in KERNEL_DEVICES and device in FUSED_DEVICES and not torch.compiler.is_compiling()
 
 
-def _sparse_mine(kind, d, labels, ref_labels, self_index, args):
-    """(loss sum, stats, triplets (T, 3) int64 with block-local anchor rows, their (T, 2) distances d(a, p),
-    d(a, n)) of one block of anchor rows d. Batch-hard: the anchors with a triplet (hardest positive and
-    negative); semi-hard: the active triplets."""
-    ops = torch.ops.tripletloss_cuda
-    if kind == "batch_hard":
-        total, stats, mined = ops.batch_hard_forward(d, labels, ref_labels, self_index, *args)
-        rows = torch.nonzero(mined[:, 0] >= 0).squeeze(1)
-        triplets = torch.cat((rows[:, None], mined[rows]), 1)
-    else:
-        total, stats, triplets = ops.semi_hard_forward_triplets(d, labels, ref_labels, self_index, *args)
-    pair = torch.stack((d[triplets[:, 0], triplets[:, 1]], d[triplets[:, 0], triplets[:, 2]]), 1)
-    return total, stats, triplets, pair
+def positives(labels, ref_labels):
+    """(pos_cols, pos_start, pos_end) of the gram ops: the reference columns sorted by label (a stable sort: ascending
+    within a label), and each anchor's run of its label in them."""
+    sorted_labels, cols = torch.sort(ref_labels, stable=True)
+    return cols, torch.searchsorted(sorted_labels, labels), torch.searchsorted(sorted_labels, labels, right=True)
 
 
-def _sparse_weights(kind, pair, margin, soft, scale):
-    """(T,) dL/dd(a, p) of each mined triplet (dL/dd(a, n) is its negative) for the gradient ``scale`` of the
-    loss sum: batch-hard's hard_weight (mining_math.h, the same float expression), semi-hard's scale (its
-    triplets are the active ones)."""
-    s = scale.to(pair.dtype)
-    if kind == "semi_hard":
-        return s.expand(pair.shape[0])
-    x = pair[:, 0] - pair[:, 1]
-    if soft:
-        return s * (1 / (1 + torch.exp(-x)))
-    return torch.where(x + margin > 0, s, 0)  # margin + x > 0, as hard_weight (addition commutes exactly)
+class _Gram:
+    """The op arguments of a fused mining loss but for its Gram block: block(i0, i1) -> the arguments of anchors
+    [i0, i1), with the block x[i0:i1] @ y.T first (a new tensor: batch-all's op overwrites it)."""
+
+    def __init__(self, x, y, labels, ref_labels, self_index, distance):
+        self.x, self.y = x, y
+        self.sq_x, self.sq_y = distances.squared_norms(x, distance), distances.squared_norms(y, distance)
+        self.keys_x = distances.row_keys(x)
+        self.keys_y = self.keys_x if y is x else distances.row_keys(y)
+        self.cols, self.start, self.end = positives(labels, ref_labels)
+        self.self_index, self.code = self_index, distances.OP_CODES[distances.op_name(distance)]
+
+    def block(self, i0, i1):
+        sq_x = None if self.sq_x is None else self.sq_x[i0:i1]
+        return (
+            self.x[i0:i1] @ self.y.T, sq_x, self.sq_y, self.keys_x[i0:i1], self.keys_y, self.self_index[i0:i1],
+            self.cols, self.start[i0:i1], self.end[i0:i1], self.code,
+        )  # fmt: skip
 
 
-class SparseMiningFunction(torch.autograd.Function):
-    """loss, stats = SparseMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk, den,
-    *args): batch-hard or semi-hard of anchors x (N, D) against references y (M, D) (None: x against itself;
-    rows of distances.rows), mined ``chunk`` anchors at a time (chunk >= N: the whole matrix in one block). The
-    forward keeps only the mined triplets and their distances (a few per anchor, never an (N, M) tensor); the
-    backward sends each triplet's gradient to its three rows with the loss over index triplets' backward op
-    (tripletloss_cuda::indexed_triplet_backward: destination rows grouped by integer sort, each row summing its
-    contributions in a fixed order; no float atomics), with the distances the mining used, so that values and
-    gradients equal the dense path's up to accumulation order."""
+def gram_grad(w, xb, y, dot, need_y=True):
+    """(dL/dxb, dL/dy) of a block from w = dL/dgram (the batch-all op's output; mining_math.h gram_grad): xb's rows
+    sum_j w_ij y_j - [not dot] (sum_j w_ij) xb_i, y's alike with w's columns."""
+    gx = w @ y
+    gy = w.T @ xb if need_y else None
+    if not dot:
+        gx -= w.sum(1, keepdim=True) * xb
+        if need_y:
+            gy -= w.sum(0)[:, None] * y
+    return gx, gy
+
+
+def self_gram_grad(w, x, dot):
+    """dL/dx of the batch against itself (w = dL/dgram of x @ x.T): both sides of every entry in one matrix
+    product, (w + w^T) x - [not dot] (row and column sums of w) x."""
+    t = w + w.T
+    gx = t @ x
+    if not dot:
+        gx -= t.sum(1, keepdim=True) * x
+    return gx
+
+
+class FusedMiningFunction(torch.autograd.Function):
+    """loss, stats = FusedMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk, den,
+    *args): a mining loss of anchors x (N, D) against references y (M, D) (None: x against itself; rows of
+    distances.rows) on the fused CPU ops, ``chunk`` anchors at a time (chunk >= N: one block). Each block of
+    x @ y.T is read once. Batch-hard and semi-hard keep only their mined triplets (a few per anchor) and their
+    distances; the backward sends each triplet's gradient to its rows with the loss over index triplets' backward
+    op (destination rows grouped by an integer sort, each row summing its contributions in a fixed order; no float
+    atomics). Batch-all keeps its gradient with respect to the whole block, dL/dgram (N, M), when one block covers
+    every anchor (the backward is then one matrix product per input), else recomputes it a block at a time in the
+    backward, so that nothing of size N x M is held. Values and gradients equal the dense path's up to accumulation
+    order, the stats exactly."""
 
     @staticmethod
     def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, den, *args):
         ref_labels, self_index = reference.self_references(labels, ref_labels, self_index)
-        rows = _Rows(x, x if y is None else y, distance)
-        totals, stats, triplets, pairs = [], [], [], []
-        for i0, i1 in _blocks(x.shape[0], chunk):
-            d = rows.block(i0, i1)
-            total, block_stats, t, pair = _sparse_mine(kind, d, labels[i0:i1], ref_labels, self_index[i0:i1], args)
-            del d  # the block's distances are dropped here
-            totals.append(total)
-            stats.append(block_stats)
-            t[:, 0] += i0
-            triplets.append(t)
-            pairs.append(pair)
+        gram = _Gram(x, x if y is None else y, labels, ref_labels, self_index, distance)
+        op = getattr(torch.ops.tripletloss_cuda, _GRAM_OPS[kind])
+        blocks = _blocks(x.shape[0], chunk)
+        totals, stats, triplets, pairs, weights = [], [], [], [], []
+        for i0, i1 in blocks:
+            block = gram.block(i0, i1)
+            out = op(*block, *args)
+            totals.append(out[0])
+            stats.append(out[1])
+            if kind != "batch_all":
+                out[2][:, 0] += i0
+                triplets.append(out[2])
+                pairs.append(out[3])
+                weights.append(out[4])
         total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
         stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
-        triplets = torch.cat(triplets) if triplets else labels.new_zeros((0, 3))
-        pairs = torch.cat(pairs) if pairs else x.new_zeros((0, 2))
-        ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, triplets, pairs)
-        ctx.kind, ctx.distance, ctx.den, ctx.args = kind, distance, den, args
+        if kind == "batch_all":
+            # One block: its dL/dgram is kept (the N x M the dense path keeps too); blocks: recomputed.
+            saved = [block[0]] if len(blocks) == 1 else []
+        else:
+            cat = lambda ts, empty: torch.cat(ts) if ts else empty  # noqa: E731
+            saved = [cat(triplets, labels.new_zeros((0, 3))), cat(pairs, x.new_zeros((0, 2))), cat(weights, x.new_zeros(0))]
+        ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, *saved)
+        ctx.kind, ctx.distance, ctx.chunk, ctx.den, ctx.args = kind, distance, chunk, den, args
         ctx.mark_non_differentiable(stats)
         return divide(total, stats, den).to(x.dtype), stats
 
     @staticmethod
     def backward(ctx, grad, _grad_stats):
-        x, y, labels, ref_labels, self_index, stats, triplets, pairs = ctx.saved_tensors
+        x, y, labels, ref_labels, self_index, stats, *saved = ctx.saved_tensors
         kind, distance, den, args = ctx.kind, ctx.distance, ctx.den, ctx.args
         nones = (None,) * (6 + len(args))
         need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_x or need_y):
             return (None, None, None, *nones)
+        same = y is None
+        refs = x if same else y
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
-            d = distances.differentiable(x, x if y is None else y, distance)
+            d = distances.differentiable(x, refs, distance)
             total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
             loss = divide(total, ref_stats, den)
-            if y is None:
+            if same:
                 return None, torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
             gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
             return None, gx, gy, *nones
-        scale = divide(grad.to(torch.float64), stats, den)
-        margin, soft = args[0], (args[1] if kind == "batch_hard" else False)
-        w = _sparse_weights(kind, pairs, margin, soft, scale).contiguous()
-        a, p, n = (triplets[:, c].contiguous() for c in range(3))
-        saved = torch.cat((pairs, pairs.new_zeros((pairs.shape[0], 2))), 1)
-        m = 0 if y is None else y.shape[0]
-        entries, offsets = indexed_ops.destinations(a, p, n, x.shape[0], m)
-        # margin = inf: every triplet passes the op's hinge, so its gradient is w, decided above by the mining's
-        # own test; the op's coefficients are then w / d (euclidean), 2 w (squared), w (dot) of the saved d.
-        gx, gy = torch.ops.tripletloss_cuda.indexed_triplet_backward(
-            w, x, y, a, p, n, saved, entries, offsets, distances.OP_CODES[distances.op_name(distance)],
-            float("inf"), False, False,
-        )  # fmt: skip
+        scale = divide(grad.to(torch.float64), stats, den).to(x.dtype)
+        if kind == "batch_all":
+            gx, gy = _batch_all_grad(x, y, labels, ref_labels, self_index, distance, ctx.chunk, saved, args, need_y)
+            gx = gx * scale
+            gy = None if gy is None else gy * scale
+        else:
+            gx, gy = _triplet_grad(x, y, saved, distance, scale)
         return None, gx if need_x else None, gy if need_y else None, *nones
 
 
-def run_sparse(kind, x, y, labels, margin, extra, ref_labels, self_index, distance, chunk):
-    """(loss, stats) of batch-hard or semi-hard with the sparse backward (see use_sparse): as run_chunked."""
+def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved, args, need_y):
+    """Batch-all's (dL/dx, dL/dy) for a unit gradient of the loss sum: from the kept dL/dgram, or a block at a time."""
+    dot = distances.op_name(distance) == "dot"
+    refs = x if y is None else y
+    if saved:
+        if y is None:
+            return self_gram_grad(saved[0], x, dot), None
+        return gram_grad(saved[0], x, y, dot, need_y)
+    gram = _Gram(x, refs, labels, ref_labels, self_index, distance)
+    gx = torch.empty_like(x)
+    gy = torch.zeros_like(refs) if (need_y or y is None) else None
+    for i0, i1 in _blocks(x.shape[0], chunk):
+        block = gram.block(i0, i1)
+        torch.ops.tripletloss_cuda.batch_all_gram_(*block, *args)
+        gxb, gyb = gram_grad(block[0], x[i0:i1], refs, dot, gy is not None)
+        gx[i0:i1] = gxb
+        if gy is not None:
+            gy += gyb  # blocks in a fixed order: deterministic
+    if y is None:
+        return gx + gy, None
+    return gx, gy
+
+
+def _triplet_grad(x, y, saved, distance, scale):
+    """Batch-hard's and semi-hard's (dL/dx, dL/dy): each mined triplet's gradient sent to its three rows by the loss
+    over index triplets' backward op, with the distances the mining used."""
+    triplets, pairs, weights = saved
+    w = (weights * scale).contiguous()
+    a, p, n = (triplets[:, c].contiguous() for c in range(3))
+    dists = torch.cat((pairs, pairs.new_zeros((pairs.shape[0], 2))), 1)
+    m = 0 if y is None else y.shape[0]
+    entries, offsets = indexed_ops.destinations(a, p, n, x.shape[0], m)
+    # margin = inf: every triplet passes the op's hinge, so its gradient is w, the mining's own (the op's
+    # coefficients are then w / d (euclidean), 2 w (squared), w (dot) of the distances d the mining used).
+    return torch.ops.tripletloss_cuda.indexed_triplet_backward(
+        w, x, y, a, p, n, dists, entries, offsets, distances.OP_CODES[distances.op_name(distance)],
+        float("inf"), False, False,
+    )  # fmt: skip
+
+
+def run_fused(kind, x, y, labels, margin, extra, ref_labels, self_index, distance, chunk):
+    """(loss, stats) of a mining loss on the fused CPU ops (see use_fused): as run_chunked."""
     args, den = _kind_args(kind, margin, extra)
     y = None if y is None or y is x else y.contiguous()
     inputs = _contiguous(labels, ref_labels, self_index)
-    return SparseMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, den, *args)
+    return FusedMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, den, *args)
 
 
 # ---------------------------------------------------------------- entry points
