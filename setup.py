@@ -74,7 +74,8 @@ def extension():
     # C++20 whatever torch's default is (torch 2.11's cpp_extension passes -std=c++17, 2.14's -std=c++20): the
     # sources use std::bit_cast and lambdas capturing structured bindings. The last -std flag wins.
     common = opt + ["-std=c++20"] + stable_abi_flags()
-    args = {"cxx": common + ["-fopenmp"]}  # -fopenmp: `omp simd` in the CPU kernels
+    # -fopenmp: `omp simd` in the CPU kernels; -fno-math-errno: sqrt need not set errno, so its loops vectorize.
+    args = {"cxx": common + ["-fopenmp", "-fno-math-errno"]}
     # py_limited_api: an abi3 module (PyInit__C is plain CPython; nothing links libtorch_python).
     kwargs = {"extra_compile_args": args, "extra_link_args": ["-fopenmp"], "py_limited_api": True}
     if not use_cuda():

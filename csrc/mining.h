@@ -34,7 +34,7 @@ struct Backend {
 const Backend& cpu_backend();
 
 // The fused CPU mining on a Gram block (cpu/mining_gram_kernel.cpp; schemas.h TL_MINING_GRAM_SCHEMAS): contiguous
-// inputs, checked by csrc/mining_gram.cpp; sq_x/sq_y undefined (nullptr) for the dot distance.
+// inputs, checked by csrc/mining_gram.cpp; sq_x/sq_y undefined (nullptr) for the dot distance; keys int32.
 struct GramBlock {
   Tensor gram;
   const Tensor *sq_x, *sq_y;

@@ -54,8 +54,8 @@ Owned prepare(const Tensor& gram, const std::optional<Tensor>& sq_x, const std::
     check_vector(*sq_x, "sq_x", n, gram.scalar_type());
     check_vector(*sq_y, "sq_y", m, gram.scalar_type());
   }
-  check_vector(keys_x, "keys_x", n, ScalarType::Long);
-  check_vector(keys_y, "keys_y", m, ScalarType::Long);
+  check_vector(keys_x, "keys_x", n, ScalarType::Int);
+  check_vector(keys_y, "keys_y", m, ScalarType::Int);
   check_vector(self_index, "self_index", n, ScalarType::Long);
   check_vector(pos_cols, "pos_cols", m, ScalarType::Long);
   check_vector(pos_start, "pos_start", n, ScalarType::Long);

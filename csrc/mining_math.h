@@ -69,20 +69,65 @@ TL_HD int64_t count_below(const T* s, int64_t n, T v) {
   return lo;
 }
 
-// count_below for the short rows of positives the CPU semi-hard mining sees most (a class of a few dozen
-// samples): a branch-free count, which the compiler vectorizes; the same result, since the elements < v of an
-// ascending s (NaN last) are a prefix. s must be readable up to padded(n) and hold +inf past n (which no v
-// exceeds; CPU callers pad their sorted positives so).
-constexpr int64_t kShortPositives = 64, kPad = 8;
-TL_HD int64_t padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+// count_below for the short rows of positives the CPU mining sees most (a class of a few dozen samples): binary
+// steps down to a run of 16, then a branch-free count of the run, which the compiler vectorizes; the same result,
+// since the elements < v of an ascending s (NaN last) are a prefix. s must be readable up to padded(n) (16, 32 or
+// 64 for a short row) and hold +inf past n (which no v exceeds; CPU callers pad their sorted positives so).
+// prefix_count is the search, for any predicate true on a prefix of the padded row.
+constexpr int64_t kShortPositives = 64;
+TL_HD int64_t padded(int64_t n) { return n <= 16 ? 16 : n <= 32 ? 32 : n <= 64 ? 64 : n; }
+template <typename T, typename Pred>
+TL_HD int64_t prefix_count(const T* s, int64_t n, Pred&& pred) {
+  int64_t c = 0;
+  for (int64_t h = padded(n) / 2; h >= 16; h /= 2) c += pred(s[c + h - 1]) ? h : 0;
+  int32_t k = 0;
+#pragma omp simd reduction(+ : k)
+  for (int32_t t = 0; t < 16; ++t) k += pred(s[c + t]) ? 1 : 0;
+  return c + k;
+}
 template <typename T>
 TL_HD int64_t count_below_short(const T* s, int64_t n, T v) {
-  int32_t c = 0;
-  const int32_t end = int32_t(padded(n));
-#pragma omp simd reduction(+ : c)
-  for (int32_t t = 0; t < end; ++t) c += s[t] < v ? 1 : 0;
-  return c;
+  return prefix_count(s, n, [v](T x) { return x < v; });
 }
+
+// Counting a row's thresholds by table (the CPU's fused mining places every negative among its anchor's few positives:
+// the inner loop of batch-all and semi-hard): q cells split [s[0], s[n-1]] of an ascending, finite s; cell(x) is
+// monotone in x, so the thresholds below x's cell all come before x and those above it after: count(x, pred) for a
+// predicate true on a prefix of s (x < s[t]'s negation, s[t] < x) is the number of thresholds in lower cells plus a
+// scan of x's own cell (usually empty). base: scratch of q + 3 counts. x may be infinite but not NaN; rows with a NaN
+// (in s or among the values placed) or an infinite threshold take the searches above instead (usable()).
+template <typename T>
+struct Cells {
+  T lo = 0, scale = 0;
+  int32_t q = 0;
+  int32_t* base = nullptr;  // base[c + 1]: the thresholds in cells below c, for c in [-1, q + 1]
+  static TL_HD bool usable(const T* s, int64_t n) {
+    return n > 0 && s[0] - s[0] == T(0) && s[n - 1] - s[n - 1] == T(0);  // finite (NaN sorts last)
+  }
+  static TL_HD int32_t cells_for(int64_t n) { return int32_t(n < 4 ? 64 : n > 64 ? 1024 : 16 * n); }
+  TL_HD int32_t cell(T x) const {
+    T f = (x - lo) * scale;
+    f = f < T(-1) ? T(-1) : f;
+    f = f > T(q) ? T(q) : f;
+    return int32_t(f);
+  }
+  TL_HD void build(const T* s, int64_t n, int32_t* scratch) {
+    q = cells_for(n), base = scratch, lo = s[0];
+    scale = T(q) / (s[n - 1] - s[0]);  // any positive finite scale keeps cell() monotone:
+    if (!(scale > T(0) && scale - scale == T(0))) scale = T(1);  // all thresholds (nearly) equal
+    for (int32_t c = 0; c < q + 3; ++c) base[c] = 0;
+    for (int64_t t = 0; t < n; ++t) ++base[cell(s[t]) + 2];
+    for (int32_t c = 1; c < q + 3; ++c) base[c] += base[c - 1];
+  }
+  template <typename Pred>
+  TL_HD int64_t count(const T* s, T x, Pred&& pred) const {
+    const int32_t c = cell(x);
+    int64_t t = base[c + 1];
+    const int64_t end = base[c + 2];
+    while (t < end && pred(s[t])) ++t;
+    return t;
+  }
+};
 
 // Total orders on (distance, column), so that a scan in any order or a tree of partial results picks the same
 // element (NaN, which compares false with everything, is ordered explicitly: it wins, so that it is not skipped).
@@ -128,14 +173,46 @@ TL_HD T hard_weight(T x, T margin, bool soft) {
 // mined[0..1] = {j, k}, or {-1, -1} for an anchor without a positive or a negative. The result of a row whose
 // hardest pair (p, q) and numbers of positives and negatives are known (the CUDA kernels find them in parallel):
 template <typename T>
-TL_HD void batch_hard_result(const T* d, int64_t p, int64_t q, int64_t n_pos, int64_t n_neg, T margin, bool soft,
+TL_HD void batch_hard_values(T dp, T dq, int64_t p, int64_t q, int64_t n_pos, int64_t n_neg, T margin, bool soft,
                              double* loss, int64_t* counts, int64_t* mined) {
   const bool valid = n_pos > 0 && n_neg > 0;
-  const T l = valid ? hard_loss(d[p] - d[q], margin, soft) : T(0);
+  const T l = valid ? hard_loss(dp - dq, margin, soft) : T(0);
   *loss = l;
   write_counts(counts, n_pos * n_neg, valid && l > T(0), valid);
   mined[0] = valid ? p : -1;
   mined[1] = valid ? q : -1;
+}
+template <typename T>
+TL_HD void batch_hard_result(const T* d, int64_t p, int64_t q, int64_t n_pos, int64_t n_neg, T margin, bool soft,
+                             double* loss, int64_t* counts, int64_t* mined) {
+  const bool valid = n_pos > 0 && n_neg > 0;
+  batch_hard_values(valid ? d[p] : T(0), valid ? d[q] : T(0), p, q, n_pos, n_neg, margin, soft, loss, counts, mined);
+}
+
+// The CPU's vectorized scans of a row whose non-candidates are set to a value that never wins (+inf for a minimum,
+// -inf for a maximum): the first column holding the row's minimum (maximum), or -1 when the row holds a NaN or no
+// finite extremum; the caller then takes the exact scan (harder_negative / harder_positive, which order NaN).
+template <typename T>
+TL_HD int64_t first_min(const T* d, int64_t m) {
+  T lo = INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(min : lo) reduction(| : nan)
+  for (int64_t k = 0; k < m; ++k) lo = d[k] < lo ? d[k] : lo, nan |= d[k] != d[k];
+  if (nan || !(lo < T(INFINITY))) return -1;
+  int64_t k = 0;
+  while (d[k] != lo) ++k;
+  return k;
+}
+template <typename T>
+TL_HD int64_t first_max(const T* d, int64_t m) {
+  T hi = -INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : hi) reduction(| : nan)
+  for (int64_t k = 0; k < m; ++k) hi = d[k] > hi ? d[k] : hi, nan |= d[k] != d[k];
+  if (nan || !(hi > T(-INFINITY))) return -1;
+  int64_t k = 0;
+  while (d[k] != hi) ++k;
+  return k;
 }
 
 template <typename T, typename Role>
@@ -202,10 +279,7 @@ TL_HD bool short_active(const T* ps, int64_t n_pos) {
 }
 template <typename T>
 TL_HD int64_t first_active_short(const T* ps, int64_t n_pos, T margin, T d_neg) {
-  int32_t c = 0;
-  const int32_t end = int32_t(padded(n_pos));
-#pragma omp simd reduction(+ : c)
-  for (int32_t t = 0; t < end; ++t) c += d_neg < margin + ps[t] ? 0 : 1;
+  const int64_t c = prefix_count(ps, n_pos, [margin, d_neg](T x) { return !(d_neg < margin + x); });
   return c < n_pos ? c : n_pos;
 }
 template <typename T>
@@ -261,21 +335,30 @@ TL_HD void batch_all_grad_row(const T* d, int64_t m, const Role& role, const T* 
 // log n_pos) per anchor, the negatives unsorted. Calls pair(j, k, h) for every positive j with its mined negative k and
 // the hinge h = margin + d_ij - d_ik (none when the anchor has no negative); returns the number of negatives.
 // The forward and the backward both mine (the backward again), so that no (N, M) choice is ever stored.
-template <typename T, typename Role, typename Pair>
-TL_HD int64_t semi_hard_pairs(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
-                              T margin, T* best_d, int64_t* best_k, Pair&& pair) {
+// semi_hard_pairs in two parts: semi_hard_buckets places the negatives (b_k = count_below_ps(d_ik); with
+// track_largest it also finds the farthest, else *largest is left as it is: the CPU's fused mining finds it by a
+// vectorized scan), semi_hard_choose picks each positive's.
+template <typename T, typename Role, typename Below>
+TL_HD int64_t semi_hard_buckets(const T* d, int64_t m, const Role& role, int64_t n_pos, Below&& count_below_ps, T* best_d,
+                                int64_t* best_k, bool track_largest, int64_t* largest) {
   for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
-  int64_t n_neg = 0, largest = -1;
+  int64_t n_neg = 0;
   for (int64_t k = 0; k < m; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
     if (role(k) != kNegative) continue;
     ++n_neg;
-    if (harder_positive(d[k], k, largest < 0 ? T(0) : d[largest], largest)) largest = k;  // the farthest
-    const int64_t b = n_pos <= kShortPositives ? count_below_short(ps, n_pos, d[k]) : count_below(ps, n_pos, d[k]);
+    if (track_largest && harder_positive(d[k], k, *largest < 0 ? T(0) : d[*largest], *largest)) *largest = k;
+    const int64_t b = count_below_ps(d[k]);
     if (best_k[b] < 0 || d[k] < best_d[b]) {
       best_d[b] = d[k];
       best_k[b] = k;
     }
   }
+  return n_neg;
+}
+
+template <typename T, typename Pair>
+TL_HD void semi_hard_choose(const T* d, const T* ps, const int64_t* pi, int64_t n_pos, T margin, const int64_t* best_k,
+                            int64_t n_neg, int64_t largest, Pair&& pair) {
   int64_t nearest = -1;
   for (int64_t p = n_pos - 1; p >= 0 && n_neg > 0; --p) {
     const int64_t k = best_k[p + 1];
@@ -283,6 +366,17 @@ TL_HD int64_t semi_hard_pairs(const T* d, int64_t m, const Role& role, const T* 
     const int64_t chosen = nearest >= 0 ? nearest : largest;
     pair(pi[p], chosen, margin + ps[p] - d[chosen]);
   }
+}
+
+template <typename T, typename Role, typename Pair>
+TL_HD int64_t semi_hard_pairs(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
+                              T margin, T* best_d, int64_t* best_k, Pair&& pair) {
+  int64_t largest = -1;
+  const auto below = [&](T v) {
+    return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
+  };
+  const int64_t n_neg = semi_hard_buckets(d, m, role, n_pos, below, best_d, best_k, true, &largest);
+  semi_hard_choose(d, ps, pi, n_pos, margin, best_k, n_neg, largest, pair);
   return n_neg;
 }
 
@@ -329,12 +423,11 @@ constexpr int kEuclidean = 0, kSquaredEuclidean = 1, kDot = 2;
 // euclidean; 1 - g (= -g + 1) for dot; 0 for rows with equal keys (same: identical rows).
 template <typename T>
 TL_HD T gram_distance(T g, T sq_i, T sq_j, bool same, int distance) {
-  if (same) return T(0);
-  if (distance == kDot) return T(1) - g;
-  T d2 = g * T(-2) + sq_i;
+  T d2 = g * T(-2) + sq_i;  // computed for dot too, and selected (no branch: the CPU loop vectorizes)
   d2 = d2 + sq_j;
   d2 = d2 < T(0) ? T(0) : d2;
-  return distance == kEuclidean ? tl_sqrt(d2) : d2;
+  const T d = distance == kDot ? T(1) - g : distance == kEuclidean ? tl_sqrt(d2) : d2;
+  return same ? T(0) : d;
 }
 
 // dL/dg of an entry from its dL/dd = c: 0 for identical rows (their distance is the constant 0) and at a euclidean
@@ -350,23 +443,23 @@ TL_HD T gram_grad(T c, T d, bool same, int distance) {
 }
 
 // Batch-all's loss, counts and unscaled dL/dd of a row in one pass (batch_all_row and batch_all_grad_row fused;
-// the same counts and positions): put(k, c) receives dL/dd_ik = c for every negative (-a_k) and positive (c_j),
+// the same counts and positions, t_k = first_active_of(d_ik) as first_active_row): put(k, c) receives dL/dd_ik = c for every negative (-a_k) and positive (c_j),
 // the negatives as they are met, then the positives. hist: scratch of 4 (n_pos + 1) counts, four histograms of
 // t_k interleaved by k (consecutive increments of one counter would wait on each other).
-template <typename T, typename Role, typename Put>
+template <typename T, typename Role, typename First, typename Put>
 TL_HD void batch_all_row_grad(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
-                              T margin, double* suffix, int64_t* hist, double* loss, int64_t* counts, Put&& put) {
+                              T margin, First&& first_active_of, double* suffix, int64_t* hist, double* loss,
+                              int64_t* counts, Put&& put) {
   suffix[n_pos] = 0;
   for (int64_t t = n_pos - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(margin + ps[t]);
   const int64_t h = n_pos + 1;
   for (int64_t t = 0; t < 4 * h; ++t) hist[t] = 0;
   int64_t n_neg = 0, active = 0;
   double l = 0;
-  const bool short_row = short_active(ps, n_pos);
   for (int64_t k = 0; k < m; ++k) {
     if (role(k) != kNegative) continue;
     ++n_neg;
-    const int64_t t = first_active_row(ps, n_pos, margin, d[k], short_row);
+    const int64_t t = first_active_of(d[k]);
     active += n_pos - t;
     l += suffix[t] - double(n_pos - t) * double(d[k]);
     ++hist[(k & 3) * h + t];

@@ -39,7 +39,8 @@
 
 // The fused CPU mining (package _C only; csrc/mining_gram.cpp): the mining losses on a block gram = x_b y^T (B, M)
 // float32/float64 of the matrix product, read once. sq_x (B,), sq_y (M,): the rows' squared norms (None for
-// distance 2, dot); keys_x (B,), keys_y (M,) int64: distances.row_keys (equal keys: identical rows, distance 0);
+// distance 2, dot); keys_x (B,), keys_y (M,) int32: the rows' distances.row_keys numbered densely (one number per
+// distinct key: equal numbers are identical rows, distance 0; int32 so that the CPU's distance loop vectorizes);
 // self_index (B,) int64 as above; the positives of anchor i are pos_cols[pos_start[i]:pos_end[i]] (int64 columns
 // of the references sorted by label, ascending within a label) other than self_index[i]; distance: OP_CODES below.
 // batch_hard_gram / semi_hard_gram return the loss sum and stats of batch_hard_forward / semi_hard_forward and the

@@ -4,6 +4,8 @@
 // from the references sorted by label (pos_cols), so no label is compared per entry: a per-task mask of M roles
 // holds the row's positives and excluded column, and is cleared after the row. Each anchor writes only its own
 // outputs, in anchor order: results do not depend on the number of threads.
+#include <math.h>
+
 #include <algorithm>
 #include <limits>
 #include <tuple>
@@ -30,7 +32,8 @@ template <typename T>
 struct Rows {
   const GramBlock& g;
   const T *gram, *sq_x, *sq_y;
-  const int64_t *keys_x, *keys_y, *self, *cols, *start, *end;
+  const int32_t *keys_x, *keys_y;
+  const int64_t *self, *cols, *start, *end;
   int64_t m;
   std::vector<uint8_t> role;  // kNegative but for the current row's positives and excluded column
   std::vector<std::pair<T, int64_t>> pairs;
@@ -42,8 +45,8 @@ struct Rows {
         gram(block.gram.const_data_ptr<T>()),
         sq_x(block.sq_x ? block.sq_x->const_data_ptr<T>() : nullptr),
         sq_y(block.sq_y ? block.sq_y->const_data_ptr<T>() : nullptr),
-        keys_x(block.keys_x.const_data_ptr<int64_t>()),
-        keys_y(block.keys_y.const_data_ptr<int64_t>()),
+        keys_x(block.keys_x.const_data_ptr<int32_t>()),
+        keys_y(block.keys_y.const_data_ptr<int32_t>()),
         self(block.self_index.const_data_ptr<int64_t>()),
         cols(block.pos_cols.const_data_ptr<int64_t>()),
         start(block.pos_start.const_data_ptr<int64_t>()),
@@ -52,14 +55,21 @@ struct Rows {
         role(size_t(m), uint8_t(kNegative)) {}
 
   // Row i's distances into d (which may be the Gram row itself): one pass, the distance code a constant.
+  // Returns whether the row holds a NaN.
   template <int Distance>
-  void distances_into(int64_t i, const T* row, T* d) const {
+  bool distances_into(int64_t i, const T* row, T* d) const {
     const T sq_i = sq_x ? sq_x[i] : T(0);
-    const int64_t key = keys_x[i];
-    for (int64_t k = 0; k < m; ++k)
-      d[k] = gram_distance(row[k], sq_i, sq_y ? sq_y[k] : T(0), key == keys_y[k], Distance);
+    const int32_t key = keys_x[i];
+    const T* sq = sq_y ? sq_y : d;  // read but unused for dot (no null check in the loop: it vectorizes)
+    int nan = 0;
+#pragma omp simd reduction(| : nan)
+    for (int64_t k = 0; k < m; ++k) {
+      d[k] = gram_distance(row[k], sq_i, sq[k], key == keys_y[k], Distance);
+      nan |= d[k] != d[k];
+    }
+    return nan;
   }
-  void distances(int64_t i, const T* row, T* d) const {
+  bool distances(int64_t i, const T* row, T* d) const {
     switch (g.distance) {
       case kEuclidean: return distances_into<kEuclidean>(i, row, d);
       case kSquaredEuclidean: return distances_into<kSquaredEuclidean>(i, row, d);
@@ -92,6 +102,27 @@ struct Rows {
     if (excl >= 0 && excl < m) role[size_t(excl)] = kNegative;
   }
   int64_t n_pos() const { return int64_t(pi.size()); }
+  // The table of the row's thresholds s (its positives, or batch-all's margin + positives) when usable (Cells).
+  bool table(const T* s, bool nan) {
+    if (nan || !Cells<T>::usable(s, n_pos())) return false;
+    cell_scratch.resize(size_t(Cells<T>::cells_for(n_pos()) + 3));
+    cells.build(s, n_pos(), cell_scratch.data());
+    return true;
+  }
+  Cells<T> cells;
+  std::vector<int32_t> cell_scratch;
+  int64_t n_neg(int64_t i) const {
+    const int64_t excl = self[i];
+    return m - n_pos() - (excl >= 0 && excl < m ? 1 : 0);
+  }
+  // Sets the row's positives and excluded column of d to v (a value that never wins a scan), and back.
+  void hide(int64_t i, T* d, T v) const {
+    for (const int64_t j : pi) d[j] = v;
+    if (self[i] >= 0 && self[i] < m) d[self[i]] = v;
+  }
+  void unhide(T* d) const {
+    for (size_t t = 0; t < pi.size(); ++t) d[pi[t]] = ps[t];
+  }
 };
 
 // Triplets found per anchor (block row, positive, negative, d(a, p), d(a, n), weight), gathered in anchor order.
@@ -135,11 +166,27 @@ Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss
       for (int64_t i = i0; i < i1; ++i) {
         rows.distances(i, rows.gram + i * m, d.data());
         const MaskRole role = rows.begin(i, d.data());
+        // The hardest positive among the few positives, the hardest negative by a vectorized scan of the row with
+        // the others hidden; a row with a NaN or no finite negative takes the exact scan of batch_hard_row.
+        const int64_t n_pos = rows.n_pos(), n_neg = rows.n_neg(i);
+        int64_t p = -1;
+        T dp = 0;
+        for (int64_t t = 0; t < n_pos; ++t)
+          if (harder_positive(rows.ps[t], rows.pi[t], dp, p)) dp = rows.ps[t], p = rows.pi[t];
+        rows.hide(i, d.data(), T(INFINITY));
+        const int64_t q = n_neg > 0 ? first_min(d.data(), m) : -1;
         int64_t mined[2];
-        batch_hard_row<T>(d.data(), m, role, T(margin), soft, l + i, c + i * kCounts, mined);
+        if (n_neg > 0 && q < 0) {
+          rows.distances(i, rows.gram + i * m, d.data());
+          batch_hard_row<T>(d.data(), m, role, T(margin), soft, l + i, c + i * kCounts, mined);
+          dp = mined[0] >= 0 ? d[mined[0]] : T(0);
+        } else {
+          batch_hard_values(dp, q >= 0 ? d[q] : T(0), p, q, n_pos, n_neg, T(margin), soft, l + i, c + i * kCounts,
+                            mined);
+        }
         rows.clear(i);
         if (mined[0] < 0) continue;
-        const T dp = d[size_t(mined[0])], dn = d[size_t(mined[1])], w = hard_weight(dp - dn, T(margin), soft);
+        const T dn = d[size_t(mined[1])], w = hard_weight(dp - dn, T(margin), soft);
         if (w != T(0)) found[size_t(i)].push_back({mined[0], mined[1], dp, dn, w});
       }
     });
@@ -169,12 +216,27 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
         int64_t active = 0;
         double li = 0;
         std::vector<Found<T>>& out = found[size_t(i)];
-        const int64_t n_neg = semi_hard_pairs(d.data(), m, role, rows.ps.data(), rows.pi.data(), n_pos, T(margin),
-                                              best_d.data(), best_k.data(), [&](int64_t j, int64_t k, T h) {
-                                                if (!(h > T(0))) return;
-                                                li += double(h), ++active;
-                                                out.push_back({j, k, d[size_t(j)], d[size_t(k)], T(1)});
-                                              });
+        // The farthest negative by a vectorized scan with the others hidden (a row with a NaN or no finite
+        // negative: the exact scan of semi_hard_buckets), then the negatives' buckets and the choice.
+        rows.hide(i, d.data(), T(-INFINITY));
+        int64_t largest = rows.n_neg(i) > 0 ? first_max(d.data(), m) : -1;
+        const bool exact = rows.n_neg(i) > 0 && largest < 0;
+        if (exact) rows.distances(i, rows.gram + i * m, d.data());
+        rows.unhide(d.data());
+        const T* ps = rows.ps.data();
+        const bool table = rows.table(ps, exact);
+        const auto below = [&](T v) {
+          if (table) return rows.cells.count(ps, v, [v](T x) { return x < v; });
+          return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
+        };
+        const int64_t n_neg =
+            semi_hard_buckets(d.data(), m, role, n_pos, below, best_d.data(), best_k.data(), exact, &largest);
+        semi_hard_choose(d.data(), rows.ps.data(), rows.pi.data(), n_pos, T(margin), best_k.data(), n_neg, largest,
+                         [&](int64_t j, int64_t k, T h) {
+                           if (!(h > T(0))) return;
+                           li += double(h), ++active;
+                           out.push_back({j, k, d[size_t(j)], d[size_t(k)], T(1)});
+                         });
         rows.clear(i);
         l[i] = li;
         write_counts(c + i * kCounts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
@@ -196,15 +258,28 @@ void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& cou
       Rows<T> rows(g);
       std::vector<double> suffix;
       std::vector<int64_t> hist;
+      std::vector<T> th;
       for (int64_t i = i0; i < i1; ++i) {
         T* row = gram + i * m;
-        rows.distances(i, row, row);  // in place: the row's distances, then its gradient
+        const bool nan = rows.distances(i, row, row);  // in place: the row's distances, then its gradient
         const MaskRole role = rows.begin(i, row);
-        const int64_t n_pos = rows.n_pos(), key = rows.keys_x[i], distance = g.distance;
+        const int64_t n_pos = rows.n_pos(), distance = g.distance;
+        const int32_t key = rows.keys_x[i];
+        const T* ps = rows.ps.data();
+        const T mg = T(margin);
+        // The thresholds margin + ps[t] (first_active's), +inf past n_pos as ps.
+        th.resize(rows.ps.size());
+        for (size_t t = 0; t < th.size(); ++t) th[t] = mg + ps[t];
+        const bool table = rows.table(th.data(), nan);
+        const bool short_row = short_active(ps, n_pos);
+        const auto first = [&](T v) {
+          if (table) return rows.cells.count(th.data(), v, [v](T x) { return !(v < x); });
+          return first_active_row(ps, n_pos, mg, v, short_row);
+        };
         suffix.resize(size_t(n_pos + 1));
         hist.resize(size_t(4 * (n_pos + 1)));
-        batch_all_row_grad(row, m, role, rows.ps.data(), rows.pi.data(), n_pos, T(margin), suffix.data(), hist.data(),
-                           l + i, c + i * kCounts, [&](int64_t k, T coef) {
+        batch_all_row_grad(row, m, role, ps, rows.pi.data(), n_pos, mg, first, suffix.data(), hist.data(), l + i,
+                           c + i * kCounts, [&](int64_t k, T coef) {
                              row[k] = gram_grad(coef, row[k], key == rows.keys_y[k], int(distance));
                            });
         const int64_t excl = rows.self[i];

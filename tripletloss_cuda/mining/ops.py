@@ -304,6 +304,16 @@ def positives(labels, ref_labels):
     return cols, torch.searchsorted(sorted_labels, labels), torch.searchsorted(sorted_labels, labels, right=True)
 
 
+def key_numbers(x, y):
+    """distances.row_keys of x and y numbered densely as int32 (equal numbers: identical rows), for the gram ops."""
+    keys = distances.row_keys(x)
+    if y is x:
+        ids = torch.unique(keys, return_inverse=True)[1].to(torch.int32)
+        return ids, ids
+    ids = torch.unique(torch.cat((keys, distances.row_keys(y))), return_inverse=True)[1].to(torch.int32)
+    return ids[: x.shape[0]], ids[x.shape[0] :]
+
+
 class _Gram:
     """The op arguments of a fused mining loss but for its Gram block: block(i0, i1) -> the arguments of anchors
     [i0, i1), with the block x[i0:i1] @ y.T first (a new tensor: batch-all's op overwrites it)."""
@@ -311,8 +321,7 @@ class _Gram:
     def __init__(self, x, y, labels, ref_labels, self_index, distance):
         self.x, self.y = x, y
         self.sq_x, self.sq_y = distances.squared_norms(x, distance), distances.squared_norms(y, distance)
-        self.keys_x = distances.row_keys(x)
-        self.keys_y = self.keys_x if y is x else distances.row_keys(y)
+        self.keys_x, self.keys_y = key_numbers(x, y)
         self.cols, self.start, self.end = positives(labels, ref_labels)
         self.self_index, self.code = self_index, distances.OP_CODES[distances.op_name(distance)]
 
@@ -337,12 +346,12 @@ def gram_grad(w, xb, y, dot, need_y=True):
 
 
 def self_gram_grad(w, x, dot):
-    """dL/dx of the batch against itself (w = dL/dgram of x @ x.T): both sides of every entry in one matrix
-    product, (w + w^T) x - [not dot] (row and column sums of w) x."""
-    t = w + w.T
-    gx = t @ x
+    """dL/dx of the batch against itself (w = dL/dgram of x @ x.T): both sides of every entry, w x + w^T x - [not
+    dot] (row and column sums of w) x (two matrix products: w + w^T would be a transposed pass over N x N, slower on
+    the CPU than a second product)."""
+    gx = torch.addmm(w @ x, w.T, x)
     if not dot:
-        gx -= t.sum(1, keepdim=True) * x
+        gx -= (w.sum(1) + w.sum(0))[:, None] * x
     return gx
 
 
