@@ -7,6 +7,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -25,6 +26,13 @@ int64_t grain(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 15) / std:
 struct MaskRole {
   const uint8_t* role;
   int operator()(int64_t k) const { return role[k]; }
+};
+
+// Triplets found per anchor (positive and negative column, dL/dgram at (a, p) and (a, n)), gathered in anchor order.
+template <typename T>
+struct Found {
+  int64_t j, k;
+  T cp, cn;
 };
 
 // One task's scratch and the row set-up shared by the three losses.
@@ -111,6 +119,11 @@ struct Rows {
   }
   Cells<T> cells;
   std::vector<int32_t> cell_scratch;
+  // A mined triplet's dL/dgram at (a, j) and (a, k) for its dL/dd(a, j) = w (and -w at (a, k)).
+  Found<T> mined(int64_t i, int64_t j, int64_t k, T dj, T dk, T w) const {
+    return {j, k, gram_grad(w, dj, keys_x[i] == keys_y[j], int(g.distance)),
+            gram_grad(-w, dk, keys_x[i] == keys_y[k], int(g.distance))};
+  }
   int64_t n_neg(int64_t i) const {
     const int64_t excl = self[i];
     return m - n_pos() - (excl >= 0 && excl < m ? 1 : 0);
@@ -125,27 +138,20 @@ struct Rows {
   }
 };
 
-// Triplets found per anchor (block row, positive, negative, d(a, p), d(a, n), weight), gathered in anchor order.
 template <typename T>
-struct Found {
-  int64_t j, k;
-  T dp, dn, w;
-};
+constexpr ScalarType dtype_of = std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
 
 template <typename T>
 Mined gather(const std::vector<std::vector<Found<T>>>& found, const Device& device) {
   int64_t total = 0;
   for (const auto& f : found) total += int64_t(f.size());
-  constexpr ScalarType dtype = std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
-  Mined out{empty({total, 3}, ScalarType::Long, device), empty({total, 2}, dtype, device),
-            empty({total}, dtype, device)};
+  Mined out{empty({total, 3}, ScalarType::Long, device), empty({total, 2}, dtype_of<T>, device)};
   int64_t* t = out.triplets.mutable_data_ptr<int64_t>();
-  T* p = out.pair.mutable_data_ptr<T>();
-  T* w = out.weight.mutable_data_ptr<T>();
+  T* c = out.coef.mutable_data_ptr<T>();
   for (size_t i = 0; i < found.size(); ++i)
     for (const Found<T>& f : found[i]) {
-      t[0] = int64_t(i), t[1] = f.j, t[2] = f.k, p[0] = f.dp, p[1] = f.dn, *w = f.w;
-      t += 3, p += 2, ++w;
+      t[0] = int64_t(i), t[1] = f.j, t[2] = f.k, c[0] = f.cp, c[1] = f.cn;
+      t += 3, c += 2;
     }
   return out;
 }
@@ -187,7 +193,7 @@ Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss
         rows.clear(i);
         if (mined[0] < 0) continue;
         const T dn = d[size_t(mined[1])], w = hard_weight(dp - dn, T(margin), soft);
-        if (w != T(0)) found[size_t(i)].push_back({mined[0], mined[1], dp, dn, w});
+        if (w != T(0)) found[size_t(i)].push_back(rows.mined(i, mined[0], mined[1], dp, dn, w));
       }
     });
     out = gather(found, g.gram.device());
@@ -235,7 +241,7 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
                          [&](int64_t j, int64_t k, T h) {
                            if (!(h > T(0))) return;
                            li += double(h), ++active;
-                           out.push_back({j, k, d[size_t(j)], d[size_t(k)], T(1)});
+                           out.push_back(rows.mined(i, j, k, d[size_t(j)], d[size_t(k)], T(1)));
                          });
         rows.clear(i);
         l[i] = li;
@@ -247,7 +253,28 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
   return out;
 }
 
-void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts) {
+// w + w^T in place, a square tile pair at a time (tiles (I, J) and (J, I) by the task of I <= J: each entry written
+// once, as the same sum on both sides).
+template <typename T>
+void symmetrize(T* w, int64_t n) {
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
+      for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+        const int64_t j1 = std::min(n, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = std::max(j0, i); j < j1; ++j) {
+            const T t = w[i * n + j] + w[j * n + i];
+            w[i * n + j] = t, w[j * n + i] = t;
+          }
+      }
+    }
+  });
+}
+
+void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& loss, Tensor& counts) {
   const int64_t n = g.gram.size(0), m = g.gram.size(1);
   TL_DISPATCH_FLOATING(g.gram.scalar_type(), "batch_all_gram_", [&] {
     using T = scalar_t;
@@ -287,6 +314,95 @@ void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& cou
         rows.clear(i);
       }
     });
+    if (symmetric) symmetrize(gram, n);
+  });
+}
+
+// Counting sort: order[0, n) of the items by key[e] in [0, k) (stable: ascending e within a key), offsets[0, k].
+void group(int64_t n, int64_t k, const std::function<int64_t(int64_t)>& key, std::vector<int64_t>& order,
+           std::vector<int64_t>& offsets) {
+  offsets.assign(size_t(k + 1), 0);
+  for (int64_t e = 0; e < n; ++e) ++offsets[size_t(key(e) + 1)];
+  for (int64_t c = 0; c < k; ++c) offsets[size_t(c + 1)] += offsets[size_t(c)];
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  order.resize(size_t(n));
+  for (int64_t e = 0; e < n; ++e) order[size_t(next[size_t(key(e))]++)] = e;
+}
+
+template <typename T>
+void mined_rows_backward(const T* c, const int64_t* tr, const T* px, const T* py, bool refs, int64_t n, int64_t m,
+                         int64_t d, bool dot, const std::vector<int64_t>& by_anchor,
+                         const std::vector<int64_t>& anchor_offsets, const std::vector<int64_t>& by_column,
+                         const std::vector<int64_t>& column_offsets, T* gx, T* gy) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 12) / std::max<int64_t>(d, 1));
+  // dL/dx_i = sum_j w_ij y_j - [not dot] (sum_j w_ij) x_i over the anchor's entries (mining_math.h gram_grad).
+  parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* out = gx + i * d;
+      for (int64_t k = 0; k < d; ++k) out[k] = T(0);
+      T sum = 0;
+      for (int64_t e = anchor_offsets[size_t(i)]; e < anchor_offsets[size_t(i + 1)]; ++e) {
+        const int64_t t = by_anchor[size_t(e)];
+        const T cp = c[2 * t], cn = c[2 * t + 1];
+        const T *yp = py + tr[3 * t + 1] * d, *yn = py + tr[3 * t + 2] * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) out[k] += cp * yp[k] + cn * yn[k];
+        sum += cp + cn;
+      }
+      if (!dot) {
+        const T* xi = px + i * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) out[k] -= sum * xi[k];
+      }
+    }
+  });
+  // dL/dy_j = sum_i w_ij x_i - [not dot] (sum_i w_ij) y_j over the column's entries, added to the anchors' part when
+  // the references are the anchors themselves (gy == gx).
+  parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
+    std::vector<T> acc(static_cast<size_t>(d));
+    for (int64_t j = j0; j < j1; ++j) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      T* a = acc.data();
+      T sum = 0;
+      for (int64_t e = column_offsets[size_t(j)]; e < column_offsets[size_t(j + 1)]; ++e) {
+        const int64_t entry = by_column[size_t(e)];
+        const T w = c[entry];
+        const T* xa = px + tr[3 * (entry / 2)] * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) a[k] += w * xa[k];
+        sum += w;
+      }
+      T* out = gy + j * d;
+      const T* yj = py + j * d;
+      const T s = dot ? T(0) : sum;
+      if (refs) {
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) out[k] = a[k] - s * yj[k];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) out[k] += a[k] - s * yj[k];
+      }
+    }
+  });
+}
+
+void mined_gram_backward(const Tensor& coef, const Tensor& triplets, const Tensor& x, const Tensor* y,
+                         int64_t distance, Tensor& grad_x, Tensor& grad_y) {
+  const int64_t n = x.size(0), d = x.size(1), t_count = triplets.size(0);
+  const int64_t m = y ? y->size(0) : n;
+  const int64_t* tr = triplets.const_data_ptr<int64_t>();
+  // The anchors' entries (a triplet each) and the columns' (two a triplet: 2t its positive, 2t + 1 its negative),
+  // each group in triplet order: the sums below run in a fixed order.
+  std::vector<int64_t> by_anchor, anchor_offsets, by_column, column_offsets;
+  group(t_count, n, [&](int64_t t) { return tr[3 * t]; }, by_anchor, anchor_offsets);
+  group(2 * t_count, m, [&](int64_t e) { return tr[3 * (e / 2) + 1 + e % 2]; }, by_column, column_offsets);
+  TL_DISPATCH_FLOATING(x.scalar_type(), "mined_gram_backward", [&] {
+    using T = scalar_t;
+    const T* px = x.const_data_ptr<T>();
+    T* gx = grad_x.mutable_data_ptr<T>();
+    mined_rows_backward<T>(coef.const_data_ptr<T>(), tr, px, y ? y->const_data_ptr<T>() : px, y != nullptr, n, m, d,
+                           distance == kDot, by_anchor, anchor_offsets, by_column, column_offsets, gx,
+                           y ? grad_y.mutable_data_ptr<T>() : gx);
   });
 }
 

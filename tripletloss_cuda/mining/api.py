@@ -194,7 +194,8 @@ def _mining_loss(
     n, m = x.shape[0], (x if y is None else y).shape[0]
     chunk = chunk_size if chunk_size is not None else ops.default_chunk(m, x.dtype)
     if ops.use_fused(kind, x):  # whole or in blocks, each block of the matrix product read once
-        loss, stats = ops.run_fused(kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk)
+        args = (kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk_size)
+        loss, stats = ops.run_fused(*args)
     elif chunk >= n:  # one block: the whole matrix, kept for the backward
         dist = distances.matrix(x, y, distance)
         loss, stats = ops.run(kind, dist, labels, float(margin), extra, ref_labels, self_index)

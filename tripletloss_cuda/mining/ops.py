@@ -26,7 +26,6 @@ import torch
 
 from .. import _library, distances
 from .._library import REDUCTIONS
-from ..indexed import ops as indexed_ops
 from . import reference
 
 NAMESPACE = _library.NAMESPACE
@@ -283,11 +282,27 @@ class ChunkedMiningFunction(torch.autograd.Function):
 # gradient in one pass, csrc/mining_gram.cpp); batch-hard and semi-hard send their gradients from the mined triplets
 # straight to the rows (the loss over index triplets' backward op), batch-all through matrix products of its
 # gradient with respect to the block.
-FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "indexed_triplet_backward")
+FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "mined_gram_backward")
 FUSED_DEVICES = _library.kernel_devices(FUSED_OPS) & {"cpu"}
 _GRAM_OPS = {"batch_hard": "batch_hard_gram", "semi_hard": "semi_hard_gram", "batch_all": "batch_all_gram_"}
 # False: every loss takes the dense path (tests pin the fused path to it).
 FUSED = True
+# Batch-hard's and semi-hard's blocks of anchors by default: a block of the matrix product of at most this many
+# bytes (written by the product, then read by the mining while much of it is still in the caches; nothing is
+# recomputed, so small blocks cost only their calls).
+FUSED_BLOCK_BYTES = 32 << 20
+
+
+def fused_chunk(kind, n, m, dtype, chunk_size):
+    """(anchors per block, whether batch-all keeps its dL/dgram) of a fused loss for the user's chunk_size: batch-all
+    keeps the whole (N, M) dL/dgram (the dense path keeps its distances so) when one block covers every anchor, and by
+    default when it fits MEMORY_BUDGET_BYTES; else it recomputes its blocks in the backward."""
+    if kind != "batch_all":
+        return (chunk_size or max(1, FUSED_BLOCK_BYTES // (max(m, 1) * dtype.itemsize))), False
+    if chunk_size is None:
+        whole = n * m * dtype.itemsize <= MEMORY_BUDGET_BYTES
+        chunk_size = n if whole else default_chunk(m, dtype)
+    return chunk_size, chunk_size >= n
 
 
 def use_fused(kind, x):
@@ -345,16 +360,6 @@ def gram_grad(w, xb, y, dot, need_y=True):
     return gx, gy
 
 
-def self_gram_grad(w, x, dot):
-    """dL/dx of the batch against itself (w = dL/dgram of x @ x.T): both sides of every entry, w x + w^T x - [not
-    dot] (row and column sums of w) x (two matrix products: w + w^T would be a transposed pass over N x N, slower on
-    the CPU than a second product)."""
-    gx = torch.addmm(w @ x, w.T, x)
-    if not dot:
-        gx -= (w.sum(1) + w.sum(0))[:, None] * x
-    return gx
-
-
 class FusedMiningFunction(torch.autograd.Function):
     """loss, stats = FusedMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk, den,
     *args): a mining loss of anchors x (N, D) against references y (M, D) (None: x against itself; rows of
@@ -373,25 +378,23 @@ class FusedMiningFunction(torch.autograd.Function):
         gram = _Gram(x, x if y is None else y, labels, ref_labels, self_index, distance)
         op = getattr(torch.ops.tripletloss_cuda, _GRAM_OPS[kind])
         blocks = _blocks(x.shape[0], chunk)
-        totals, stats, triplets, pairs, weights = [], [], [], [], []
+        keep = kind == "batch_all" and len(blocks) == 1  # batch-all's whole dL/dgram, kept for the backward
+        totals, stats, triplets, coefs = [], [], [], []
         for i0, i1 in blocks:
             block = gram.block(i0, i1)
-            out = op(*block, *args)
+            out = op(*block, *args, keep and y is None) if kind == "batch_all" else op(*block, *args)
             totals.append(out[0])
             stats.append(out[1])
             if kind != "batch_all":
                 out[2][:, 0] += i0
                 triplets.append(out[2])
-                pairs.append(out[3])
-                weights.append(out[4])
+                coefs.append(out[3])
         total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
         stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
         if kind == "batch_all":
-            # One block: its dL/dgram is kept (the N x M the dense path keeps too); blocks: recomputed.
-            saved = [block[0]] if len(blocks) == 1 else []
+            saved = [block[0]] if keep else []  # the batch against itself: symmetrized, w + w^T
         else:
-            cat = lambda ts, empty: torch.cat(ts) if ts else empty  # noqa: E731
-            saved = [cat(triplets, labels.new_zeros((0, 3))), cat(pairs, x.new_zeros((0, 2))), cat(weights, x.new_zeros(0))]
+            saved = [torch.cat(triplets), torch.cat(coefs)]
         ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, *saved)
         ctx.kind, ctx.distance, ctx.chunk, ctx.den, ctx.args = kind, distance, chunk, den, args
         ctx.mark_non_differentiable(stats)
@@ -422,7 +425,9 @@ class FusedMiningFunction(torch.autograd.Function):
             gx = gx * scale
             gy = None if gy is None else gy * scale
         else:
-            gx, gy = _triplet_grad(x, y, saved, distance, scale)
+            triplets, coef = saved
+            code = distances.OP_CODES[distances.op_name(distance)]
+            gx, gy = torch.ops.tripletloss_cuda.mined_gram_backward(coef * scale, triplets, x, y, code)
         return None, gx if need_x else None, gy if need_y else None, *nones
 
 
@@ -431,15 +436,15 @@ def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved
     dot = distances.op_name(distance) == "dot"
     refs = x if y is None else y
     if saved:
-        if y is None:
-            return self_gram_grad(saved[0], x, dot), None
+        if y is None:  # w + w^T (the op symmetrized it): both sides of every entry in one product
+            return gram_grad(saved[0], x, x, dot, need_y=False)[0], None
         return gram_grad(saved[0], x, y, dot, need_y)
     gram = _Gram(x, refs, labels, ref_labels, self_index, distance)
     gx = torch.empty_like(x)
     gy = torch.zeros_like(refs) if (need_y or y is None) else None
     for i0, i1 in _blocks(x.shape[0], chunk):
         block = gram.block(i0, i1)
-        torch.ops.tripletloss_cuda.batch_all_gram_(*block, *args)
+        torch.ops.tripletloss_cuda.batch_all_gram_(*block, *args, False)
         gxb, gyb = gram_grad(block[0], x[i0:i1], refs, dot, gy is not None)
         gx[i0:i1] = gxb
         if gy is not None:
@@ -449,26 +454,11 @@ def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved
     return gx, gy
 
 
-def _triplet_grad(x, y, saved, distance, scale):
-    """Batch-hard's and semi-hard's (dL/dx, dL/dy): each mined triplet's gradient sent to its three rows by the loss
-    over index triplets' backward op, with the distances the mining used."""
-    triplets, pairs, weights = saved
-    w = (weights * scale).contiguous()
-    a, p, n = (triplets[:, c].contiguous() for c in range(3))
-    dists = torch.cat((pairs, pairs.new_zeros((pairs.shape[0], 2))), 1)
-    m = 0 if y is None else y.shape[0]
-    entries, offsets = indexed_ops.destinations(a, p, n, x.shape[0], m)
-    # margin = inf: every triplet passes the op's hinge, so its gradient is w, the mining's own (the op's
-    # coefficients are then w / d (euclidean), 2 w (squared), w (dot) of the distances d the mining used).
-    return torch.ops.tripletloss_cuda.indexed_triplet_backward(
-        w, x, y, a, p, n, dists, entries, offsets, distances.OP_CODES[distances.op_name(distance)],
-        float("inf"), False, False,
-    )  # fmt: skip
-
-
-def run_fused(kind, x, y, labels, margin, extra, ref_labels, self_index, distance, chunk):
-    """(loss, stats) of a mining loss on the fused CPU ops (see use_fused): as run_chunked."""
+def run_fused(kind, x, y, labels, margin, extra, ref_labels, self_index, distance, chunk_size):
+    """(loss, stats) of a mining loss on the fused CPU ops (see use_fused): as run_chunked, for the user's chunk_size
+    (None: fused_chunk's default)."""
     args, den = _kind_args(kind, margin, extra)
+    chunk, _ = fused_chunk(kind, x.shape[0], (x if y is None else y).shape[0], x.dtype, chunk_size)
     y = None if y is None or y is x else y.contiguous()
     inputs = _contiguous(labels, ref_labels, self_index)
     return FusedMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, den, *args)
