@@ -119,9 +119,17 @@ struct Cells {
     for (int64_t t = 0; t < n; ++t) ++base[cell(s[t]) + 2];
     for (int32_t c = 1; c < q + 3; ++c) base[c] += base[c - 1];
   }
+  // The cells of x[0, m) into c (a loop the compiler vectorizes), for count_in.
+  TL_HD void cells_of(const T* x, int64_t m, int32_t* c) const {
+#pragma omp simd
+    for (int64_t k = 0; k < m; ++k) c[k] = cell(x[k]);
+  }
   template <typename Pred>
   TL_HD int64_t count(const T* s, T x, Pred&& pred) const {
-    const int32_t c = cell(x);
+    return count_in(cell(x), s, pred);
+  }
+  template <typename Pred>
+  TL_HD int64_t count_in(int32_t c, const T* s, Pred&& pred) const {
     int64_t t = base[c + 1];
     const int64_t end = base[c + 2];
     while (t < end && pred(s[t])) ++t;
@@ -335,7 +343,7 @@ TL_HD void batch_all_grad_row(const T* d, int64_t m, const Role& role, const T* 
 // log n_pos) per anchor, the negatives unsorted. Calls pair(j, k, h) for every positive j with its mined negative k and
 // the hinge h = margin + d_ij - d_ik (none when the anchor has no negative); returns the number of negatives.
 // The forward and the backward both mine (the backward again), so that no (N, M) choice is ever stored.
-// semi_hard_pairs in two parts: semi_hard_buckets places the negatives (b_k = count_below_ps(d_ik); with
+// semi_hard_pairs in two parts: semi_hard_buckets places the negatives (b_k = count_below_ps(k, d_ik); with
 // track_largest it also finds the farthest, else *largest is left as it is: the CPU's fused mining finds it by a
 // vectorized scan), semi_hard_choose picks each positive's.
 template <typename T, typename Role, typename Below>
@@ -347,7 +355,7 @@ TL_HD int64_t semi_hard_buckets(const T* d, int64_t m, const Role& role, int64_t
     if (role(k) != kNegative) continue;
     ++n_neg;
     if (track_largest && harder_positive(d[k], k, *largest < 0 ? T(0) : d[*largest], *largest)) *largest = k;
-    const int64_t b = count_below_ps(d[k]);
+    const int64_t b = count_below_ps(k, d[k]);
     if (best_k[b] < 0 || d[k] < best_d[b]) {
       best_d[b] = d[k];
       best_k[b] = k;
@@ -372,7 +380,7 @@ template <typename T, typename Role, typename Pair>
 TL_HD int64_t semi_hard_pairs(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
                               T margin, T* best_d, int64_t* best_k, Pair&& pair) {
   int64_t largest = -1;
-  const auto below = [&](T v) {
+  const auto below = [&](int64_t, T v) {
     return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
   };
   const int64_t n_neg = semi_hard_buckets(d, m, role, n_pos, below, best_d, best_k, true, &largest);
@@ -443,7 +451,7 @@ TL_HD T gram_grad(T c, T d, bool same, int distance) {
 }
 
 // Batch-all's loss, counts and unscaled dL/dd of a row in one pass (batch_all_row and batch_all_grad_row fused;
-// the same counts and positions, t_k = first_active_of(d_ik) as first_active_row): put(k, c) receives dL/dd_ik = c for every negative (-a_k) and positive (c_j),
+// the same counts and positions, t_k = first_active_of(k, d_ik) as first_active_row): put(k, c) receives dL/dd_ik = c for every negative (-a_k) and positive (c_j),
 // the negatives as they are met, then the positives. hist: scratch of 4 (n_pos + 1) counts, four histograms of
 // t_k interleaved by k (consecutive increments of one counter would wait on each other).
 template <typename T, typename Role, typename First, typename Put>
@@ -459,7 +467,7 @@ TL_HD void batch_all_row_grad(const T* d, int64_t m, const Role& role, const T* 
   for (int64_t k = 0; k < m; ++k) {
     if (role(k) != kNegative) continue;
     ++n_neg;
-    const int64_t t = first_active_of(d[k]);
+    const int64_t t = first_active_of(k, d[k]);
     active += n_pos - t;
     l += suffix[t] - double(n_pos - t) * double(d[k]);
     ++hist[(k & 3) * h + t];

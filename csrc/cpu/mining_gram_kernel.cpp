@@ -7,7 +7,6 @@
 #include <math.h>
 
 #include <algorithm>
-#include <functional>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -213,6 +212,7 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
       Rows<T> rows(g);
       std::vector<T> d(static_cast<size_t>(m)), best_d;
       std::vector<int64_t> best_k;
+      std::vector<int32_t> cell(static_cast<size_t>(m));  // each column's cell in the row's table
       for (int64_t i = i0; i < i1; ++i) {
         rows.distances(i, rows.gram + i * m, d.data());
         const MaskRole role = rows.begin(i, d.data());
@@ -231,8 +231,9 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
         rows.unhide(d.data());
         const T* ps = rows.ps.data();
         const bool table = rows.table(ps, exact);
-        const auto below = [&](T v) {
-          if (table) return rows.cells.count(ps, v, [v](T x) { return x < v; });
+        if (table) rows.cells.cells_of(d.data(), m, cell.data());
+        const auto below = [&](int64_t k, T v) {
+          if (table) return rows.cells.count_in(cell[size_t(k)], ps, [v](T x) { return x < v; });
           return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
         };
         const int64_t n_neg =
@@ -253,23 +254,32 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
   return out;
 }
 
-// w + w^T in place, a square tile pair at a time (tiles (I, J) and (J, I) by the task of I <= J: each entry written
-// once, as the same sum on both sides).
+// w + w^T in place, a pair of square tiles (I, J), (J, I) at a time (I <= J, one task each: every entry is written
+// once, as the same sum on both sides). Each tile is copied out row by row first: reading a column of w directly
+// would stride by whole rows, which for power-of-two widths all fall in one cache set.
 template <typename T>
 void symmetrize(T* w, int64_t n) {
-  constexpr int64_t kTile = 64;
+  constexpr int64_t kTile = 32;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
-      for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-        const int64_t j1 = std::min(n, j0 + kTile);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = std::max(j0, i); j < j1; ++j) {
-            const T t = w[i * n + j] + w[j * n + i];
-            w[i * n + j] = t, w[j * n + i] = t;
-          }
-      }
+  parallel_for(0, tiles * (tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    T a[kTile][kTile], b[kTile][kTile];
+    int64_t bi = 0, first = 0;  // the pair p is (bi, bj) in row-major order of the upper triangle
+    while (first + (tiles - bi) <= p0) first += tiles - bi, ++bi;
+    for (int64_t p = p0; p < p1; ++p) {
+      if (p - first >= tiles - bi) first += tiles - bi, ++bi;
+      const int64_t bj = bi + (p - first);
+      const int64_t i0 = bi * kTile, j0 = bj * kTile;
+      const int64_t ni = std::min(kTile, n - i0), nj = std::min(kTile, n - j0);
+      for (int64_t i = 0; i < ni; ++i)
+        for (int64_t j = 0; j < nj; ++j) a[i][j] = w[(i0 + i) * n + j0 + j];
+      for (int64_t j = 0; j < nj; ++j)
+        for (int64_t i = 0; i < ni; ++i) b[j][i] = w[(j0 + j) * n + i0 + i];
+      for (int64_t i = 0; i < ni; ++i)
+        for (int64_t j = 0; j < nj; ++j) a[i][j] = a[i][j] + b[j][i];
+      for (int64_t i = 0; i < ni; ++i)
+        for (int64_t j = 0; j < nj; ++j) w[(i0 + i) * n + j0 + j] = a[i][j];
+      for (int64_t j = 0; j < nj; ++j)
+        for (int64_t i = 0; i < ni; ++i) w[(j0 + j) * n + i0 + i] = a[i][j];
     }
   });
 }
@@ -286,6 +296,7 @@ void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& l
       std::vector<double> suffix;
       std::vector<int64_t> hist;
       std::vector<T> th;
+      std::vector<int32_t> cell(static_cast<size_t>(m));
       for (int64_t i = i0; i < i1; ++i) {
         T* row = gram + i * m;
         const bool nan = rows.distances(i, row, row);  // in place: the row's distances, then its gradient
@@ -298,9 +309,10 @@ void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& l
         th.resize(rows.ps.size());
         for (size_t t = 0; t < th.size(); ++t) th[t] = mg + ps[t];
         const bool table = rows.table(th.data(), nan);
+        if (table) rows.cells.cells_of(row, m, cell.data());
         const bool short_row = short_active(ps, n_pos);
-        const auto first = [&](T v) {
-          if (table) return rows.cells.count(th.data(), v, [v](T x) { return !(v < x); });
+        const auto first = [&](int64_t k, T v) {
+          if (table) return rows.cells.count_in(cell[size_t(k)], th.data(), [v](T x) { return !(v < x); });
           return first_active_row(ps, n_pos, mg, v, short_row);
         };
         suffix.resize(size_t(n_pos + 1));
@@ -319,8 +331,8 @@ void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& l
 }
 
 // Counting sort: order[0, n) of the items by key[e] in [0, k) (stable: ascending e within a key), offsets[0, k].
-void group(int64_t n, int64_t k, const std::function<int64_t(int64_t)>& key, std::vector<int64_t>& order,
-           std::vector<int64_t>& offsets) {
+template <typename Key>
+void group(int64_t n, int64_t k, const Key& key, std::vector<int64_t>& order, std::vector<int64_t>& offsets) {
   offsets.assign(size_t(k + 1), 0);
   for (int64_t e = 0; e < n; ++e) ++offsets[size_t(key(e) + 1)];
   for (int64_t c = 0; c < k; ++c) offsets[size_t(c + 1)] += offsets[size_t(c)];
