@@ -108,6 +108,57 @@ if "cpu" in KERNEL_DEVICES or "cuda" in KERNEL_DEVICES:
         return dist.new_empty(dist.shape)
 
 
+def _check_gram_inputs(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance):
+    # The checks of csrc/mining_gram.cpp `prepare` that need no data.
+    torch._check(gram.dim() == 2, lambda: f"gram should be a 2D tensor (N, M), got shape {tuple(gram.shape)}")
+    torch._check(
+        gram.dtype in (torch.float32, torch.float64), lambda: f"gram should be float32 or float64, got {gram.dtype}"
+    )
+    torch._check(distance in (0, 1, 2), lambda: f"distance should be 0, 1 or 2, got {distance}")
+    n, m = gram.shape
+    for t, name, size, dtype in (
+        (keys_x, "keys_x", n, torch.int32),
+        (keys_y, "keys_y", m, torch.int32),
+        (self_index, "self_index", n, torch.int64),
+        (pos_cols, "pos_cols", m, torch.int64),
+        (pos_start, "pos_start", n, torch.int64),
+        (pos_end, "pos_end", n, torch.int64),
+    ):
+        torch._check(t.dim() == 1 and t.shape[0] == size, lambda: f"{name} should have shape ({size},)")
+        torch._check(t.dtype == dtype, lambda: f"{name} should be {dtype}, got {t.dtype}")
+
+
+if "cpu" in _library.kernel_devices(("batch_hard_gram",)):
+
+    def _mined_fake(gram, *args):
+        _check_gram_inputs(gram, *args[:9])
+        t = torch.library.get_ctx().new_dynamic_size()
+        loss, stats = gram.new_empty((), dtype=torch.float64), gram.new_empty((5,), dtype=torch.int64)
+        return loss, stats, gram.new_empty((t, 3), dtype=torch.int64), gram.new_empty((t, 2))
+
+    @torch.library.register_fake(f"{NAMESPACE}::batch_hard_gram")
+    def _batch_hard_gram_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance,
+                              margin, soft):  # fmt: skip
+        return _mined_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance)
+
+    @torch.library.register_fake(f"{NAMESPACE}::semi_hard_gram")
+    def _semi_hard_gram_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance,
+                             margin):  # fmt: skip
+        return _mined_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance)
+
+    @torch.library.register_fake(f"{NAMESPACE}::batch_all_gram_")
+    def _batch_all_gram_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance,
+                             margin, symmetrize):  # fmt: skip
+        _check_gram_inputs(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance)
+        return gram.new_empty((), dtype=torch.float64), gram.new_empty((5,), dtype=torch.int64)
+
+    @torch.library.register_fake(f"{NAMESPACE}::mined_gram_backward")
+    def _mined_gram_backward_fake(coef, triplets, x, y, distance):
+        torch._check(x.dim() == 2, lambda: f"x should be a 2D tensor (N, D), got shape {tuple(x.shape)}")
+        grad_y = x.new_empty((0, x.shape[1])) if y is None else y.new_empty(y.shape)
+        return x.new_empty(x.shape), grad_y
+
+
 # ---------------------------------------------------------------- per kind: sums, denominators, block mining
 
 SUMS = {
