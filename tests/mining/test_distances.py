@@ -12,6 +12,7 @@ import torch
 
 import tripletloss_cuda as tl
 from tripletloss_cuda import _library, distances
+from tripletloss_cuda.mining import ops as mining_ops
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOSSES = {
@@ -33,7 +34,8 @@ def with_duplicates(n, d, dtype, seed):
 
 
 def blocks_of(fn):
-    """fn() with every distances.block call recorded: the list of (B, M) blocks, in order."""
+    """fn() on the dense path (the fused CPU mining computes the same entries inside its ops: test_mining_fused.py)
+    with every distances.block call recorded: the list of (B, M) blocks, in order."""
     seen, block = [], distances.block
 
     def spy(*args):
@@ -41,7 +43,7 @@ def blocks_of(fn):
         seen.append(out.clone())
         return out
 
-    with mock.patch.object(distances, "block", spy):
+    with mock.patch.object(distances, "block", spy), mock.patch.object(mining_ops, "FUSED", False):
         fn()
     return seen
 

@@ -161,7 +161,9 @@ def test_kernel_equals_reference():
         ours = loss_and_grad(kind, x, labels, **kw)
         with mock.patch.object(mining_ops, "KERNEL_DEVICES", frozenset()):
             ref = loss_and_grad(kind, x, labels, **kw)
-        torch.testing.assert_close(ours[:2], ref[:2], rtol=1e-5, atol=1e-6)
+        # float32 sums in another order (batch-all's "sum" has gradients in the thousands): atol scaled to them.
+        torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-6 * max(1.0, ref[1].abs().max().item()))
         assert [s.item() for s in ours[2]] == [s.item() for s in ref[2]]
 
 

@@ -352,7 +352,7 @@ def fused_chunk(kind, n, m, dtype, chunk_size):
         return (chunk_size or max(1, FUSED_BLOCK_BYTES // (max(m, 1) * dtype.itemsize))), False
     if chunk_size is None:
         whole = n * m * dtype.itemsize <= MEMORY_BUDGET_BYTES
-        chunk_size = n if whole else default_chunk(m, dtype)
+        chunk_size = max(n, 1) if whole else default_chunk(m, dtype)
     return chunk_size, chunk_size >= n
 
 
@@ -445,7 +445,7 @@ class FusedMiningFunction(torch.autograd.Function):
         if kind == "batch_all":
             saved = [block[0]] if keep else []  # the batch against itself: symmetrized, w + w^T
         else:
-            saved = [torch.cat(triplets), torch.cat(coefs)]
+            saved = [torch.cat(triplets), torch.cat(coefs)] if blocks else [labels.new_zeros((0, 3)), x.new_zeros((0, 2))]
         ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, *saved)
         ctx.kind, ctx.distance, ctx.chunk, ctx.den, ctx.args = kind, distance, chunk, den, args
         ctx.mark_non_differentiable(stats)
