@@ -41,16 +41,17 @@ struct GramBlock {
   Tensor keys_x, keys_y, self_index, pos_cols, pos_start, pos_end;
   int64_t distance;
 };
-struct Mined {  // the mined triplets with a nonzero gradient, by anchor, and their dL/dgram (schemas.h)
-  Tensor triplets, coef;
+struct Mined {  // the entries of dL/dgram the mined triplets make, by anchor (schemas.h)
+  Tensor pairs, coef;
 };
 Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss, Tensor& counts);
 Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts);
-// Writes dL/dgram into g.gram (symmetric: plus its transpose, g.gram being the whole square x x^T).
-void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& loss, Tensor& counts);
-// The rows' gradients from the mined triplets' dL/dgram (coef (T, 2)); y nullptr: the references are x itself.
-void mined_gram_backward(const Tensor& coef, const Tensor& triplets, const Tensor& x, const Tensor* y,
-                         int64_t distance, Tensor& grad_x, Tensor& grad_y);
+// Writes dL/dgram into g.gram and each anchor's number of nonzero entries into nonzero (N,) int64.
+void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts, Tensor& nonzero);
+void symmetrize(Tensor& w);  // w + w^T in place (square, contiguous)
+// The rows' gradients from entries of dL/dgram (coef (P,) at pairs (P, 2)); y nullptr: the references are x itself.
+void mined_gram_backward(const Tensor& coef, const Tensor& pairs, const Tensor& x, const Tensor* y, int64_t distance,
+                         Tensor& grad_x, Tensor& grad_y);
 
 const Backend& cuda_backend();  // defined in cuda/mining_kernel.cu (CUDA and emulated builds only)
 

@@ -96,7 +96,7 @@ MinedResult batch_hard_gram_op(const Tensor& gram, const std::optional<Tensor>& 
   Sums s = empty_sums(o.gram);
   const Mined mined = batch_hard_gram(o.block(), margin, soft, s.loss, s.counts);
   auto [loss, stats] = finish(s);
-  return {loss, stats, mined.triplets, mined.coef};
+  return {loss, stats, mined.pairs, mined.coef};
 }
 
 MinedResult semi_hard_gram_op(const Tensor& gram, const std::optional<Tensor>& sq_x, const std::optional<Tensor>& sq_y,
@@ -107,23 +107,32 @@ MinedResult semi_hard_gram_op(const Tensor& gram, const std::optional<Tensor>& s
   Sums s = empty_sums(o.gram);
   const Mined mined = semi_hard_gram(o.block(), margin, s.loss, s.counts);
   auto [loss, stats] = finish(s);
-  return {loss, stats, mined.triplets, mined.coef};
+  return {loss, stats, mined.pairs, mined.coef};
 }
 
-std::tuple<Tensor, Tensor> batch_all_gram_op(Tensor gram, const std::optional<Tensor>& sq_x,
-                                             const std::optional<Tensor>& sq_y, const Tensor& keys_x,
-                                             const Tensor& keys_y, const Tensor& self_index, const Tensor& pos_cols,
-                                             const Tensor& pos_start, const Tensor& pos_end, int64_t distance,
-                                             double margin, bool symmetrize) {
+std::tuple<Tensor, Tensor, Tensor> batch_all_gram_op(Tensor gram, const std::optional<Tensor>& sq_x,
+                                                     const std::optional<Tensor>& sq_y, const Tensor& keys_x,
+                                                     const Tensor& keys_y, const Tensor& self_index,
+                                                     const Tensor& pos_cols, const Tensor& pos_start,
+                                                     const Tensor& pos_end, int64_t distance, double margin) {
   const Owned o = prepare(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance, true);
-  TL_CHECK(!symmetrize || o.gram.size(0) == o.gram.size(1), "symmetrize needs a square gram, got shape ",
-           shape(o.gram));
   Sums s = empty_sums(o.gram);
-  if (o.gram.numel() > 0) batch_all_gram(o.block(), margin, symmetrize, s.loss, s.counts);
-  return finish(s);
+  Tensor nonzero = zeros({o.gram.size(0)}, ScalarType::Long, o.gram.device());
+  if (o.gram.numel() > 0) batch_all_gram(o.block(), margin, s.loss, s.counts, nonzero);
+  auto [loss, stats] = finish(s);
+  return {loss, stats, torch::stable::sum(nonzero)};
 }
 
-std::tuple<Tensor, Tensor> mined_gram_backward_op(const Tensor& coef, const Tensor& triplets, const Tensor& x_,
+void symmetrize_op(Tensor w) {
+  TL_CHECK(w.dim() == 2 && w.size(0) == w.size(1), "w should be a square 2D tensor, got shape ", shape(w));
+  TL_CHECK(w.scalar_type() == ScalarType::Float || w.scalar_type() == ScalarType::Double,
+           "w should be float32 or float64, got ", w.scalar_type());
+  TL_CHECK(w.device().is_cpu(), "w should be a CPU tensor, got ", device_name(w));
+  TL_CHECK(w.is_contiguous(), "w should be contiguous (it is overwritten in place)");
+  symmetrize(w);
+}
+
+std::tuple<Tensor, Tensor> mined_gram_backward_op(const Tensor& coef, const Tensor& pairs, const Tensor& x_,
                                                   const std::optional<Tensor>& y_, int64_t distance) {
   TL_CHECK(x_.dim() == 2, "x should be a 2D tensor (N, D), got shape ", shape(x_));
   TL_CHECK(x_.scalar_type() == ScalarType::Float || x_.scalar_type() == ScalarType::Double,
@@ -136,25 +145,24 @@ std::tuple<Tensor, Tensor> mined_gram_backward_op(const Tensor& coef, const Tens
     TL_CHECK(y_->scalar_type() == x_.scalar_type(), "y should be ", x_.scalar_type(), ", got ", y_->scalar_type());
     TL_CHECK(y_->device().is_cpu(), "y should be a CPU tensor, got ", device_name(*y_));
   }
-  const int64_t t = triplets.dim() == 2 ? triplets.size(0) : -1;
-  TL_CHECK(t >= 0 && triplets.size(1) == 3 && triplets.scalar_type() == ScalarType::Long,
-           "triplets should be an int64 (T, 3) tensor, got ", triplets.scalar_type(), " ", shape(triplets));
-  TL_CHECK(coef.dim() == 2 && coef.size(0) == t && coef.size(1) == 2 && coef.scalar_type() == x_.scalar_type(),
-           "coef should be a ", x_.scalar_type(), " (", t, ", 2) tensor, got ", coef.scalar_type(), " ", shape(coef));
-  TL_CHECK(triplets.device().is_cpu() && coef.device().is_cpu(), "triplets and coef should be CPU tensors");
-  const Tensor x = as_contiguous(x_), tr = as_contiguous(triplets), c = as_contiguous(coef);
+  const int64_t t = pairs.dim() == 2 ? pairs.size(0) : -1;
+  TL_CHECK(t >= 0 && pairs.size(1) == 2 && pairs.scalar_type() == ScalarType::Long,
+           "pairs should be an int64 (P, 2) tensor, got ", pairs.scalar_type(), " ", shape(pairs));
+  TL_CHECK(coef.dim() == 1 && coef.size(0) == t && coef.scalar_type() == x_.scalar_type(), "coef should be a ",
+           x_.scalar_type(), " (", t, ",) tensor, got ", coef.scalar_type(), " ", shape(coef));
+  TL_CHECK(pairs.device().is_cpu() && coef.device().is_cpu(), "pairs and coef should be CPU tensors");
+  const Tensor x = as_contiguous(x_), pr = as_contiguous(pairs), c = as_contiguous(coef);
   const std::optional<Tensor> y = y_ ? std::optional<Tensor>(as_contiguous(*y_)) : std::nullopt;
   const int64_t n = x.size(0), m = y ? y->size(0) : n;
-  const int64_t* v = tr.const_data_ptr<int64_t>();
+  const int64_t* v = pr.const_data_ptr<int64_t>();
   for (int64_t e = 0; e < t; ++e)
-    TL_CHECK_INDEX(v[3 * e] >= 0 && v[3 * e] < n && v[3 * e + 1] >= 0 && v[3 * e + 1] < m && v[3 * e + 2] >= 0 &&
-                       v[3 * e + 2] < m,
-                   "triplets should hold anchor rows in [0, ", n, ") and columns in [0, ", m, "), got (", v[3 * e],
-                   ", ", v[3 * e + 1], ", ", v[3 * e + 2], ") at ", e);
+    TL_CHECK_INDEX(v[2 * e] >= 0 && v[2 * e] < n && v[2 * e + 1] >= 0 && v[2 * e + 1] < m,
+                   "pairs should hold anchor rows in [0, ", n, ") and columns in [0, ", m, "), got (", v[2 * e], ", ",
+                   v[2 * e + 1], ") at ", e);
   Tensor grad_x = empty(x.sizes(), x.scalar_type(), x.device());
   Tensor grad_y = y ? empty(y->sizes(), x.scalar_type(), x.device()) : empty({0, x.size(1)}, x.scalar_type(), x.device());
   if (x.numel() > 0 || (y && y->numel() > 0))
-    mined_gram_backward(c, tr, x, y ? &*y : nullptr, distance, grad_x, grad_y);
+    mined_gram_backward(c, pr, x, y ? &*y : nullptr, distance, grad_x, grad_y);
   return {grad_x, grad_y};
 }
 
@@ -168,6 +176,7 @@ STABLE_TORCH_LIBRARY_IMPL(tripletloss_cuda, CPU, m) {
   m.impl("batch_hard_gram", TORCH_BOX(&tripletloss::mining::batch_hard_gram_op));
   m.impl("semi_hard_gram", TORCH_BOX(&tripletloss::mining::semi_hard_gram_op));
   m.impl("batch_all_gram_", TORCH_BOX(&tripletloss::mining::batch_all_gram_op));
+  m.impl("symmetrize_", TORCH_BOX(&tripletloss::mining::symmetrize_op));
   m.impl("mined_gram_backward", TORCH_BOX(&tripletloss::mining::mined_gram_backward_op));
 }
 #endif

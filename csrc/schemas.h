@@ -44,26 +44,27 @@
 // self_index (B,) int64 as above; the positives of anchor i are pos_cols[pos_start[i]:pos_end[i]] (int64 columns
 // of the references sorted by label, ascending within a label) other than self_index[i]; distance: OP_CODES below.
 // batch_hard_gram / semi_hard_gram return the loss sum and stats of batch_hard_forward / semi_hard_forward and the
-// mined triplets with a nonzero gradient: triplets (T, 3) int64 (block row, positive column, negative column) and coef
-// (T, 2) dL/dgram at (a, p) and (a, n) of the loss sum (mining_math.h gram_grad), which mined_gram_backward turns
-// into the rows' gradients (x (N, D) the anchors, y (M, D) the references or None: x itself; coef already scaled).
-// batch_all_gram_ returns batch_all_forward's loss sum and stats and overwrites gram with dL/dgram of the loss sum,
-// with symmetrize (gram the whole x x^T) with dL/dgram + its transpose.
+// entries of dL/dgram (of the loss sum) their mined triplets make, two a triplet with a nonzero gradient: pairs (P, 2)
+// int64 (block row, column: (a, p), then (a, n)) and coef (P,) (mining_math.h gram_grad). batch_all_gram_ returns
+// batch_all_forward's loss sum and stats and the number of nonzero entries it writes: it overwrites gram with
+// dL/dgram. symmetrize_(w) adds a square w's transpose to it in place. mined_gram_backward turns entries of dL/dgram
+// (coef already scaled) into the rows' gradients: x (N, D) the anchors, y (M, D) the references or None (x itself).
 #define TL_MINING_GRAM_SCHEMAS(m)                                                                              \
   m.def(                                                                                                       \
       "batch_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "                \
       "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin, "     \
-      "bool soft) -> (Tensor loss, Tensor stats, Tensor triplets, Tensor coef)");                              \
+      "bool soft) -> (Tensor loss, Tensor stats, Tensor pairs, Tensor coef)");                                 \
   m.def(                                                                                                       \
       "semi_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "                 \
       "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) "     \
-      "-> (Tensor loss, Tensor stats, Tensor triplets, Tensor coef)");                                         \
+      "-> (Tensor loss, Tensor stats, Tensor pairs, Tensor coef)");                                            \
   m.def(                                                                                                       \
       "batch_all_gram_(Tensor(a!) gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "            \
-      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin, "     \
-      "bool symmetrize) -> (Tensor loss, Tensor stats)");                                                      \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) "     \
+      "-> (Tensor loss, Tensor stats, Tensor nonzero)");                                                       \
+  m.def("symmetrize_(Tensor(a!) w) -> ()");                                                                    \
   m.def(                                                                                                       \
-      "mined_gram_backward(Tensor coef, Tensor triplets, Tensor x, Tensor? y, int distance) "                  \
+      "mined_gram_backward(Tensor coef, Tensor pairs, Tensor x, Tensor? y, int distance) "                     \
       "-> (Tensor grad_x, Tensor grad_y)")
 
 // distance: tripletloss_cuda/distances.py OP_CODES (0 euclidean, 1 squared euclidean, 2 dot: 1 - <x, y>, the

@@ -143,14 +143,14 @@ constexpr ScalarType dtype_of = std::is_same_v<T, double> ? ScalarType::Double :
 template <typename T>
 Mined gather(const std::vector<std::vector<Found<T>>>& found, const Device& device) {
   int64_t total = 0;
-  for (const auto& f : found) total += int64_t(f.size());
-  Mined out{empty({total, 3}, ScalarType::Long, device), empty({total, 2}, dtype_of<T>, device)};
-  int64_t* t = out.triplets.mutable_data_ptr<int64_t>();
+  for (const auto& f : found) total += 2 * int64_t(f.size());
+  Mined out{empty({total, 2}, ScalarType::Long, device), empty({total}, dtype_of<T>, device)};
+  int64_t* p = out.pairs.mutable_data_ptr<int64_t>();
   T* c = out.coef.mutable_data_ptr<T>();
   for (size_t i = 0; i < found.size(); ++i)
     for (const Found<T>& f : found[i]) {
-      t[0] = int64_t(i), t[1] = f.j, t[2] = f.k, c[0] = f.cp, c[1] = f.cn;
-      t += 3, c += 2;
+      p[0] = int64_t(i), p[1] = f.j, p[2] = int64_t(i), p[3] = f.k, c[0] = f.cp, c[1] = f.cn;
+      p += 4, c += 2;
     }
   return out;
 }
@@ -258,7 +258,7 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
 // once, as the same sum on both sides). Each tile is copied out row by row first: reading a column of w directly
 // would stride by whole rows, which for power-of-two widths all fall in one cache set.
 template <typename T>
-void symmetrize(T* w, int64_t n) {
+void symmetrize_tiles(T* w, int64_t n) {
   constexpr int64_t kTile = 32;
   const int64_t tiles = (n + kTile - 1) / kTile;
   parallel_for(0, tiles * (tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
@@ -284,13 +284,14 @@ void symmetrize(T* w, int64_t n) {
   });
 }
 
-void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& loss, Tensor& counts) {
+void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts, Tensor& nonzero) {
   const int64_t n = g.gram.size(0), m = g.gram.size(1);
   TL_DISPATCH_FLOATING(g.gram.scalar_type(), "batch_all_gram_", [&] {
     using T = scalar_t;
     T* gram = g.gram.mutable_data_ptr<T>();
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
+    int64_t* nz = nonzero.mutable_data_ptr<int64_t>();
     parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       Rows<T> rows(g);
       std::vector<double> suffix;
@@ -317,17 +318,24 @@ void batch_all_gram(const GramBlock& g, double margin, bool symmetric, Tensor& l
         };
         suffix.resize(size_t(n_pos + 1));
         hist.resize(size_t(4 * (n_pos + 1)));
+        int64_t count = 0;
         batch_all_row_grad(row, m, role, ps, rows.pi.data(), n_pos, mg, first, suffix.data(), hist.data(), l + i,
                            c + i * kCounts, [&](int64_t k, T coef) {
                              row[k] = gram_grad(coef, row[k], key == rows.keys_y[k], int(distance));
+                             count += row[k] != T(0);
                            });
         const int64_t excl = rows.self[i];
         if (excl >= 0 && excl < m) row[excl] = T(0);
+        nz[i] = count;
         rows.clear(i);
       }
     });
-    if (symmetric) symmetrize(gram, n);
   });
+}
+
+void symmetrize(Tensor& w) {
+  TL_DISPATCH_FLOATING(w.scalar_type(), "symmetrize_",
+                       [&] { symmetrize_tiles(w.mutable_data_ptr<scalar_t>(), w.size(0)); });
 }
 
 // Counting sort: order[0, n) of the items by key[e] in [0, k) (stable: ascending e within a key), offsets[0, k].
@@ -342,7 +350,7 @@ void group(int64_t n, int64_t k, const Key& key, std::vector<int64_t>& order, st
 }
 
 template <typename T>
-void mined_rows_backward(const T* c, const int64_t* tr, const T* px, const T* py, bool refs, int64_t n, int64_t m,
+void mined_rows_backward(const T* c, const int64_t* pr, const T* px, const T* py, bool refs, int64_t n, int64_t m,
                          int64_t d, bool dot, const std::vector<int64_t>& by_anchor,
                          const std::vector<int64_t>& anchor_offsets, const std::vector<int64_t>& by_column,
                          const std::vector<int64_t>& column_offsets, T* gx, T* gy) {
@@ -354,12 +362,12 @@ void mined_rows_backward(const T* c, const int64_t* tr, const T* px, const T* py
       for (int64_t k = 0; k < d; ++k) out[k] = T(0);
       T sum = 0;
       for (int64_t e = anchor_offsets[size_t(i)]; e < anchor_offsets[size_t(i + 1)]; ++e) {
-        const int64_t t = by_anchor[size_t(e)];
-        const T cp = c[2 * t], cn = c[2 * t + 1];
-        const T *yp = py + tr[3 * t + 1] * d, *yn = py + tr[3 * t + 2] * d;
+        const int64_t q = by_anchor[size_t(e)];
+        const T w = c[q];
+        const T* yj = py + pr[2 * q + 1] * d;
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) out[k] += cp * yp[k] + cn * yn[k];
-        sum += cp + cn;
+        for (int64_t k = 0; k < d; ++k) out[k] += w * yj[k];
+        sum += w;
       }
       if (!dot) {
         const T* xi = px + i * d;
@@ -377,9 +385,9 @@ void mined_rows_backward(const T* c, const int64_t* tr, const T* px, const T* py
       T* a = acc.data();
       T sum = 0;
       for (int64_t e = column_offsets[size_t(j)]; e < column_offsets[size_t(j + 1)]; ++e) {
-        const int64_t entry = by_column[size_t(e)];
-        const T w = c[entry];
-        const T* xa = px + tr[3 * (entry / 2)] * d;
+        const int64_t q = by_column[size_t(e)];
+        const T w = c[q];
+        const T* xa = px + pr[2 * q] * d;
 #pragma omp simd
         for (int64_t k = 0; k < d; ++k) a[k] += w * xa[k];
         sum += w;
@@ -398,21 +406,20 @@ void mined_rows_backward(const T* c, const int64_t* tr, const T* px, const T* py
   });
 }
 
-void mined_gram_backward(const Tensor& coef, const Tensor& triplets, const Tensor& x, const Tensor* y,
-                         int64_t distance, Tensor& grad_x, Tensor& grad_y) {
-  const int64_t n = x.size(0), d = x.size(1), t_count = triplets.size(0);
+void mined_gram_backward(const Tensor& coef, const Tensor& pairs, const Tensor& x, const Tensor* y, int64_t distance,
+                         Tensor& grad_x, Tensor& grad_y) {
+  const int64_t n = x.size(0), d = x.size(1), count = pairs.size(0);
   const int64_t m = y ? y->size(0) : n;
-  const int64_t* tr = triplets.const_data_ptr<int64_t>();
-  // The anchors' entries (a triplet each) and the columns' (two a triplet: 2t its positive, 2t + 1 its negative),
-  // each group in triplet order: the sums below run in a fixed order.
+  const int64_t* pr = pairs.const_data_ptr<int64_t>();
+  // The entries grouped by row and by column, each group in entry order: the sums below run in a fixed order.
   std::vector<int64_t> by_anchor, anchor_offsets, by_column, column_offsets;
-  group(t_count, n, [&](int64_t t) { return tr[3 * t]; }, by_anchor, anchor_offsets);
-  group(2 * t_count, m, [&](int64_t e) { return tr[3 * (e / 2) + 1 + e % 2]; }, by_column, column_offsets);
+  group(count, n, [&](int64_t q) { return pr[2 * q]; }, by_anchor, anchor_offsets);
+  group(count, m, [&](int64_t q) { return pr[2 * q + 1]; }, by_column, column_offsets);
   TL_DISPATCH_FLOATING(x.scalar_type(), "mined_gram_backward", [&] {
     using T = scalar_t;
     const T* px = x.const_data_ptr<T>();
     T* gx = grad_x.mutable_data_ptr<T>();
-    mined_rows_backward<T>(coef.const_data_ptr<T>(), tr, px, y ? y->const_data_ptr<T>() : px, y != nullptr, n, m, d,
+    mined_rows_backward<T>(coef.const_data_ptr<T>(), pr, px, y ? y->const_data_ptr<T>() : px, y != nullptr, n, m, d,
                            distance == kDot, by_anchor, anchor_offsets, by_column, column_offsets, gx,
                            y ? grad_y.mutable_data_ptr<T>() : gx);
   });

@@ -217,20 +217,22 @@ def op_samples():
                 yield "batch_hard_gram", (*args, 0.5, False)
                 yield "batch_hard_gram", (*args, 0.5, True)
                 yield "semi_hard_gram", (*args, 0.5)
-                yield "batch_all_gram_", (*args, 0.5, y is xs)
-                _, _, triplets, coef = OPS.semi_hard_gram(*args, 0.5)
-                yield "mined_gram_backward", (coef, triplets, xs, None if y is xs else y, args[-1])
+                yield "batch_all_gram_", (*args, 0.5)
+                _, _, pairs, coef = OPS.semi_hard_gram(*args, 0.5)
+                yield "mined_gram_backward", (coef, pairs, xs, None if y is xs else y, args[-1])
+            yield "symmetrize_", (torch.randn(7, 7, dtype=dtype),)
 
 
-@pytest.mark.parametrize("sample", list(range(60)))
+@pytest.mark.parametrize("sample", list(range(66)))
 def test_opcheck(sample):
     name, args = list(op_samples())[sample]
     torch.library.opcheck(getattr(OPS, name), args)
 
 
 def test_op_samples_cover_every_op():
-    assert {name for name, _ in op_samples()} == {"batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "mined_gram_backward"}
-    assert len(list(op_samples())) == 60
+    names = {"batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "symmetrize_", "mined_gram_backward"}
+    assert {name for name, _ in op_samples()} == names
+    assert len(list(op_samples())) == 66
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -258,7 +260,8 @@ def test_ops_against_the_dense_ops(distance, refs):
         out = getattr(OPS, f"{kind}_forward")(dense, labels, ry, self_index, *extra)
         if kind == "batch_all":
             gram = args[0].clone()
-            got = OPS.batch_all_gram_(gram, *args[1:], *extra, False)
+            got = OPS.batch_all_gram_(gram, *args[1:], *extra)
+            assert got[2] == torch.count_nonzero(gram)
         else:
             got = getattr(OPS, f"{kind}_gram")(*args, *extra)
         torch.testing.assert_close(got[0], out[0], rtol=1e-12, atol=1e-12)
@@ -268,11 +271,12 @@ def test_ops_against_the_dense_ops(distance, refs):
         if kind == "batch_hard":
             grad_d = OPS.batch_hard_backward(one, dense, out[2], *extra)
             active = torch.nonzero(grad_d.abs().sum(1) > 0).squeeze(1)
-            assert torch.equal(got[2][:, 0], active)
-            assert torch.equal(got[2][:, 1:], out[2][active])
+            a, p, n = got[2][0::2, 0], got[2][0::2, 1], got[2][1::2, 1]
+            assert torch.equal(a, active) and torch.equal(got[2][1::2, 0], active)
+            assert torch.equal(torch.stack((p, n), 1), out[2][active])
         elif kind == "semi_hard":
             grad_d = OPS.semi_hard_backward(one, dense, labels, ry, self_index, *extra)
-            a, p, n = got[2].unbind(1)
+            a, p, n = got[2][0::2, 0], got[2][0::2, 1], got[2][1::2, 1]
             assert (0.3 + dense[a, p] - dense[a, n] > 0).all() and (grad_d[a, p] > 0).all()
         else:
             grad_d = OPS.batch_all_backward(one, dense, labels, ry, self_index, *extra)
@@ -288,14 +292,45 @@ def test_ops_against_the_dense_ops(distance, refs):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-def test_batch_all_symmetrized():
-    x, labels = _batch(20, 3, seed=22)
-    args = _gram_args(x, x, labels, labels, torch.arange(20), "euclidean")
-    plain, sym = args[0].clone(), args[0].clone()
-    OPS.batch_all_gram_(plain, *args[1:], 0.4, False)
-    OPS.batch_all_gram_(sym, *args[1:], 0.4, True)
-    assert torch.equal(sym, sym.T)
-    torch.testing.assert_close(sym, plain + plain.T, rtol=0, atol=0)
+@pytest.mark.parametrize("n", (1, 5, 32, 33, 100))
+def test_symmetrize(n):
+    w = torch.randn(n, n)
+    out = w.clone()
+    OPS.symmetrize_(out)
+    assert torch.equal(out, out.T) and torch.equal(out, w + w.T)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("refs", (False, True), ids=("square", "references"))
+def test_batch_all_sparse_backward(distance, refs):
+    """Batch-all through its nonzero entries of dL/dgram equals its dense backward (forced both ways), and is what a
+    batch with few active triplets takes by default."""
+    x, labels = _batch(40, 5, seed=25)
+    extra = {}
+    if refs:
+        r, ry = _batch(30, 5, seed=26)
+        extra = {"refs": (r, ry, torch.full((40,), -1))}
+    kw = dict(margin=0.6, distance=distance, **extra)
+    with mock.patch.object(mining_ops, "BATCH_ALL_SPARSE_FRACTION", 1.0):
+        sparse = _run(tl.batch_all_triplet_loss, x, labels, True, **kw)
+    with mock.patch.object(mining_ops, "BATCH_ALL_SPARSE_FRACTION", -1.0):
+        dense = _run(tl.batch_all_triplet_loss, x, labels, True, **kw)
+    _assert_same(sparse, dense, 1e-10, 1e-12)
+    # The default: the sparse backward for a batch with few active triplets (well-separated classes and a small
+    # margin, one row moved next to another class), the dense one for a random batch (nearly all active).
+    g = torch.Generator().manual_seed(27)
+    classes = torch.arange(200) % 20
+    y = (torch.randn(20, 8, dtype=torch.float64, generator=g) * 10)[classes]
+    y += 0.1 * torch.randn(200, 8, dtype=torch.float64, generator=g)
+    y[0] = y[1] + 0.05
+    for rows, lab, few in ((y, classes, True), (x, labels, False)):
+        kept, keep = [], mining_ops._batch_all_saved
+        with mock.patch.object(mining_ops, "_batch_all_saved", lambda *a: kept.append(keep(*a)) or kept[-1]):
+            fused = _run(tl.batch_all_triplet_loss, rows, lab, True, margin=0.1)
+        assert (len(kept[0]) == 2) == few
+        if few:
+            assert 0 < kept[0][1].numel() <= rows.shape[0] ** 2 / 32
+        _assert_same(fused, _run(tl.batch_all_triplet_loss, rows, lab, False, margin=0.1), 1e-10, 1e-12)
 
 
 def test_op_errors():
@@ -314,17 +349,20 @@ def test_op_errors():
     bad = args.copy()
     bad[6] = bad[6] + 100  # pos_cols out of range
     with pytest.raises(IndexError, match="pos_cols should hold values in"):
-        OPS.batch_all_gram_(*bad, 0.5, False)
+        OPS.batch_all_gram_(*bad, 0.5)
     bad = args.copy()
     bad[7] = torch.full((6,), 4)  # start > end
     bad[8] = torch.full((6,), 2)
     with pytest.raises(IndexError, match="pos_start should not exceed pos_end"):
         OPS.batch_hard_gram(*bad, 0.5, False)
-    with pytest.raises(RuntimeError, match="symmetrize needs a square gram"):
-        y, ly = _batch(4, 2, seed=24)
-        OPS.batch_all_gram_(*_gram_args(x, y, labels, ly, torch.full((6,), -1), "euclidean"), 0.5, True)
-    triplets = torch.tensor([[0, 1, 9]])
-    with pytest.raises(IndexError, match="triplets should hold anchor rows"):
-        OPS.mined_gram_backward(torch.zeros(1, 2, dtype=torch.float64), triplets, x, None, 0)
+    with pytest.raises(RuntimeError, match="w should be a square 2D tensor"):
+        OPS.symmetrize_(torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="w should be contiguous"):
+        OPS.symmetrize_(torch.zeros(4, 4).T)
+    pairs = torch.tensor([[0, 9]])
+    with pytest.raises(IndexError, match="pairs should hold anchor rows"):
+        OPS.mined_gram_backward(torch.zeros(1, dtype=torch.float64), pairs, x, None, 0)
     with pytest.raises(RuntimeError, match="coef should be"):
-        OPS.mined_gram_backward(torch.zeros(2, 2, dtype=torch.float64), triplets, x, None, 0)
+        OPS.mined_gram_backward(torch.zeros(2, dtype=torch.float64), pairs, x, None, 0)
+    with pytest.raises(RuntimeError, match="pairs should be an int64"):
+        OPS.mined_gram_backward(torch.zeros(1, dtype=torch.float64), pairs.int(), x, None, 0)

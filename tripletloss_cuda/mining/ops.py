@@ -132,9 +132,9 @@ if "cpu" in _library.kernel_devices(("batch_hard_gram",)):
 
     def _mined_fake(gram, *args):
         _check_gram_inputs(gram, *args[:9])
-        t = torch.library.get_ctx().new_dynamic_size()
+        p = torch.library.get_ctx().new_dynamic_size()
         loss, stats = gram.new_empty((), dtype=torch.float64), gram.new_empty((5,), dtype=torch.int64)
-        return loss, stats, gram.new_empty((t, 3), dtype=torch.int64), gram.new_empty((t, 2))
+        return loss, stats, gram.new_empty((p, 2), dtype=torch.int64), gram.new_empty(p)
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_hard_gram")
     def _batch_hard_gram_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance,
@@ -148,12 +148,17 @@ if "cpu" in _library.kernel_devices(("batch_hard_gram",)):
 
     @torch.library.register_fake(f"{NAMESPACE}::batch_all_gram_")
     def _batch_all_gram_fake(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance,
-                             margin, symmetrize):  # fmt: skip
+                             margin):  # fmt: skip
         _check_gram_inputs(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance)
-        return gram.new_empty((), dtype=torch.float64), gram.new_empty((5,), dtype=torch.int64)
+        scalar = gram.new_empty((), dtype=torch.int64)
+        return gram.new_empty((), dtype=torch.float64), gram.new_empty((5,), dtype=torch.int64), scalar
+
+    @torch.library.register_fake(f"{NAMESPACE}::symmetrize_")
+    def _symmetrize_fake(w):
+        torch._check(w.dim() == 2 and w.shape[0] == w.shape[1], lambda: "w should be a square 2D tensor")
 
     @torch.library.register_fake(f"{NAMESPACE}::mined_gram_backward")
-    def _mined_gram_backward_fake(coef, triplets, x, y, distance):
+    def _mined_gram_backward_fake(coef, pairs, x, y, distance):
         torch._check(x.dim() == 2, lambda: f"x should be a 2D tensor (N, D), got shape {tuple(x.shape)}")
         grad_y = x.new_empty((0, x.shape[1])) if y is None else y.new_empty(y.shape)
         return x.new_empty(x.shape), grad_y
@@ -333,7 +338,7 @@ class ChunkedMiningFunction(torch.autograd.Function):
 # gradient in one pass, csrc/mining_gram.cpp); batch-hard and semi-hard send their gradients from the mined triplets
 # straight to the rows (the loss over index triplets' backward op), batch-all through matrix products of its
 # gradient with respect to the block.
-FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "mined_gram_backward")
+FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "symmetrize_", "mined_gram_backward")
 FUSED_DEVICES = _library.kernel_devices(FUSED_OPS) & {"cpu"}
 _GRAM_OPS = {"batch_hard": "batch_hard_gram", "semi_hard": "semi_hard_gram", "batch_all": "batch_all_gram_"}
 # False: every loss takes the dense path (tests pin the fused path to it).
@@ -342,6 +347,10 @@ FUSED = True
 # bytes (written by the product, then read by the mining while much of it is still in the caches; nothing is
 # recomputed, so small blocks cost only their calls).
 FUSED_BLOCK_BYTES = 32 << 20
+# Batch-all's backward goes through its nonzero entries of dL/dgram (as batch-hard's and semi-hard's) rather than a
+# matrix product with the whole (N, M) dL/dgram when at most this fraction of the entries is nonzero (few active
+# triplets: late in training, large margins passed). Measured crossover: docs/mining.md.
+BATCH_ALL_SPARSE_FRACTION = 1 / 32
 
 
 def fused_chunk(kind, n, m, dtype, chunk_size):
@@ -429,23 +438,21 @@ class FusedMiningFunction(torch.autograd.Function):
         gram = _Gram(x, x if y is None else y, labels, ref_labels, self_index, distance)
         op = getattr(torch.ops.tripletloss_cuda, _GRAM_OPS[kind])
         blocks = _blocks(x.shape[0], chunk)
-        keep = kind == "batch_all" and len(blocks) == 1  # batch-all's whole dL/dgram, kept for the backward
-        totals, stats, triplets, coefs = [], [], [], []
+        totals, stats, pairs, coefs = [], [], [], []
         for i0, i1 in blocks:
             block = gram.block(i0, i1)
-            out = op(*block, *args, keep and y is None) if kind == "batch_all" else op(*block, *args)
+            out = op(*block, *args)
             totals.append(out[0])
             stats.append(out[1])
             if kind != "batch_all":
                 out[2][:, 0] += i0
-                triplets.append(out[2])
+                pairs.append(out[2])
                 coefs.append(out[3])
         total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
         stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
+        saved = [torch.cat(pairs), torch.cat(coefs)] if pairs else [labels.new_zeros((0, 2)), x.new_zeros(0)]
         if kind == "batch_all":
-            saved = [block[0]] if keep else []  # the batch against itself: symmetrized, w + w^T
-        else:
-            saved = [torch.cat(triplets), torch.cat(coefs)] if blocks else [labels.new_zeros((0, 3)), x.new_zeros((0, 2))]
+            saved = _batch_all_saved(block[0], int(out[2]), y is None) if len(blocks) == 1 else []
         ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, *saved)
         ctx.kind, ctx.distance, ctx.chunk, ctx.den, ctx.args = kind, distance, chunk, den, args
         ctx.mark_non_differentiable(stats)
@@ -471,15 +478,27 @@ class FusedMiningFunction(torch.autograd.Function):
             gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
             return None, gx, gy, *nones
         scale = divide(grad.to(torch.float64), stats, den).to(x.dtype)
-        if kind == "batch_all":
+        if len(saved) == 2:  # entries of dL/dgram: the mined triplets', or batch-all's few nonzero ones
+            pairs, coef = saved
+            code = distances.OP_CODES[distances.op_name(distance)]
+            gx, gy = torch.ops.tripletloss_cuda.mined_gram_backward(coef * scale, pairs, x, y, code)
+        else:
             gx, gy = _batch_all_grad(x, y, labels, ref_labels, self_index, distance, ctx.chunk, saved, args, need_y)
             gx = gx * scale
             gy = None if gy is None else gy * scale
-        else:
-            triplets, coef = saved
-            code = distances.OP_CODES[distances.op_name(distance)]
-            gx, gy = torch.ops.tripletloss_cuda.mined_gram_backward(coef * scale, triplets, x, y, code)
         return None, gx if need_x else None, gy if need_y else None, *nones
+
+
+def _batch_all_saved(w, nonzero, same):
+    """What batch-all keeps of its whole dL/dgram w for the backward: its nonzero entries (pairs, coef) when few
+    (BATCH_ALL_SPARSE_FRACTION), else w itself, for the batch against itself symmetrized (w + w^T: both sides of
+    every entry in one matrix product)."""
+    if nonzero <= BATCH_ALL_SPARSE_FRACTION * w.numel():
+        pairs = torch.nonzero(w)  # row-major: a fixed order
+        return [pairs, w[pairs[:, 0], pairs[:, 1]]]
+    if same:
+        torch.ops.tripletloss_cuda.symmetrize_(w)
+    return [w]
 
 
 def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved, args, need_y):
@@ -487,7 +506,7 @@ def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved
     dot = distances.op_name(distance) == "dot"
     refs = x if y is None else y
     if saved:
-        if y is None:  # w + w^T (the op symmetrized it): both sides of every entry in one product
+        if y is None:  # w + w^T (symmetrized): both sides of every entry in one product
             return gram_grad(saved[0], x, x, dot, need_y=False)[0], None
         return gram_grad(saved[0], x, y, dot, need_y)
     gram = _Gram(x, refs, labels, ref_labels, self_index, distance)
@@ -495,7 +514,7 @@ def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved
     gy = torch.zeros_like(refs) if (need_y or y is None) else None
     for i0, i1 in _blocks(x.shape[0], chunk):
         block = gram.block(i0, i1)
-        torch.ops.tripletloss_cuda.batch_all_gram_(*block, *args, False)
+        torch.ops.tripletloss_cuda.batch_all_gram_(*block, *args)
         gxb, gyb = gram_grad(block[0], x[i0:i1], refs, dot, gy is not None)
         gx[i0:i1] = gxb
         if gy is not None:
