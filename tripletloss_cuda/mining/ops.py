@@ -350,7 +350,7 @@ FUSED_BLOCK_BYTES = 32 << 20
 # Batch-all's backward goes through its nonzero entries of dL/dgram (as batch-hard's and semi-hard's) rather than a
 # matrix product with the whole (N, M) dL/dgram when at most this fraction of the entries is nonzero (few active
 # triplets: late in training, large margins passed). Measured crossover: docs/mining.md.
-BATCH_ALL_SPARSE_FRACTION = 1 / 32
+BATCH_ALL_SPARSE_FRACTION = 1 / 128
 
 
 def fused_chunk(kind, n, m, dtype, chunk_size):
