@@ -366,3 +366,43 @@ def test_op_errors():
         OPS.mined_gram_backward(torch.zeros(2, dtype=torch.float64), pairs, x, None, 0)
     with pytest.raises(RuntimeError, match="pairs should be an int64"):
         OPS.mined_gram_backward(torch.zeros(1, dtype=torch.float64), pairs.int(), x, None, 0)
+
+
+# --- batch-hard's sparse backward where the fused ops are not compiled (CUDA), run here on the CPU ops -------------
+
+
+def _sparse_hard(x, labels, refs=None, **kw):
+    """_run on SparseHardFunction: the CPU taken for a device without the fused ops."""
+    with mock.patch.object(mining_ops, "FUSED_DEVICES", frozenset()):
+        assert mining_ops.use_sparse_hard("batch_hard", x)
+        with mock.patch.object(mining_ops, "SparseHardFunction", wraps=mining_ops.SparseHardFunction) as f:
+            out = _run(tl.batch_hard_triplet_loss, x, labels, True, refs, **kw)
+        assert f.apply.call_count == 1
+    return out
+
+
+@pytest.mark.parametrize("soft", (False, True), ids=("hard", "soft"))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("chunk", (None, 4), ids=("whole", "chunk4"))
+@pytest.mark.parametrize("refs", (False, True), ids=("square", "references"))
+def test_sparse_hard_equals_dense(soft, distance, chunk, refs):
+    x, labels = _batch(30, 4, seed=31)
+    x[5] = x[2]  # identical rows
+    ref = None
+    if refs:
+        r, ry = _batch(25, 4, seed=32)
+        ref = (r, ry, torch.randint(-1, 25, (30,), generator=torch.Generator().manual_seed(33)))
+    kw = dict(margin=0.7, soft=soft, distance=distance, chunk_size=chunk)
+    sparse = _sparse_hard(x, labels, ref, **kw)
+    dense = _run(tl.batch_hard_triplet_loss, x, labels, False, ref, **kw)
+    _assert_same(sparse, dense, 1e-10, 1e-12)
+
+
+def test_sparse_hard_edges_and_double_backward():
+    x, labels = _batch(9, 3, dim=4, seed=34)
+    for lab in (labels, torch.zeros(9, dtype=torch.int64), torch.arange(9)):
+        _assert_same(_sparse_hard(x, lab), _run(tl.batch_hard_triplet_loss, x, lab, False), 1e-10, 1e-12)
+    with mock.patch.object(mining_ops, "FUSED_DEVICES", frozenset()):
+        x.requires_grad_()
+        fn = lambda e: tl.batch_hard_triplet_loss(e, labels, margin=0.7, soft=True)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))

@@ -196,6 +196,9 @@ def _mining_loss(
     if ops.use_fused(kind, x):  # whole or in blocks, each block of the matrix product read once
         args = (kind, x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk_size)
         loss, stats = ops.run_fused(*args)
+    elif ops.use_sparse_hard(kind, x):  # batch-hard on CUDA: the backward from the mined triplets, no host sync
+        args = (x, y, labels, float(margin), extra, ref_labels, self_index, distance, chunk)
+        loss, stats = ops.run_sparse_hard(*args)
     elif chunk >= n:  # one block: the whole matrix, kept for the backward
         dist = distances.matrix(x, y, distance)
         loss, stats = ops.run(kind, dist, labels, float(margin), extra, ref_labels, self_index)

@@ -26,6 +26,7 @@ import torch
 
 from .. import _library, distances
 from .._library import REDUCTIONS
+from ..indexed import ops as indexed_ops
 from . import reference
 
 NAMESPACE = _library.NAMESPACE
@@ -532,6 +533,106 @@ def run_fused(kind, x, y, labels, margin, extra, ref_labels, self_index, distanc
     y = None if y is None or y is x else y.contiguous()
     inputs = _contiguous(labels, ref_labels, self_index)
     return FusedMiningFunction.apply(kind, x.contiguous(), y, *inputs, distance, chunk, den, *args)
+
+
+# ---------------------------------------------------------------- batch-hard's sparse backward elsewhere (CUDA)
+
+# Where the fused CPU ops are not compiled (CUDA), batch-hard still sends its gradients from the mined triplets to the
+# rows rather than through a dense (N, M) dL/dD and matrix products: one triplet per anchor (an anchor without one
+# has weight 0), so that nothing has a data-dependent size: no host synchronization (CUDA-graph capturable).
+SPARSE_HARD_OPS = ("batch_hard_forward", "indexed_triplet_backward")
+SPARSE_HARD_DEVICES = _library.kernel_devices(SPARSE_HARD_OPS)
+
+
+def use_sparse_hard(kind, x):
+    """Whether batch-hard on rows x takes SparseHardFunction: a device with kernels but not the fused CPU ops."""
+    device = x.device.type
+    return (
+        FUSED
+        and kind == "batch_hard"
+        and device in SPARSE_HARD_DEVICES
+        and device not in FUSED_DEVICES
+        and not torch.compiler.is_compiling()
+    )
+
+
+def hard_weight(x, margin, soft):
+    """mining_math.h hard_weight, the same float expressions: sigmoid(x) (soft), else 1 where margin + x > 0."""
+    if soft:
+        return 1 / (1 + torch.exp(-x))
+    return (margin + x > 0).to(x.dtype)
+
+
+class SparseHardFunction(torch.autograd.Function):
+    """loss, stats = SparseHardFunction.apply(x, y, labels, ref_labels, self_index, distance, chunk, den, margin,
+    soft): batch-hard of anchors x against references y (None: x itself) on the distance ops (batch_hard_forward on
+    blocks of distances.block), keeping each anchor's mined triplet and its two distances (N of them; -1 indices
+    become 0 with weight 0); the backward sends their gradients to the rows with the loss over index triplets'
+    backward op (margin = inf: every triplet passes its hinge, the weight is the mining's hard_weight)."""
+
+    @staticmethod
+    def forward(ctx, x, y, labels, ref_labels, self_index, distance, chunk, den, margin, soft):
+        ref_labels, self_index = reference.self_references(labels, ref_labels, self_index)
+        rows = _Rows(x, x if y is None else y, distance)
+        totals, stats, mined, pairs = [], [], [], []
+        for i0, i1 in _blocks(x.shape[0], chunk):
+            d = rows.block(i0, i1)
+            out = torch.ops.tripletloss_cuda.batch_hard_forward(
+                d, labels[i0:i1], ref_labels, self_index[i0:i1], margin, soft
+            )
+            totals.append(out[0])
+            stats.append(out[1])
+            mined.append(out[2])
+            # (B, 2) d(a, p), d(a, n), kept while the block is dropped
+            pairs.append(d.gather(1, out[2].clamp_min(0)) if d.shape[1] else d.new_zeros((d.shape[0], 2)))
+        total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
+        stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
+        mined = torch.cat(mined) if mined else labels.new_zeros((0, 2))
+        pairs = torch.cat(pairs) if pairs else x.new_zeros((0, 2))
+        ctx.save_for_backward(x, y, stats, mined, pairs)
+        ctx.distance, ctx.den, ctx.margin, ctx.soft = distance, den, margin, soft
+        ctx.labels = (labels, ref_labels, self_index)
+        ctx.mark_non_differentiable(stats)
+        return divide(total, stats, den).to(x.dtype), stats
+
+    @staticmethod
+    def backward(ctx, grad, _grad_stats):
+        x, y, stats, mined, pairs = ctx.saved_tensors
+        nones = (None,) * 8
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_y):
+            return (None, None, *nones)
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
+            labels, ref_labels, self_index = ctx.labels
+            d = distances.differentiable(x, x if y is None else y, ctx.distance)
+            total, ref_stats = SUMS["batch_hard"](d, labels, ctx.margin, ctx.soft, ref_labels, self_index)
+            loss = divide(total, ref_stats, ctx.den)
+            if y is None:
+                return torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
+            gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
+            return gx, gy, *nones
+        scale = divide(grad.to(torch.float64), stats, ctx.den).to(pairs.dtype)
+        valid = mined[:, 0] >= 0
+        w = torch.where(valid, hard_weight(pairs[:, 0] - pairs[:, 1], ctx.margin, ctx.soft), 0) * scale
+        a = torch.arange(x.shape[0], device=x.device)
+        p, n = mined[:, 0].clamp_min(0), mined[:, 1].clamp_min(0)
+        m = 0 if y is None else y.shape[0]
+        entries, offsets = indexed_ops.destinations(a, p, n, x.shape[0], m)
+        saved = torch.cat((pairs, pairs.new_zeros((pairs.shape[0], 2))), 1)
+        code = distances.OP_CODES[distances.op_name(ctx.distance)]
+        gx, gy = torch.ops.tripletloss_cuda.indexed_triplet_backward(
+            w.contiguous(), x, y, a, p, n, saved, entries, offsets, code, float("inf"), False, False
+        )
+        return gx if need_x else None, gy if need_y else None, *nones
+
+
+def run_sparse_hard(x, y, labels, margin, soft, ref_labels, self_index, distance, chunk):
+    """(loss, stats) of batch-hard through SparseHardFunction (see use_sparse_hard): as run_chunked."""
+    args, den = _kind_args("batch_hard", margin, soft)
+    y = None if y is None or y is x else y.contiguous()
+    inputs = _contiguous(labels, ref_labels, self_index)
+    return SparseHardFunction.apply(x.contiguous(), y, *inputs, distance, chunk, den, *args)
 
 
 # ---------------------------------------------------------------- entry points
