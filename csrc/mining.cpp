@@ -165,7 +165,6 @@ Tensor semi_hard_backward(const Tensor& grad, const Tensor& dist_, const Tensor&
   return grad_dist;
 }
 
-
 }  // namespace
 
 }  // namespace mining

@@ -31,8 +31,16 @@ struct Owned {  // contiguous copies the block refers to
   std::optional<Tensor> sq_x, sq_y;
   int64_t distance;
   GramBlock block() const {
-    return {gram,   sq_x ? &*sq_x : nullptr, sq_y ? &*sq_y : nullptr, keys_x, keys_y, self_index, pos_cols,
-            pos_start, pos_end, distance};
+    return {gram,
+            sq_x ? &*sq_x : nullptr,
+            sq_y ? &*sq_y : nullptr,
+            keys_x,
+            keys_y,
+            self_index,
+            pos_cols,
+            pos_start,
+            pos_end,
+            distance};
   }
 };
 
@@ -48,8 +56,8 @@ Owned prepare(const Tensor& gram, const std::optional<Tensor>& sq_x, const std::
   TL_CHECK(distance >= kEuclidean && distance <= kDot, "distance should be 0, 1 or 2, got ", distance);
   const int64_t n = gram.size(0), m = gram.size(1);
   const bool dot = distance == kDot;
-  TL_CHECK(sq_x.has_value() != dot && sq_y.has_value() != dot, "sq_x and sq_y should be given for distance ",
-           distance, dot ? " (none for 2, dot)" : "");
+  TL_CHECK(sq_x.has_value() != dot && sq_y.has_value() != dot, "sq_x and sq_y should be given for distance ", distance,
+           dot ? " (none for 2, dot)" : "");
   if (!dot) {
     check_vector(*sq_x, "sq_x", n, gram.scalar_type());
     check_vector(*sq_y, "sq_y", m, gram.scalar_type());
@@ -60,9 +68,16 @@ Owned prepare(const Tensor& gram, const std::optional<Tensor>& sq_x, const std::
   check_vector(pos_cols, "pos_cols", m, ScalarType::Long);
   check_vector(pos_start, "pos_start", n, ScalarType::Long);
   check_vector(pos_end, "pos_end", n, ScalarType::Long);
-  Owned o{in_place ? gram : as_contiguous(gram), as_contiguous(keys_x), as_contiguous(keys_y),
-          as_contiguous(self_index), as_contiguous(pos_cols), as_contiguous(pos_start), as_contiguous(pos_end),
-          std::nullopt, std::nullopt, distance};
+  Owned o{in_place ? gram : as_contiguous(gram),
+          as_contiguous(keys_x),
+          as_contiguous(keys_y),
+          as_contiguous(self_index),
+          as_contiguous(pos_cols),
+          as_contiguous(pos_start),
+          as_contiguous(pos_end),
+          std::nullopt,
+          std::nullopt,
+          distance};
   if (!dot) o.sq_x = as_contiguous(*sq_x), o.sq_y = as_contiguous(*sq_y);
   check_range(o.self_index, "self_index", -1, m);  // only compared, but as the other mining ops
   check_range(o.pos_cols, "pos_cols", 0, m);
@@ -90,8 +105,8 @@ using MinedResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 MinedResult batch_hard_gram_op(const Tensor& gram, const std::optional<Tensor>& sq_x, const std::optional<Tensor>& sq_y,
                                const Tensor& keys_x, const Tensor& keys_y, const Tensor& self_index,
-                               const Tensor& pos_cols, const Tensor& pos_start, const Tensor& pos_end,
-                               int64_t distance, double margin, bool soft) {
+                               const Tensor& pos_cols, const Tensor& pos_start, const Tensor& pos_end, int64_t distance,
+                               double margin, bool soft) {
   const Owned o = prepare(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, pos_start, pos_end, distance, false);
   Sums s = empty_sums(o.gram);
   const Mined mined = batch_hard_gram(o.block(), margin, soft, s.loss, s.counts);
@@ -160,7 +175,8 @@ std::tuple<Tensor, Tensor> mined_gram_backward_op(const Tensor& coef, const Tens
                    "pairs should hold anchor rows in [0, ", n, ") and columns in [0, ", m, "), got (", v[2 * e], ", ",
                    v[2 * e + 1], ") at ", e);
   Tensor grad_x = empty(x.sizes(), x.scalar_type(), x.device());
-  Tensor grad_y = y ? empty(y->sizes(), x.scalar_type(), x.device()) : empty({0, x.size(1)}, x.scalar_type(), x.device());
+  Tensor grad_y =
+      y ? empty(y->sizes(), x.scalar_type(), x.device()) : empty({0, x.size(1)}, x.scalar_type(), x.device());
   if (x.numel() > 0 || (y && y->numel() > 0))
     mined_gram_backward(c, pr, x, y ? &*y : nullptr, distance, grad_x, grad_y);
   return {grad_x, grad_y};

@@ -113,7 +113,7 @@ struct Cells {
   }
   TL_HD void build(const T* s, int64_t n, int32_t* scratch) {
     q = cells_for(n), base = scratch, lo = s[0];
-    scale = T(q) / (s[n - 1] - s[0]);  // any positive finite scale keeps cell() monotone:
+    scale = T(q) / (s[n - 1] - s[0]);                            // any positive finite scale keeps cell() monotone:
     if (!(scale > T(0) && scale - scale == T(0))) scale = T(1);  // all thresholds (nearly) equal
     for (int32_t c = 0; c < q + 3; ++c) base[c] = 0;
     for (int64_t t = 0; t < n; ++t) ++base[cell(s[t]) + 2];
@@ -347,8 +347,8 @@ TL_HD void batch_all_grad_row(const T* d, int64_t m, const Role& role, const T* 
 // track_largest it also finds the farthest, else *largest is left as it is: the CPU's fused mining finds it by a
 // vectorized scan), semi_hard_choose picks each positive's.
 template <typename T, typename Role, typename Below>
-TL_HD int64_t semi_hard_buckets(const T* d, int64_t m, const Role& role, int64_t n_pos, Below&& count_below_ps, T* best_d,
-                                int64_t* best_k, bool track_largest, int64_t* largest) {
+TL_HD int64_t semi_hard_buckets(const T* d, int64_t m, const Role& role, int64_t n_pos, Below&& count_below_ps,
+                                T* best_d, int64_t* best_k, bool track_largest, int64_t* largest) {
   for (int64_t b = 0; b <= n_pos; ++b) best_k[b] = -1;
   int64_t n_neg = 0;
   for (int64_t k = 0; k < m; ++k) {  // ascending k: strict comparisons keep the lowest index among ties
@@ -393,10 +393,9 @@ TL_HD void semi_hard_row(const T* d, int64_t m, const Role& role, const T* ps, c
                          T margin, T* best_d, int64_t* best_k, double* loss, int64_t* counts) {
   int64_t active = 0;
   double l = 0;
-  const int64_t n_neg =
-      semi_hard_pairs(d, m, role, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t, int64_t, T h) {
-        if (h > T(0)) l += double(h), ++active;
-      });
+  const int64_t n_neg = semi_hard_pairs(d, m, role, ps, pi, n_pos, margin, best_d, best_k, [&](int64_t, int64_t, T h) {
+    if (h > T(0)) l += double(h), ++active;
+  });
   *loss = l;
   write_counts(counts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
 }
@@ -451,9 +450,10 @@ TL_HD T gram_grad(T c, T d, bool same, int distance) {
 }
 
 // Batch-all's loss, counts and unscaled dL/dd of a row in one pass (batch_all_row and batch_all_grad_row fused;
-// the same counts and positions, t_k = first_active_of(k, d_ik) as first_active_row): put(k, c) receives dL/dd_ik = c for every negative (-a_k) and positive (c_j),
-// the negatives as they are met, then the positives. hist: scratch of 4 (n_pos + 1) counts, four histograms of
-// t_k interleaved by k (consecutive increments of one counter would wait on each other).
+// the same counts and positions, t_k = first_active_of(k, d_ik) as first_active_row): put(k, c) receives dL/dd_ik = c
+// for every negative (-a_k) and positive (c_j), the negatives as they are met, then the positives. hist: scratch of 4
+// (n_pos + 1) counts, four histograms of t_k interleaved by k (consecutive increments of one counter would wait on each
+// other).
 template <typename T, typename Role, typename First, typename Put>
 TL_HD void batch_all_row_grad(const T* d, int64_t m, const Role& role, const T* ps, const int64_t* pi, int64_t n_pos,
                               T margin, First&& first_active_of, double* suffix, int64_t* hist, double* loss,

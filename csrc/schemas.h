@@ -49,22 +49,22 @@
 // batch_all_forward's loss sum and stats and the number of nonzero entries it writes: it overwrites gram with
 // dL/dgram. symmetrize_(w) adds a square w's transpose to it in place. mined_gram_backward turns entries of dL/dgram
 // (coef already scaled) into the rows' gradients: x (N, D) the anchors, y (M, D) the references or None (x itself).
-#define TL_MINING_GRAM_SCHEMAS(m)                                                                              \
-  m.def(                                                                                                       \
-      "batch_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "                \
-      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin, "     \
-      "bool soft) -> (Tensor loss, Tensor stats, Tensor pairs, Tensor coef)");                                 \
-  m.def(                                                                                                       \
-      "semi_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "                 \
-      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) "     \
-      "-> (Tensor loss, Tensor stats, Tensor pairs, Tensor coef)");                                            \
-  m.def(                                                                                                       \
-      "batch_all_gram_(Tensor(a!) gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "            \
-      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) "     \
-      "-> (Tensor loss, Tensor stats, Tensor nonzero)");                                                       \
-  m.def("symmetrize_(Tensor(a!) w) -> ()");                                                                    \
-  m.def(                                                                                                       \
-      "mined_gram_backward(Tensor coef, Tensor pairs, Tensor x, Tensor? y, int distance) "                     \
+#define TL_MINING_GRAM_SCHEMAS(m)                                                                          \
+  m.def(                                                                                                   \
+      "batch_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "            \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin, " \
+      "bool soft) -> (Tensor loss, Tensor stats, Tensor pairs, Tensor coef)");                             \
+  m.def(                                                                                                   \
+      "semi_hard_gram(Tensor gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "             \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) " \
+      "-> (Tensor loss, Tensor stats, Tensor pairs, Tensor coef)");                                        \
+  m.def(                                                                                                   \
+      "batch_all_gram_(Tensor(a!) gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, "        \
+      "Tensor self_index, Tensor pos_cols, Tensor pos_start, Tensor pos_end, int distance, float margin) " \
+      "-> (Tensor loss, Tensor stats, Tensor nonzero)");                                                   \
+  m.def("symmetrize_(Tensor(a!) w) -> ()");                                                                \
+  m.def(                                                                                                   \
+      "mined_gram_backward(Tensor coef, Tensor pairs, Tensor x, Tensor? y, int distance) "                 \
       "-> (Tensor grad_x, Tensor grad_y)")
 
 // distance: tripletloss_cuda/distances.py OP_CODES (0 euclidean, 1 squared euclidean, 2 dot: 1 - <x, y>, the

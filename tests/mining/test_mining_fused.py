@@ -323,9 +323,15 @@ def test_batch_all_sparse_backward(distance, refs):
     y = (torch.randn(20, 8, dtype=torch.float64, generator=g) * 10)[classes]
     y += 0.1 * torch.randn(200, 8, dtype=torch.float64, generator=g)
     y[0] = y[1] + 0.05
+    keep = mining_ops._batch_all_saved
     for rows, lab, few in ((y, classes, True), (x, labels, False)):
-        kept, keep = [], mining_ops._batch_all_saved
-        with mock.patch.object(mining_ops, "_batch_all_saved", lambda *a: kept.append(keep(*a)) or kept[-1]):
+        kept = []
+
+        def spy(*args, kept=kept):
+            kept.append(keep(*args))
+            return kept[-1]
+
+        with mock.patch.object(mining_ops, "_batch_all_saved", spy):
             fused = _run(tl.batch_all_triplet_loss, rows, lab, True, margin=0.1)
         assert (len(kept[0]) == 2) == few
         if few:
@@ -392,7 +398,7 @@ def test_sparse_hard_equals_dense(soft, distance, chunk, refs):
     if refs:
         r, ry = _batch(25, 4, seed=32)
         ref = (r, ry, torch.randint(-1, 25, (30,), generator=torch.Generator().manual_seed(33)))
-    kw = dict(margin=0.7, soft=soft, distance=distance, chunk_size=chunk)
+    kw = {"margin": 0.7, "soft": soft, "distance": distance, "chunk_size": chunk}
     sparse = _sparse_hard(x, labels, ref, **kw)
     dense = _run(tl.batch_hard_triplet_loss, x, labels, False, ref, **kw)
     _assert_same(sparse, dense, 1e-10, 1e-12)
@@ -404,5 +410,5 @@ def test_sparse_hard_edges_and_double_backward():
         _assert_same(_sparse_hard(x, lab), _run(tl.batch_hard_triplet_loss, x, lab, False), 1e-10, 1e-12)
     with mock.patch.object(mining_ops, "FUSED_DEVICES", frozenset()):
         x.requires_grad_()
-        fn = lambda e: tl.batch_hard_triplet_loss(e, labels, margin=0.7, soft=True)  # noqa: E731
+        fn = lambda e: tl.batch_hard_triplet_loss(e, labels, margin=0.7, soft=True)
         assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))

@@ -125,8 +125,10 @@ def _check_gram_inputs(gram, sq_x, sq_y, keys_x, keys_y, self_index, pos_cols, p
         (pos_start, "pos_start", n, torch.int64),
         (pos_end, "pos_end", n, torch.int64),
     ):
-        torch._check(t.dim() == 1 and t.shape[0] == size, lambda: f"{name} should have shape ({size},)")
-        torch._check(t.dtype == dtype, lambda: f"{name} should be {dtype}, got {t.dtype}")
+        shape_message = f"{name} should have shape ({size},), got {tuple(t.shape)}"
+        dtype_message = f"{name} should be {dtype}, got {t.dtype}"
+        torch._check(t.dim() == 1 and t.shape[0] == size, lambda m=shape_message: m)
+        torch._check(t.dtype == dtype, lambda m=dtype_message: m)
 
 
 if "cpu" in _library.kernel_devices(("batch_hard_gram",)):
