@@ -64,4 +64,8 @@ def test_bench_mining_split_rows(tmp_path, capsys):
     for r in rows:
         assert min(r["matmul_s"], r["forward_s"], r["backward_s"]) > 0
         assert r["ops_over_matmul"] == pytest.approx((r["forward_s"] + r["backward_s"]) / r["matmul_s"])
-    assert "(forward + backward) / matmul" in capsys.readouterr().out
+        assert r["fused_forward_s"] >= 0 and r["fused_backward_s"] > 0  # the fused CPU ops
+        fused = (r["fused_forward_s"] + r["fused_backward_s"]) / r["matmul_s"]
+        assert r["fused_over_matmul"] == pytest.approx(fused)
+    out = capsys.readouterr().out
+    assert "(forward + backward) / matmul" in out and "fused / matmul" in out

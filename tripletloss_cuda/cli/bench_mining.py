@@ -34,7 +34,8 @@ speedup" column, to be within 1.5x); and N = 1024 queries against M = 65536 refe
 
 ``--split`` times instead the mining ops alone next to the matrix product that makes their distance matrix (tl
 only, D = 128, 32 per class, N = 1024, 4096, 16384 unless --n): the median of x @ x.T (N, D), of each loss's
-forward op and of its backward op on the (N, N) float32 distance matrix, and the ops' time over the product's.
+forward op and of its backward op on the (N, N) float32 distance matrix, and the ops' time over the product's;
+where the fused CPU ops run (issue 18), also their forward op on the raw product and their backward op.
 
 Skipped rows say why: pml's batch-all and semi-hard build N x N x N masks (64 Gi elements at N = 4096), so a pml
 case whose N^3 bytes exceed half the available memory is not run; a row whose process exceeds its time limit is
@@ -210,7 +211,37 @@ def measure_split(spec):
         "forward_s": _median_time(lambda: forward(dist, labels, labels, self_index, MARGIN, *extra), device, budget),
         "backward_s": _median_time(back, device, budget),
     }
-    return {**times, "ops_over_matmul": (times["forward_s"] + times["backward_s"]) / times["matmul_s"]}
+    times["ops_over_matmul"] = (times["forward_s"] + times["backward_s"]) / times["matmul_s"]
+    from tripletloss_cuda.mining import ops as mining_ops
+
+    if mining_ops.use_fused(spec["loss"], x):
+        times.update(_measure_fused_split(spec["loss"], x, labels, self_index, extra, device, budget))
+        times["fused_over_matmul"] = (times["fused_forward_s"] + times["fused_backward_s"]) / times["matmul_s"]
+    return times
+
+
+def _measure_fused_split(loss, x, labels, self_index, extra, device, budget):
+    """The fused CPU ops of one loss on the raw product x @ x.T (issue 18): the forward op (the distances and the
+    mining in one pass; batch-all's op overwrites its block, so it runs on a fresh copy, whose time is subtracted),
+    and the backward op (batch-hard, semi-hard: mined_gram_backward; batch-all: symmetrize_, before its product)."""
+    from tripletloss_cuda.mining import ops as mining_ops
+
+    block = mining_ops._Gram(x, x, labels, labels, self_index, "euclidean").block(0, x.shape[0])
+    gram, rest = block[0], block[1:]
+    op = getattr(torch.ops.tripletloss_cuda, mining_ops._GRAM_OPS[loss])
+    if loss == "batch_all":
+        work = gram.clone()
+        copy_s = _median_time(lambda: work.copy_(gram), device, budget)
+        forward_s = _median_time(lambda: op(work.copy_(gram), *rest, MARGIN), device, budget) - copy_s
+        backward_s = _median_time(lambda: torch.ops.tripletloss_cuda.symmetrize_(work), device, budget)
+    else:
+        _, _, pairs, coef = op(gram, *rest, MARGIN, *extra)
+        forward_s = _median_time(lambda: op(gram, *rest, MARGIN, *extra), device, budget)
+        code = block[-1]
+        backward_s = _median_time(
+            lambda: torch.ops.tripletloss_cuda.mined_gram_backward(coef, pairs, x, None, code), device, budget
+        )
+    return {"fused_forward_s": max(forward_s, 0.0), "fused_backward_s": backward_s}
 
 
 def iter_split_rows(device, ns, losses):
@@ -237,16 +268,23 @@ def split_markdown(meta, rows):
     )
     lines = [
         header,
+        "Fused (CPU): the ops on the raw product that compute the distances and mine in one pass, and the backward op "
+        "(batch-hard, semi-hard: mined_gram_backward; batch-all: symmetrize_, then a product like the matmul).",
         "",
-        "| loss | N | matmul | forward op | backward op | (forward + backward) / matmul |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| loss | N | matmul | forward op | backward op | (forward + backward) / matmul | fused forward op "
+        "| fused backward op | fused / matmul |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['loss']} | {r['n']} | {r['skipped']} | | | |")
+            lines.append(f"| {r['loss']} | {r['n']} | {r['skipped']} | | | | | | |")
+            continue
+        cells = [fmt_time(r[k]) for k in ("matmul_s", "forward_s", "backward_s")] + [f"{r['ops_over_matmul']:.2f}"]
+        if "fused_forward_s" in r:
+            cells += [fmt_time(r["fused_forward_s"]), fmt_time(r["fused_backward_s"]), f"{r['fused_over_matmul']:.2f}"]
         else:
-            cells = [fmt_time(r[k]) for k in ("matmul_s", "forward_s", "backward_s")]
-            lines.append(f"| {r['loss']} | {r['n']} | " + " | ".join(cells) + f" | {r['ops_over_matmul']:.2f} |")
+            cells += ["", "", ""]
+        lines.append(f"| {r['loss']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
