@@ -198,7 +198,7 @@ def test_batch_all_keeps_or_recomputes():
 
 
 def _gram_args(x, y, labels, ref_labels, self_index, distance):
-    gram = mining_ops._Gram(x, y, labels, ref_labels, self_index, distance)
+    gram = mining_ops.Gram(x, y, labels, ref_labels, self_index, distance)
     return gram.block(0, x.shape[0])
 
 
@@ -317,12 +317,13 @@ def test_batch_all_sparse_backward(distance, refs):
         dense = _run(tl.batch_all_triplet_loss, x, labels, True, **kw)
     _assert_same(sparse, dense, 1e-10, 1e-12)
     # The default: the sparse backward for a batch with few active triplets (well-separated classes and a small
-    # margin, one row moved next to another class), the dense one for a random batch (nearly all active).
+    # margin, one row moved nearly halfway to another class), the dense one for a random
+    # batch (nearly all active).
     g = torch.Generator().manual_seed(27)
     classes = torch.arange(200) % 20
-    y = (torch.randn(20, 8, dtype=torch.float64, generator=g) * 10)[classes]
-    y += 0.1 * torch.randn(200, 8, dtype=torch.float64, generator=g)
-    y[0] = y[1] + 0.05
+    centers = torch.randn(20, 8, dtype=torch.float64, generator=g) * 10
+    y = centers[classes] + 0.1 * torch.randn(200, 8, dtype=torch.float64, generator=g)
+    y[0] = 0.501 * centers[0] + 0.499 * centers[1]  # class 0, halfway to class 1: a few active triplets
     keep = mining_ops._batch_all_saved
     for rows, lab, few in ((y, classes, True), (x, labels, False)):
         kept = []

@@ -384,14 +384,14 @@ def test_chunks_never_hold_n_by_m():
         shapes.append((xb.shape[0], y.shape[0]))
         return block(xb, y, *args)
 
-    gram_block = mining_ops._Gram.block
+    gram_block = mining_ops.Gram.block
 
     def gram_spy(self, i0, i1):  # the fused CPU mining's blocks of the matrix product
         out = gram_block(self, i0, i1)
         shapes.append(tuple(out[0].shape))
         return out
 
-    with mock.patch.object(distances, "block", spy), mock.patch.object(mining_ops._Gram, "block", gram_spy):
+    with mock.patch.object(distances, "block", spy), mock.patch.object(mining_ops.Gram, "block", gram_spy):
         for kind, kw in CASES:
             ours(kind, x, labels, dict(kw, chunk_size=8), ref_embeddings=r, ref_labels=ref_labels)
     assert shapes and all(rows <= 8 and m == 40 for rows, m in shapes)
@@ -409,7 +409,7 @@ def test_chunks_never_hold_n_by_m():
     # default blocks (recomputed in the backward).
     with mock.patch.object(mining_ops, "MEMORY_BUDGET_BYTES", 50 * 40 * 4 - 1):
         shapes.clear()
-        with mock.patch.object(mining_ops._Gram, "block", gram_spy):
+        with mock.patch.object(mining_ops.Gram, "block", gram_spy):
             fused = ours("batch_all", x, labels, {}, ref_embeddings=r, ref_labels=ref_labels)
         assert shapes and max(rows for rows, _ in shapes) == mining_ops.default_chunk(40, torch.float32) < 50
         assert_close_scaled(default[:3], fused[:3], 1e-5)

@@ -226,9 +226,9 @@ def _measure_fused_split(loss, x, labels, self_index, extra, device, budget):
     and the backward op (batch-hard, semi-hard: mined_gram_backward; batch-all: symmetrize_, before its product)."""
     from tripletloss_cuda.mining import ops as mining_ops
 
-    block = mining_ops._Gram(x, x, labels, labels, self_index, "euclidean").block(0, x.shape[0])
+    block = mining_ops.Gram(x, x, labels, labels, self_index, "euclidean").block(0, x.shape[0])
     gram, rest = block[0], block[1:]
-    op = getattr(torch.ops.tripletloss_cuda, mining_ops._GRAM_OPS[loss])
+    op = getattr(torch.ops.tripletloss_cuda, mining_ops.GRAM_OPS[loss])
     if loss == "batch_all":
         work = gram.clone()
         copy_s = _median_time(lambda: work.copy_(gram), device, budget)

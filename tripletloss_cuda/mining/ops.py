@@ -343,7 +343,7 @@ class ChunkedMiningFunction(torch.autograd.Function):
 # gradient with respect to the block.
 FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "symmetrize_", "mined_gram_backward")
 FUSED_DEVICES = _library.kernel_devices(FUSED_OPS) & {"cpu"}
-_GRAM_OPS = {"batch_hard": "batch_hard_gram", "semi_hard": "semi_hard_gram", "batch_all": "batch_all_gram_"}
+GRAM_OPS = {"batch_hard": "batch_hard_gram", "semi_hard": "semi_hard_gram", "batch_all": "batch_all_gram_"}
 # False: every loss takes the dense path (tests pin the fused path to it).
 FUSED = True
 # Batch-hard's and semi-hard's blocks of anchors by default: a block of the matrix product of at most this many
@@ -392,7 +392,7 @@ def key_numbers(x, y):
     return ids[: x.shape[0]], ids[x.shape[0] :]
 
 
-class _Gram:
+class Gram:
     """The op arguments of a fused mining loss but for its Gram block: block(i0, i1) -> the arguments of anchors
     [i0, i1), with the block x[i0:i1] @ y.T first (a new tensor: batch-all's op overwrites it)."""
 
@@ -438,8 +438,8 @@ class FusedMiningFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, den, *args):
         ref_labels, self_index = reference.self_references(labels, ref_labels, self_index)
-        gram = _Gram(x, x if y is None else y, labels, ref_labels, self_index, distance)
-        op = getattr(torch.ops.tripletloss_cuda, _GRAM_OPS[kind])
+        gram = Gram(x, x if y is None else y, labels, ref_labels, self_index, distance)
+        op = getattr(torch.ops.tripletloss_cuda, GRAM_OPS[kind])
         blocks = _blocks(x.shape[0], chunk)
         totals, stats, pairs, coefs = [], [], [], []
         for i0, i1 in blocks:
@@ -512,7 +512,7 @@ def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved
         if y is None:  # w + w^T (symmetrized): both sides of every entry in one product
             return gram_grad(saved[0], x, x, dot, need_y=False)[0], None
         return gram_grad(saved[0], x, y, dot, need_y)
-    gram = _Gram(x, refs, labels, ref_labels, self_index, distance)
+    gram = Gram(x, refs, labels, ref_labels, self_index, distance)
     gx = torch.empty_like(x)
     gy = torch.zeros_like(refs) if (need_y or y is None) else None
     for i0, i1 in _blocks(x.shape[0], chunk):
