@@ -268,11 +268,15 @@ def split_markdown(meta, rows):
     )
     lines = [
         header,
-        "Fused (CPU): the ops on the raw product that compute the distances and mine in one pass, and the backward op "
-        "(batch-hard, semi-hard: mined_gram_backward; batch-all: symmetrize_, then a product like the matmul).",
+        (
+            "Fused (CPU): the ops on the raw product that compute the distances and mine in one pass, and the backward op "
+            "(batch-hard, semi-hard: mined_gram_backward; batch-all: symmetrize_, then a product like the matmul)."
+        ),
         "",
-        "| loss | N | matmul | forward op | backward op | (forward + backward) / matmul | fused forward op "
-        "| fused backward op | fused / matmul |",
+        (
+            "| loss | N | matmul | forward op | backward op | (forward + backward) / matmul | fused forward op "
+            "| fused backward op | fused / matmul |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
