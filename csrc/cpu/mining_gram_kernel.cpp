@@ -157,99 +157,115 @@ Mined gather(const std::vector<std::vector<Found<T>>>& found, const Device& devi
 
 }  // namespace
 
-Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss, Tensor& counts) {
+namespace {
+
+// The frame of batch_hard_gram and semi_hard_gram: each anchor's row of distances into the task's buffer d, its roles
+// set, then row(rows, i, d, role, out) mines it (writing the anchor's loss and counts, and its triplets into out);
+// the triplets are gathered in anchor order. Row's scratch lives in a per-task Scratch.
+template <typename T, typename Scratch, typename Row>
+Mined mine_rows(const GramBlock& g, Row&& row) {
   const int64_t n = g.gram.size(0), m = g.gram.size(1);
+  std::vector<std::vector<Found<T>>> found(static_cast<size_t>(n));
+  parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    Rows<T> rows(g);
+    std::vector<T> d(static_cast<size_t>(m));
+    Scratch scratch;
+    for (int64_t i = i0; i < i1; ++i) {
+      rows.distances(i, rows.gram + i * m, d.data());
+      const MaskRole role = rows.begin(i, d.data());
+      row(rows, i, d.data(), role, scratch, found[size_t(i)]);
+      rows.clear(i);
+    }
+  });
+  return gather(found, g.gram.device());
+}
+
+struct NoScratch {};
+
+template <typename T>
+struct SemiHardScratch {
+  std::vector<T> best_d;
+  std::vector<int64_t> best_k;
+  std::vector<int32_t> cell;  // each column's cell in the row's table
+};
+
+}  // namespace
+
+Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss, Tensor& counts) {
+  double* l = loss.mutable_data_ptr<double>();
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  const int64_t m = g.gram.size(1);
   Mined out;
   TL_DISPATCH_FLOATING(g.gram.scalar_type(), "batch_hard_gram", [&] {
     using T = scalar_t;
-    std::vector<std::vector<Found<T>>> found(static_cast<size_t>(n));
-    double* l = loss.mutable_data_ptr<double>();
-    int64_t* c = counts.mutable_data_ptr<int64_t>();
-    parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
-      Rows<T> rows(g);
-      std::vector<T> d(static_cast<size_t>(m));
-      for (int64_t i = i0; i < i1; ++i) {
-        rows.distances(i, rows.gram + i * m, d.data());
-        const MaskRole role = rows.begin(i, d.data());
-        // The hardest positive among the few positives, the hardest negative by a vectorized scan of the row with
-        // the others hidden; a row with a NaN or no finite negative takes the exact scan of batch_hard_row.
-        const int64_t n_pos = rows.n_pos(), n_neg = rows.n_neg(i);
-        int64_t p = -1;
-        T dp = 0;
-        for (int64_t t = 0; t < n_pos; ++t)
-          if (harder_positive(rows.ps[t], rows.pi[t], dp, p)) dp = rows.ps[t], p = rows.pi[t];
-        rows.hide(i, d.data(), T(INFINITY));
-        const int64_t q = n_neg > 0 ? first_min(d.data(), m) : -1;
-        int64_t mined[2];
-        if (n_neg > 0 && q < 0) {
-          rows.distances(i, rows.gram + i * m, d.data());
-          batch_hard_row<T>(d.data(), m, role, T(margin), soft, l + i, c + i * kCounts, mined);
-          dp = mined[0] >= 0 ? d[mined[0]] : T(0);
-        } else {
-          batch_hard_values(dp, q >= 0 ? d[q] : T(0), p, q, n_pos, n_neg, T(margin), soft, l + i, c + i * kCounts,
-                            mined);
-        }
-        rows.clear(i);
-        if (mined[0] < 0) continue;
-        const T dn = d[size_t(mined[1])], w = hard_weight(dp - dn, T(margin), soft);
-        if (w != T(0)) found[size_t(i)].push_back(rows.mined(i, mined[0], mined[1], dp, dn, w));
+    out = mine_rows<T, NoScratch>(g, [&](Rows<T>& rows, int64_t i, T* d, const MaskRole& role, NoScratch&,
+                                         std::vector<Found<T>>& found) {
+      // The hardest positive among the few positives, the hardest negative by a vectorized scan of the row with the
+      // others hidden; a row with a NaN or no finite negative takes the exact scan of batch_hard_row.
+      const int64_t n_pos = rows.n_pos(), n_neg = rows.n_neg(i);
+      int64_t p = -1;
+      T dp = 0;
+      for (int64_t t = 0; t < n_pos; ++t)
+        if (harder_positive(rows.ps[t], rows.pi[t], dp, p)) dp = rows.ps[t], p = rows.pi[t];
+      rows.hide(i, d, T(INFINITY));
+      const int64_t q = n_neg > 0 ? first_min(d, m) : -1;
+      int64_t mined[2];
+      if (n_neg > 0 && q < 0) {
+        rows.distances(i, rows.gram + i * m, d);
+        batch_hard_row<T>(d, m, role, T(margin), soft, l + i, c + i * kCounts, mined);
+        dp = mined[0] >= 0 ? d[mined[0]] : T(0);
+      } else {
+        batch_hard_values(dp, q >= 0 ? d[q] : T(0), p, q, n_pos, n_neg, T(margin), soft, l + i, c + i * kCounts, mined);
       }
+      if (mined[0] < 0) return;
+      const T dn = d[mined[1]], w = hard_weight(dp - dn, T(margin), soft);
+      if (w != T(0)) found.push_back(rows.mined(i, mined[0], mined[1], dp, dn, w));
     });
-    out = gather(found, g.gram.device());
   });
   return out;
 }
 
 Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& counts) {
-  const int64_t n = g.gram.size(0), m = g.gram.size(1);
+  double* l = loss.mutable_data_ptr<double>();
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  const int64_t m = g.gram.size(1);
   Mined out;
   TL_DISPATCH_FLOATING(g.gram.scalar_type(), "semi_hard_gram", [&] {
     using T = scalar_t;
-    std::vector<std::vector<Found<T>>> found(static_cast<size_t>(n));
-    double* l = loss.mutable_data_ptr<double>();
-    int64_t* c = counts.mutable_data_ptr<int64_t>();
-    parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
-      Rows<T> rows(g);
-      std::vector<T> d(static_cast<size_t>(m)), best_d;
-      std::vector<int64_t> best_k;
-      std::vector<int32_t> cell(static_cast<size_t>(m));  // each column's cell in the row's table
-      for (int64_t i = i0; i < i1; ++i) {
-        rows.distances(i, rows.gram + i * m, d.data());
-        const MaskRole role = rows.begin(i, d.data());
-        const int64_t n_pos = rows.n_pos();
-        best_d.resize(size_t(n_pos + 1));
-        best_k.resize(size_t(n_pos + 1));
-        int64_t active = 0;
-        double li = 0;
-        std::vector<Found<T>>& out = found[size_t(i)];
-        // The farthest negative by a vectorized scan with the others hidden (a row with a NaN or no finite
-        // negative: the exact scan of semi_hard_buckets), then the negatives' buckets and the choice.
-        rows.hide(i, d.data(), T(-INFINITY));
-        int64_t largest = rows.n_neg(i) > 0 ? first_max(d.data(), m) : -1;
-        const bool exact = rows.n_neg(i) > 0 && largest < 0;
-        if (exact) rows.distances(i, rows.gram + i * m, d.data());
-        rows.unhide(d.data());
-        const T* ps = rows.ps.data();
-        const bool table = rows.table(ps, exact);
-        if (table) rows.cells.cells_of(d.data(), m, cell.data());
-        const auto below = [&](int64_t k, T v) {
-          if (table) return rows.cells.count_in(cell[size_t(k)], ps, [v](T x) { return x < v; });
-          return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
-        };
-        const int64_t n_neg =
-            semi_hard_buckets(d.data(), m, role, n_pos, below, best_d.data(), best_k.data(), exact, &largest);
-        semi_hard_choose(d.data(), rows.ps.data(), rows.pi.data(), n_pos, T(margin), best_k.data(), n_neg, largest,
-                         [&](int64_t j, int64_t k, T h) {
-                           if (!(h > T(0))) return;
-                           li += double(h), ++active;
-                           out.push_back(rows.mined(i, j, k, d[size_t(j)], d[size_t(k)], T(1)));
-                         });
-        rows.clear(i);
-        l[i] = li;
-        write_counts(c + i * kCounts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
-      }
+    out = mine_rows<T, SemiHardScratch<T>>(g, [&](Rows<T>& rows, int64_t i, T* d, const MaskRole& role,
+                                                  SemiHardScratch<T>& s, std::vector<Found<T>>& found) {
+      const int64_t n_pos = rows.n_pos();
+      s.best_d.resize(size_t(n_pos + 1));
+      s.best_k.resize(size_t(n_pos + 1));
+      s.cell.resize(size_t(m));
+      // The farthest negative by a vectorized scan with the others hidden (a row with a NaN or no finite negative:
+      // the exact scan of semi_hard_buckets), then the negatives' buckets (by the row's table of cells where usable)
+      // and the choice.
+      rows.hide(i, d, T(-INFINITY));
+      int64_t largest = rows.n_neg(i) > 0 ? first_max(d, m) : -1;
+      const bool exact = rows.n_neg(i) > 0 && largest < 0;
+      if (exact) rows.distances(i, rows.gram + i * m, d);
+      rows.unhide(d);
+      const T* ps = rows.ps.data();
+      const bool table = rows.table(ps, exact);
+      if (table) rows.cells.cells_of(d, m, s.cell.data());
+      const auto below = [&](int64_t k, T v) {
+        if (table) return rows.cells.count_in(s.cell[size_t(k)], ps, [v](T x) { return x < v; });
+        return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
+      };
+      const int64_t n_neg =
+          semi_hard_buckets(d, m, role, n_pos, below, s.best_d.data(), s.best_k.data(), exact, &largest);
+      int64_t active = 0;
+      double li = 0;
+      semi_hard_choose(d, ps, rows.pi.data(), n_pos, T(margin), s.best_k.data(), n_neg, largest,
+                       [&](int64_t j, int64_t k, T h) {
+                         if (!(h > T(0))) return;
+                         li += double(h), ++active;
+                         found.push_back(rows.mined(i, j, k, d[j], d[k], T(1)));
+                       });
+      l[i] = li;
+      write_counts(c + i * kCounts, n_pos * n_neg, active, n_neg > 0 ? n_pos : 0);
     });
-    out = gather(found, g.gram.device());
   });
   return out;
 }

@@ -268,6 +268,18 @@ class _Rows:
         return distances.block(self.x[i0:i1], self.y, sq_xb, self.sq_y, self.keys_x[i0:i1], self.keys_y, d)
 
 
+def reference_grad(kind, x, y, labels, ref_labels, self_index, distance, den, args, grad):
+    """(dL/dx, dL/dy) of a mining loss with create_graph=True, for the Functions whose own backward is not
+    differentiable: the reference differentiated on the whole recomputed matrix, so that higher orders work (y None:
+    the batch against itself, dL/dy None)."""
+    d = distances.differentiable(x, x if y is None else y, distance)
+    total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
+    loss = divide(total, ref_stats, den)
+    if y is None:
+        return torch.autograd.grad(loss, x, grad, create_graph=True)[0], None
+    return torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
+
+
 class ChunkedMiningFunction(torch.autograd.Function):
     """loss, stats = ChunkedMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk,
     kernel, den, *args): the mining loss of anchors x (N, D) against references y (M, D) (y None: x against
@@ -309,13 +321,7 @@ class ChunkedMiningFunction(torch.autograd.Function):
             return (None, None, None, *nones)
         refs = x if same else y
         if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
-            d = distances.differentiable(x, refs, distance)
-            total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
-            loss = divide(total, ref_stats, den)
-            if same:
-                return None, torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
-            gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
+            gx, gy = reference_grad(kind, x, y, labels, ref_labels, self_index, distance, den, args, grad)
             return None, gx, gy, *nones
         scale = divide(grad.to(torch.float64), stats, den)
         rows = _Rows(x, refs, distance)
@@ -469,16 +475,8 @@ class FusedMiningFunction(torch.autograd.Function):
         need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_x or need_y):
             return (None, None, None, *nones)
-        same = y is None
-        refs = x if same else y
         if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
-            d = distances.differentiable(x, refs, distance)
-            total, ref_stats = SUMS[kind](d, labels, *args, ref_labels, self_index)
-            loss = divide(total, ref_stats, den)
-            if same:
-                return None, torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
-            gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
+            gx, gy = reference_grad(kind, x, y, labels, ref_labels, self_index, distance, den, args, grad)
             return None, gx, gy, *nones
         scale = divide(grad.to(torch.float64), stats, den).to(x.dtype)
         if len(saved) == 2:  # entries of dL/dgram: the mined triplets', or batch-all's few nonzero ones
@@ -605,15 +603,8 @@ class SparseHardFunction(torch.autograd.Function):
         if not (need_x or need_y):
             return (None, None, *nones)
         if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference on the whole matrix, so that higher orders work.
-            labels, ref_labels, self_index = ctx.labels
-            d = distances.differentiable(x, x if y is None else y, ctx.distance)
-            total, ref_stats = SUMS["batch_hard"](d, labels, ctx.margin, ctx.soft, ref_labels, self_index)
-            loss = divide(total, ref_stats, ctx.den)
-            if y is None:
-                return torch.autograd.grad(loss, x, grad, create_graph=True)[0], None, *nones
-            gx, gy = torch.autograd.grad(loss, (x, y), grad, create_graph=True, allow_unused=True)
-            return gx, gy, *nones
+            args = (ctx.margin, ctx.soft)
+            return *reference_grad("batch_hard", x, y, *ctx.labels, ctx.distance, ctx.den, args, grad), *nones
         scale = divide(grad.to(torch.float64), stats, ctx.den).to(pairs.dtype)
         valid = mined[:, 0] >= 0
         w = torch.where(valid, hard_weight(pairs[:, 0] - pairs[:, 1], ctx.margin, ctx.soft), 0) * scale
