@@ -4,6 +4,7 @@
 // FusedMiningFunction. CPU only (the package's _C; not in the emulated build).
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "mining.h"
 #include "mining_math.h"
@@ -81,6 +82,12 @@ Owned prepare(const Tensor& gram, const std::optional<Tensor>& sq_x, const std::
   if (!dot) o.sq_x = as_contiguous(*sq_x), o.sq_y = as_contiguous(*sq_y);
   check_range(o.self_index, "self_index", -1, m);  // only compared, but as the other mining ops
   check_range(o.pos_cols, "pos_cols", 0, m);
+  std::vector<bool> seen(size_t(m), false);  // each column once (the launchers count the positives from it)
+  const int64_t* cols = o.pos_cols.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < m; ++e) {
+    TL_CHECK_INDEX(!seen[size_t(cols[e])], "pos_cols should hold each column once, got ", cols[e], " twice");
+    seen[size_t(cols[e])] = true;
+  }
   check_range(o.pos_start, "pos_start", 0, m + 1);
   check_range(o.pos_end, "pos_end", 0, m + 1);
   const int64_t *s = o.pos_start.const_data_ptr<int64_t>(), *e = o.pos_end.const_data_ptr<int64_t>();

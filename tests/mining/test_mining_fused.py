@@ -358,6 +358,10 @@ def test_op_errors():
     with pytest.raises(IndexError, match="pos_cols should hold values in"):
         OPS.batch_all_gram_(*bad, 0.5)
     bad = args.copy()
+    bad[6] = torch.zeros(6, dtype=torch.int64)  # a column twice
+    with pytest.raises(IndexError, match="pos_cols should hold each column once"):
+        OPS.semi_hard_gram(*bad, 0.5)
+    bad = args.copy()
     bad[7] = torch.full((6,), 4)  # start > end
     bad[8] = torch.full((6,), 2)
     with pytest.raises(IndexError, match="pos_start should not exceed pos_end"):
