@@ -111,7 +111,7 @@ def emulated_extension(mode):
         link += sanitize
     else:
         flags += [os.environ.get("TRIPLETLOSS_EMU_OPT", "-O2")]  # tools/mutants.py: -O1 (compiles faster)
-    sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp", "csrc/indexed.cpp"]
+    sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/mining.cpp", "csrc/indexed.cpp", "csrc/epilogue.cpp"]
     return CppExtension(name, sources, extra_compile_args={"cxx": flags}, extra_link_args=link)
 
 

@@ -79,3 +79,14 @@
       "indexed_triplet_backward(Tensor w, Tensor embeddings, Tensor? ref_embeddings, Tensor anchors, "        \
       "Tensor positives, Tensor negatives, Tensor saved, Tensor entries, Tensor offsets, int distance, "      \
       "float margin, bool swap, bool soft) -> (Tensor grad_embeddings, Tensor grad_ref_embeddings)")
+
+// The distance epilogue of distances.block (epilogue.cpp): gram (B, M) contiguous float32/float64, the matrix product
+// x_b y^T, overwritten in place with mining_math.h gram_distance(gram[i, j], sq_x[i], sq_y[j], keys_x[i] == keys_y[j],
+// distance): the entries of block()'s torch passes, with a correctly rounded square root (distances.EPILOGUE_DEVICES).
+// sq_x (B,), sq_y (M,): the rows' squared norms in gram's dtype (None for distance 2, dot); keys_x (B,), keys_y (M,):
+// int64 distances.row_keys (equal keys: identical rows, distance 0); distance: OP_CODES (0 euclidean, 1 squared
+// euclidean, 2 dot: 1 - g).
+#define TL_EPILOGUE_SCHEMAS(m)                                                                                       \
+  m.def(                                                                                                             \
+      "gram_distances_(Tensor(a!) gram, Tensor? sq_x, Tensor? sq_y, Tensor keys_x, Tensor keys_y, int distance) -> " \
+      "()")

@@ -86,6 +86,19 @@ MINING_RESOURCES = {
 }
 
 
+# Registers per thread of the distance epilogue's kernel gram_distances_kernel<T, distance code> (csrc/cuda/
+# epilogue_kernel.cu, 256 threads) in the same build; test_emulated_epilogue.py checks them against the build.
+EPILOGUE_REGISTERS = {
+    ("float", 0): 28,
+    ("float", 1): 30,
+    ("float", 2): 28,
+    ("double", 0): 32,
+    ("double", 1): 30,
+    ("double", 2): 28,
+}
+EPILOGUE_THREADS = 256
+
+
 def mining_threads(m):
     """threads_for in csrc/cuda/mining_kernel.cu: about 8 columns per thread, from a warp to 256 threads."""
     threads = WARP
@@ -109,6 +122,9 @@ H200_OCCUPANCY = {
     )
     for (kernel, dtype), table in REGISTERS.items()
     for norm, swap, vec, regs in (entry.replace(":", "/").split("/") for entry in table.split())
+} | {
+    f"gram_distances_kernel<{dtype}, {code}>": sm90_blocks_per_sm(regs)
+    for (dtype, code), regs in EPILOGUE_REGISTERS.items()
 }
 
 
@@ -118,9 +134,10 @@ def sm90_mining_blocks_per_sm(registers, shared, threads):
 
 
 # name: (SMs, occupancy table). 1 SM with 1 block per SM (the mining kernels too): a single block grid-strides over every row and
-# the mean/sum has one partial; 4 SMs at 8 blocks: a few dozen blocks; the H200: 132 SMs.
+# the mean/sum has one partial (the epilogue: one block strides over every entry); 4 SMs at 8 blocks: a few dozen
+# blocks; the H200: 132 SMs.
 DEVICES = {
-    "1sm": (1, {"forward_kernel": 1, "backward_kernel": 1, "::mining::": 1}),
+    "1sm": (1, {"forward_kernel": 1, "backward_kernel": 1, "::mining::": 1, "gram_distances_kernel": 1}),
     "4sm": (4, {}),
     "h200": (132, H200_OCCUPANCY),
 }

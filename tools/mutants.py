@@ -1,7 +1,7 @@
 """`make mutants`: the emulated CUDA tests must catch broken kernels. Builds the emulated backend (tripletloss_emu)
 from deliberately broken copies of csrc/cuda/*.cu, one mutant at a time, runs the `emulated_cuda` tests of
-tests/emulated/test_emulated.py on each (stopping at the first failure) and reports each mutant caught or not, and
-by which test. Not in CI (a rebuild per mutant).
+tests/emulated/test_emulated_epilogue.py and test_emulated.py on each (stopping at the first failure) and reports
+each mutant caught or not, and by which test. Not in CI (a rebuild per mutant).
 
     python tools/mutants.py [NAME ...]     # all mutants, or the named ones; exit status 1 if one is not caught
     python tools/mutants.py --sanitize scalar_tail_off_by_one vectorize_misaligned
@@ -47,8 +47,10 @@ WORK = os.path.join(ROOT, "build", "mutants-san" if SANITIZE else "mutants")
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:")
 LIBS = ("libasan.so", "libstdc++.so")  # preloaded, as `make sanitize` does
 TRIPLET, MINING = "csrc/cuda/triplet_kernel.cu", "csrc/cuda/mining_kernel.cu"
+EPILOGUE = "csrc/cuda/epilogue_kernel.cu"
 MATH = "csrc/triplet_math.h"  # shared with the CPU kernels: a mutant here breaks only the emulated build's copy
-TESTS = "tests/emulated/test_emulated.py"
+# The distance epilogue's tests first (seconds): its mutants are caught there without running the rest first.
+TESTS = ("tests/emulated/test_emulated_epilogue.py", "tests/emulated/test_emulated.py")
 # What the tests read: copied into WORK on every run.
 COPIED_DIRS = ("csrc", "tripletloss_cuda", "tests", "tools")
 COPIED_FILES = ("setup.py", "pyproject.toml")
@@ -188,6 +190,18 @@ MUTANTS = {
         "if constexpr (SWAP) gp += r.pn * neg, gn += r.pn * pos;",
         "if constexpr (SWAP) gp += r.pn * neg, gn += r.pn * neg;",
         "cosine backward with swap: d(p,n)'s gradient of n formed from n, not p",
+    ),
+    "epilogue_row_carry_dropped": (
+        EPILOGUE,
+        "if (j >= m) j -= m, ++i;",
+        "if (j >= m) j -= m;",
+        "distance epilogue: a grid-stride step that wraps past the end of a row stays in the same row",
+    ),
+    "epilogue_keys_ignored": (
+        EPILOGUE,
+        "keys_x[i] == keys_y[j], Distance);",
+        "false, Distance);",
+        "distance epilogue: identical rows (equal keys) not set to 0 apart",
     ),
     "final_reduction_stride": (
         TRIPLET,
@@ -361,7 +375,7 @@ def main(names):
     begin = time.time()
     os.makedirs(WORK, exist_ok=True)
     prepare()
-    pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING, MATH)}
+    pristine = {f: read(os.path.join(ROOT, f)) for f in (TRIPLET, MINING, MATH, EPILOGUE)}
     emu_lib = os.path.join(WORK, "emu-lib")  # where the emulated module is built and the tests look for it
     env = dict(
         os.environ, TRIPLETLOSS_EMULATED="1", TRIPLETLOSS_EMU_OPT="-O1", PYTHONPATH=WORK, TRIPLETLOSS_EMU_LIB=emu_lib
@@ -378,7 +392,7 @@ def main(names):
     # module is newer than the .cpp files it lists (a mutated .cu file is included, not listed).
     build = [sys.executable, "setup.py", "-q", "build_ext", "--force", "--build-lib", emu_lib]
     test = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", "-p", PLUGIN_NAME]
-    test += ["-m", "emulated_cuda", "-s", TESTS]  # -s: a sanitizer's report is not lost in pytest's capture
+    test += ["-m", "emulated_cuda", "-s", *TESTS]  # -s: a sanitizer's report is not lost in pytest's capture
     test += shlex.split(os.environ.get("MUTANTS_PYTEST_ARGS", ""))  # e.g. -k "not some_test": what else catches it
 
     def build_and_test(name, timeout=None):

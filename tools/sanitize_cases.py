@@ -2,8 +2,10 @@
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tools/sanitize_cases.py
 
-Every dtype × D × N once (54 cases; the cosine distance over every dtype × D × layout, 54 more), with p, swap, reduction and the row layout (contiguous, a strided row
-view x.view(N, 3, D)[:, 0], rows at storage offset 1) cycling so that every pair of values occurs. float64
+Every dtype × D × N once (54 cases; the cosine distance over every dtype × D × layout, 54 more; the distance
+epilogue gram_distances_ over both dtypes, the three distances and four block shapes, 24 more), with p, swap,
+reduction and the row layout (contiguous, a strided row view x.view(N, 3, D)[:, 0], rows at storage offset 1)
+cycling so that every pair of values occurs. float64
 results are compared with the PyTorch reference; the others are checked for shape and finiteness (rounding
 makes hinge ties possible; the tests compare them). Exit status 1 on a mismatch, 2 when there is no kernel.
 """
@@ -65,8 +67,9 @@ def main(argv=None):
             print(f"FAIL {name}: {str(err).strip().splitlines()[0] if str(err) else 'not finite or wrong shape'}")
     indexed_failures, indexed_count = indexed_cases(device, gen)
     cosine_failures, cosine_count = cosine_cases(device, gen)
-    failures += indexed_failures + cosine_failures
-    indexed_count += cosine_count
+    epilogue_failures, epilogue_count = epilogue_cases(device, gen)
+    failures += indexed_failures + cosine_failures + epilogue_failures
+    indexed_count += cosine_count + epilogue_count
     if device == "cuda":
         torch.cuda.synchronize()  # an asynchronous kernel error surfaces here at the latest
     print(f"{len(cases) + indexed_count - len(failures)}/{len(cases) + indexed_count} cases ok on {device}")
@@ -97,6 +100,41 @@ def cosine_cases(device, gen):
             failures.append(name)
             print(f"FAIL {name}: {str(err).strip().splitlines()[0] if str(err) else 'not finite or wrong shape'}")
     return failures, len(cases)
+
+
+def epilogue_cases(device, gen):
+    """The distance epilogue gram_distances_ (distances.block's one pass on CUDA) on blocks of 1 to a few thousand
+    rows and columns, anchor blocks that are row views of the batch (as the chunked mining takes them), each distance
+    and dtype, identical rows included: the op writes exactly the (B, M) block it is given, equal to the torch passes
+    (bitwise for the squared and dot distances, to rounding for euclidean): (failures, number of cases)."""
+    failures, count = [], 0
+    for dtype, distance, (n, m, i0, i1) in itertools.product(
+        (torch.float32, torch.float64),
+        tl.distances.NAMES,
+        ((1, 1, 0, 1), (300, 7, 0, 300), (40, 3000, 10, 13), (2000, 900, 1000, 2000)),
+    ):
+        x = torch.randn(n, 16, dtype=dtype, device=device, generator=gen)
+        y = torch.randn(m, 16, dtype=dtype, device=device, generator=gen)
+        y[: min(n, m) // 2] = x[: min(n, m) // 2]
+        rx, ry = tl.distances.rows(x, distance), tl.distances.rows(y, distance)
+        sq_x, sq_y = tl.distances.squared_norms(rx, distance), tl.distances.squared_norms(ry, distance)
+        keys_x, keys_y = tl.distances.row_keys(rx), tl.distances.row_keys(ry)
+        sq_b = None if sq_x is None else sq_x[i0:i1]
+        gram = rx[i0:i1] @ ry.T
+        expected = tl.distances.epilogue(gram.clone(), sq_b, sq_y, keys_x[i0:i1], keys_y, distance)
+        code = tl.distances.OP_CODES[tl.distances.op_name(distance)]
+        torch.ops.tripletloss_cuda.gram_distances_(gram, sq_b, sq_y, keys_x[i0:i1], keys_y, code)
+        count += 1
+        name = f"epilogue {str(dtype).removeprefix('torch.')} {distance} rows [{i0}, {i1}) of {n} x {m}"
+        try:
+            if distance == "euclidean":
+                torch.testing.assert_close(gram, expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+            else:
+                assert torch.equal(gram, expected), "not bitwise the torch passes"
+        except AssertionError as err:
+            failures.append(name)
+            print(f"FAIL {name}: {str(err).strip().splitlines()[0]}")
+    return failures, count
 
 
 def indexed_cases(device, gen):

@@ -7,6 +7,9 @@ For every kernel of ours in the extension's sm_90 cubin it checks:
 - the vectorized instantiations of the triplet kernels (VEC = 16 / sizeof(T)) issue 128-bit global loads
   (LDG.E.128), and the backward's also 128-bit stores (STG.E.128); so do the mining kernels that read rows
   through for_columns (MINING_VECTORIZED);
+- the distance epilogue (csrc/cuda/epilogue_kernel.cu) issues no fused multiply-add (FFMA/DFMA) in its squared
+  euclidean and dot instantiations: g * -2 + sq rounded twice, bitwise as torch's separate passes (the euclidean
+  one has the FMAs of the correctly rounded square root, and the same d2 code);
 and prints registers per thread and the theoretical occupancy at the kernel's block size on sm_90
 (64 warps, 32 blocks and 228 KiB of shared memory per SM; 64K registers in four partitions of 16K,
 allocated per warp in units of 256). --markdown prints the table of docs/machine-code.md (one row per kernel,
@@ -31,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = "sm_90"  # the cubin the gate reads (H100/H200; what the register tables are for)
 # Block size of each family's kernels (threads), as its launchers use it (kThreads in csrc/cuda/*.cu).
 # Mining: 32 to 256 threads by row length (threads_for); the table gives the largest, that of long rows.
-BLOCK_SIZE = {"triplet": 256, "mining": 256, "indexed": 128}
+BLOCK_SIZE = {"triplet": 256, "mining": 256, "indexed": 128, "epilogue": 256}
 # The mining kernels that read rows through for_columns (16-byte vector loads of aligned rows).
 MINING_VECTORIZED = (
     "batch_hard_kernel",
@@ -43,6 +46,7 @@ MINING_VECTORIZED = (
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 SIZEOF = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 NORMS = {"0": "L1", "1": "L2", "2": "Lp", "3": "Cos"}
+EPILOGUE_DISTANCES = {"0": "euclidean", "1": "squared", "2": "dot"}  # distances.OP_CODES
 
 
 def find_cuobjdump():
@@ -78,7 +82,7 @@ class Kernel:
         name = pretty.removeprefix("void ").replace("(anonymous namespace)", "anon")
         head, _, rest = name.partition("<")
         self.base = head.split("(")[0].split("::")[-1]
-        self.family = next((f for f in ("mining", "indexed") if f"::{f}::" in head), "triplet")
+        self.family = next((f for f in ("mining", "indexed", "epilogue") if f"::{f}::" in head), "triplet")
         self.args = [a.strip() for a in rest.split(">(")[0].split(",")] if rest else []
         self.sass = ""
 
@@ -98,7 +102,7 @@ class Kernel:
 
     @property
     def vectorized(self):
-        return self.family != "indexed" and self.vec * SIZEOF[self.args[0]] == 16
+        return self.family not in ("indexed", "epilogue") and self.vec * SIZEOF[self.args[0]] == 16
 
     def occupancy(self):
         """Theoretical occupancy on sm_90 at this kernel's block size: (blocks per SM, fraction of 64 warps)."""
@@ -120,9 +124,13 @@ class Kernel:
                 found.append("no 128-bit global load (LDG.E.128) in a vectorized instantiation")
             if self.base == "backward_kernel" and "STG.E.128" not in self.sass:
                 found.append("no 128-bit global store (STG.E.128) in the vectorized backward")
+        if self.family == "epilogue" and self.args[1] != "0" and re.search(r"\b[FD]FMA\b", self.sass):
+            found.append("a fused multiply-add (FFMA/DFMA): not bitwise torch's separate mul_ and add_ passes")
         return found
 
     def label(self):
+        if self.family == "epilogue":  # <T, distance code>
+            return f"epilogue::{self.base}<{DTYPES[self.args[0]]}, {EPILOGUE_DISTANCES[self.args[1]]}>"
         if not self.triplet:
             return f"{self.family}::{self.base}<{DTYPES.get(self.args[0], self.args[0]) if self.args else ''}>"
         dtype, norm, swap, vec = self.args
@@ -153,9 +161,13 @@ def read_kernels(cuobjdump, path, arch=ARCH):
 
 def markdown(kernels):
     rows = collections.OrderedDict()
-    for k in sorted(kernels, key=lambda k: (k.family != "triplet", k.family, k.base, k.args[:1], -k.vec)):
+    for k in sorted(
+        kernels, key=lambda k: (k.family != "triplet", k.family, k.base, k.args[: 1 if k.triplet else 2], -k.vec)
+    ):
         dtype = DTYPES.get(k.args[0], k.args[0]) if k.args else ""
         name = (k.base + (" (cosine)" if k.args[1][-1] == "3" else "")) if k.triplet else f"{k.family}::{k.base}"
+        if k.family == "epilogue":
+            name += f" ({EPILOGUE_DISTANCES[k.args[1]]})"
         rows.setdefault((name, dtype, k.vec, k.block), []).append(k)
     lines = [
         "| kernel | dtype | vector width | block | registers | occupancy (sm_90) | spills |",

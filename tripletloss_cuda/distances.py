@@ -23,11 +23,20 @@ accumulation order. Identical rows are exactly 0 apart in every path (the batch 
 reference set, whole or in blocks of any size): a matrix product rounds each entry in its own order, so a
 row's squared norm and its product with an identical row may differ in the last bits; each row's bits are
 hashed (``row_keys``) and the entries of rows with equal keys are 0.
+
+``block`` turns its matrix product into distances with the compiled op ``gram_distances_`` (one pass, in place:
+csrc/epilogue.cpp, csrc/mining_math.h gram_distance) on CUDA devices where it is compiled, outside torch.compile,
+and with six in-place torch passes (``epilogue``) elsewhere: the same entries bitwise on CUDA (``EPILOGUE_DEVICES``
+says why the CPU keeps the passes).
+    gram_distances_(gram, sq_x?, sq_y?, keys_x, keys_y, distance) -> ()
+        gram (B, M) contiguous float32/float64 = x_b @ y.T, overwritten; sq_x (B,), sq_y (M,) the squared norms in
+        gram's dtype (None for "dot"); keys_x (B,), keys_y (M,) int64 row_keys; distance: an OP_CODES code.
 """
 
 import torch
 import torch.nn.functional as F
 
+from . import _library
 from ._library import acc_dtype
 
 NAMES = ("euclidean", "squared_euclidean", "cosine")
@@ -69,10 +78,38 @@ def row_keys(x):
     return (bits * (weights | 1)).sum(1)
 
 
+EPILOGUE_OP = "gram_distances_"
+# Device types with the compiled epilogue, fixed at import so that torch.compile sees a constant.
+EPILOGUE_KERNELS = _library.kernel_devices((EPILOGUE_OP,))
+# Where block() uses it: CUDA only. The op's square root is the correctly rounded one (sqrtf/sqrt). Torch's CUDA
+# sqrt_ is ::sqrt compiled without fast math, the same (test_cuda_block_is_the_torch_passes in
+# tests/mining/test_epilogue.py checks it on a GPU; not run yet). Torch's CPU sqrt_ is not: in torch 2.14.1 about 15 %
+# of float32 and 1 % of float64 results are 1 ulp off the correctly rounded value. So on the CPU the torch passes stay,
+# bitwise as before (the CPU op serves the tests and opcheck).
+EPILOGUE_DEVICES = EPILOGUE_KERNELS & {"cuda"}
+
+
 def block(xb, y, sq_xb, sq_y, keys_xb, keys_y, distance):
     """(B, M) distances between the rows of xb and y (rows of ``rows``; squared norms and keys of those rows),
-    without gradient: one matrix product, the rest in place in its buffer."""
+    without gradient: one matrix product, the rest in place in its buffer (one pass of the compiled epilogue
+    where there is one for the device, else ``epilogue``'s torch passes)."""
     d = xb @ y.T
+    if (
+        d.device.type in EPILOGUE_DEVICES
+        and d.is_contiguous()
+        and not d.requires_grad
+        and not torch.compiler.is_compiling()
+    ):
+        code = OP_CODES[op_name(distance)]
+        getattr(torch.ops, _library.NAMESPACE).gram_distances_(d, sq_xb, sq_y, keys_xb, keys_y, code)
+        return d
+    return epilogue(d, sq_xb, sq_y, keys_xb, keys_y, distance)
+
+
+def epilogue(d, sq_xb, sq_y, keys_xb, keys_y, distance):
+    """block()'s distances from its matrix product d = xb @ y.T by six in-place torch passes (the fallback of the
+    compiled gram_distances_, and its oracle in the tests): (d * -2 + |x|^2 + |y|^2) clamped at 0, its square root
+    for "euclidean"; -d + 1 for "cosine"; 0 between rows with equal keys."""
     if distance == "cosine":
         d = d.neg_().add_(1)
     else:
@@ -80,6 +117,58 @@ def block(xb, y, sq_xb, sq_y, keys_xb, keys_y, distance):
         if distance == "euclidean":
             d = d.sqrt_()
     return d.masked_fill_(keys_xb[:, None] == keys_y[None, :], 0)
+
+
+def check_epilogue_inputs(gram, sq_x, sq_y, keys_x, keys_y, distance):
+    """The checks of csrc/epilogue.cpp `check_inputs`, with its messages (the fake kernel's)."""
+    torch._check(gram.dim() == 2, lambda: f"gram should be a 2D tensor (B, M), got shape {list(gram.shape)}")
+    torch._check(
+        gram.dtype in (torch.float32, torch.float64), lambda: f"gram should be float32 or float64, got {gram.dtype}"
+    )
+    torch._check(
+        gram.is_contiguous(),
+        lambda: f"gram should be contiguous (it is overwritten in place), got strides {list(gram.stride())}",
+    )
+    torch._check(
+        distance in (0, 1, 2),
+        lambda: f"distance should be 0 (euclidean), 1 (squared euclidean) or 2 (dot), got {distance}",
+    )
+    dot = distance == OP_CODES["dot"]
+    given = "sq_x and sq_y should be given for distance"
+    torch._check(
+        (sq_x is not None) != dot and (sq_y is not None) != dot,
+        lambda: (
+            "sq_x and sq_y should be None for distance 2 (dot)"
+            if dot
+            else f"{given} {distance} ({('euclidean', 'squared euclidean')[distance]})"
+        ),
+    )
+    b, m = gram.shape
+    if not dot:
+        _check_vector(sq_x, "sq_x", b, "rows", gram.dtype, gram)
+        _check_vector(sq_y, "sq_y", m, "columns", gram.dtype, gram)
+    _check_vector(keys_x, "keys_x", b, "rows", torch.int64, gram)
+    _check_vector(keys_y, "keys_y", m, "columns", torch.int64, gram)
+
+
+def _check_vector(t, name, n, dim, dtype, gram):
+    torch._check(
+        t.dim() == 1 and t.shape[0] == n, lambda: f"{name} should have shape ({n},) (gram's {dim}), got {list(t.shape)}"
+    )
+    torch._check(t.dtype == dtype, lambda: f"{name} should be {_dtype_name(dtype)}, got {_dtype_name(t.dtype)}")
+    torch._check(t.device == gram.device, lambda: f"{name} should be on gram's device {gram.device}, got {t.device}")
+
+
+def _dtype_name(dtype):
+    # As the C++ checks print a dtype: Float, Double, Long.
+    return {torch.float32: "Float", torch.float64: "Double", torch.int64: "Long"}.get(dtype, str(dtype))
+
+
+if EPILOGUE_KERNELS:
+
+    @torch.library.register_fake(f"{_library.NAMESPACE}::{EPILOGUE_OP}")
+    def _gram_distances_fake(gram, sq_x, sq_y, keys_x, keys_y, distance):
+        check_epilogue_inputs(gram, sq_x, sq_y, keys_x, keys_y, distance)
 
 
 def block_grad(grad, d, xb, y, distance, need_y=True):

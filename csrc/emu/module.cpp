@@ -15,6 +15,7 @@ STABLE_TORCH_LIBRARY(tripletloss_cuda_emu, m) {
   TL_TRIPLET_SCHEMAS(m);
   TL_MINING_SCHEMAS(m);
   TL_INDEXED_SCHEMAS(m);
+  TL_EPILOGUE_SCHEMAS(m);
 }
 
 namespace {
