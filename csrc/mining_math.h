@@ -100,23 +100,25 @@ template <typename T>
 struct Cells {
   T lo = 0, scale = 0;
   int32_t q = 0;
-  int32_t* base = nullptr;  // base[c + 1]: the thresholds in cells below c, for c in [-1, q + 1]
+  int32_t* base = nullptr;  // base[c]: the thresholds in cells below c, for c in [0, q + 2]
   static TL_HD bool usable(const T* s, int64_t n) {
     return n > 0 && s[0] - s[0] == T(0) && s[n - 1] - s[n - 1] == T(0);  // finite (NaN sorts last)
   }
   static TL_HD int32_t cells_for(int64_t n) { return int32_t(n < 4 ? 64 : n > 64 ? 1024 : 16 * n); }
+  // Cell 0 is below s[0], cells 1 to q split [s[0], s[n-1]] (s[n-1] in cell q or q - 1), cell q + 1 is above: values
+  // outside the thresholds' range land in an empty cell. f >= 0 before the truncation, so it rounds down.
   TL_HD int32_t cell(T x) const {
-    T f = (x - lo) * scale;
-    f = f < T(-1) ? T(-1) : f;
-    f = f > T(q) ? T(q) : f;
+    T f = (x - lo) * scale + T(1);
+    f = f < T(0) ? T(0) : f;
+    f = f > T(q + 1) ? T(q + 1) : f;
     return int32_t(f);
   }
   TL_HD void build(const T* s, int64_t n, int32_t* scratch) {
     q = cells_for(n), base = scratch, lo = s[0];
-    scale = T(q) / (s[n - 1] - s[0]);                            // any positive finite scale keeps cell() monotone:
+    scale = T(q - 1) / (s[n - 1] - s[0]);                        // any positive finite scale keeps cell() monotone:
     if (!(scale > T(0) && scale - scale == T(0))) scale = T(1);  // all thresholds (nearly) equal
     for (int32_t c = 0; c < q + 3; ++c) base[c] = 0;
-    for (int64_t t = 0; t < n; ++t) ++base[cell(s[t]) + 2];
+    for (int64_t t = 0; t < n; ++t) ++base[cell(s[t]) + 1];
     for (int32_t c = 1; c < q + 3; ++c) base[c] += base[c - 1];
   }
   // The cells of x[0, m) into c (a loop the compiler vectorizes), for count_in.
@@ -130,8 +132,8 @@ struct Cells {
   }
   template <typename Pred>
   TL_HD int64_t count_in(int32_t c, const T* s, Pred&& pred) const {
-    int64_t t = base[c + 1];
-    const int64_t end = base[c + 2];
+    int64_t t = base[c];
+    const int64_t end = base[c + 1];
     while (t < end && pred(s[t])) ++t;
     return t;
   }

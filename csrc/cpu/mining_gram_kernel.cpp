@@ -7,6 +7,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -46,6 +47,8 @@ struct Rows {
   std::vector<std::pair<T, int64_t>> pairs;
   std::vector<T> ps;  // the row's positive distances, ascending, padded with +inf (count_below_short)
   std::vector<int64_t> pi;
+  std::vector<uint64_t> packed;  // sort_packed's keys
+  const T* row_d = nullptr;      // the distances of the row begin() sorts the positives of
 
   explicit Rows(const GramBlock& block)
       : g(block),
@@ -88,6 +91,7 @@ struct Rows {
   // column), NaN last. Returns the role functor; clear(i) undoes the marks.
   MaskRole begin(int64_t i, const T* d) {
     const int64_t excl = self[i];
+    row_d = d;
     pairs.clear();
     for (int64_t e = start[i]; e < end[i]; ++e) {
       const int64_t j = cols[e];
@@ -96,12 +100,35 @@ struct Rows {
       pairs.emplace_back(d[j], j);
     }
     if (excl >= 0 && excl < m) role[size_t(excl)] = kExcluded;
-    std::sort(pairs.begin(), pairs.end(),
-              [](const auto& a, const auto& b) { return sorts_before(a.first, a.second, b.first, b.second); });
+    if (!sort_packed())
+      std::sort(pairs.begin(), pairs.end(),
+                [](const auto& a, const auto& b) { return sorts_before(a.first, a.second, b.first, b.second); });
     ps.assign(size_t(padded(int64_t(pairs.size()))), std::numeric_limits<T>::infinity());
     pi.resize(pairs.size());
     for (size_t t = 0; t < pairs.size(); ++t) std::tie(ps[t], pi[t]) = pairs[t];
     return {role.data()};
+  }
+  // float rows without NaN: pairs sorted as integers (the distance's order-preserving bits, then the column), the
+  // order of sorts_before (-0 and +0, equal as floats, both keyed as +0); false when it does not apply.
+  bool sort_packed() {
+    if constexpr (std::is_same_v<T, float>) {
+      packed.clear();
+      for (const auto& [v, j] : pairs) {
+        if (v != v) return false;
+        uint32_t u;
+        const float key = v + 0.0f;
+        std::memcpy(&u, &key, sizeof u);
+        u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;
+        packed.push_back(uint64_t(u) << 32 | uint64_t(j));
+      }
+      std::sort(packed.begin(), packed.end());
+      for (size_t t = 0; t < packed.size(); ++t) {
+        const int64_t j = int64_t(packed[t] & 0xFFFFFFFFu);
+        pairs[t] = {row_d[j], j};
+      }
+      return true;
+    }
+    return false;
   }
   void clear(int64_t i) {
     for (int64_t e = start[i]; e < end[i]; ++e) role[size_t(cols[e])] = kNegative;
@@ -249,12 +276,15 @@ Mined semi_hard_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& co
       const T* ps = rows.ps.data();
       const bool table = rows.table(ps, exact);
       if (table) rows.cells.cells_of(d, m, s.cell.data());
-      const auto below = [&](int64_t k, T v) {
-        if (table) return rows.cells.count_in(s.cell[size_t(k)], ps, [v](T x) { return x < v; });
+      const auto by_table = [&](int64_t k, T v) {
+        return rows.cells.count_in(s.cell[size_t(k)], ps, [v](T x) { return x < v; });
+      };
+      const auto by_search = [&](int64_t, T v) {
         return n_pos <= kShortPositives ? count_below_short(ps, n_pos, v) : count_below(ps, n_pos, v);
       };
       const int64_t n_neg =
-          semi_hard_buckets(d, m, role, n_pos, below, s.best_d.data(), s.best_k.data(), exact, &largest);
+          table ? semi_hard_buckets(d, m, role, n_pos, by_table, s.best_d.data(), s.best_k.data(), exact, &largest)
+                : semi_hard_buckets(d, m, role, n_pos, by_search, s.best_d.data(), s.best_k.data(), exact, &largest);
       int64_t active = 0;
       double li = 0;
       semi_hard_choose(d, ps, rows.pi.data(), n_pos, T(margin), s.best_k.data(), n_neg, largest,
