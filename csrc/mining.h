@@ -35,13 +35,14 @@ const Backend& cpu_backend();
 
 // The fused CPU mining on a Gram block (cpu/mining_gram_kernel.cpp; schemas.h TL_MINING_GRAM_SCHEMAS): contiguous
 // inputs, checked by csrc/mining_gram.cpp; sq_x/sq_y undefined (nullptr) for the dot distance; keys int32.
-struct GramBlock {
+struct __attribute__((visibility("hidden"))) GramBlock {
   Tensor gram;
   const Tensor *sq_x, *sq_y;
   Tensor keys_x, keys_y, self_index, pos_cols, pos_start, pos_end;
   int64_t distance;
 };
-struct Mined {  // the entries of dL/dgram the mined triplets make, by anchor (schemas.h)
+struct __attribute__((visibility("hidden")))
+Mined {  // the entries of dL/dgram the mined triplets make, by anchor (schemas.h)
   Tensor pairs, coef;
 };
 Mined batch_hard_gram(const GramBlock& g, double margin, bool soft, Tensor& loss, Tensor& counts);

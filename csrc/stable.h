@@ -137,6 +137,21 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 
 inline Tensor as_contiguous(const Tensor& x) { return x.is_contiguous() ? x : torch::stable::contiguous(x); }
 
+// CPU loops compiled for AVX-512, AVX2 and baseline x86-64, picked at load time by the CPU (GCC's target_clones).
+// run_range(f, i0, i1) runs f(i0, i1) so compiled, every call inside it inlined (flatten), so that the helpers it
+// calls get the clone's instructions too.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define TL_CPU_CLONES_FLAT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define TL_CPU_CLONES
+#define TL_CPU_CLONES_FLAT
+#endif
+template <typename F>
+TL_CPU_CLONES_FLAT void run_range(const F& f, int64_t i0, int64_t i1) {
+  f(i0, i1);
+}
+
 }  // namespace tripletloss
 
 // AT_DISPATCH_FLOATING_TYPES(_AND2(kHalf, kBFloat16, ...)) on the stable surface: the body (a lambda) sees

@@ -20,6 +20,12 @@ namespace tripletloss {
 namespace mining {
 namespace {
 
+// parallel_for over [begin, end), each task's range run by run_range (stable.h: compiled for the CPU's vector units).
+template <typename F>
+void parallel_clones(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  parallel_for(begin, end, grain, [&](int64_t i0, int64_t i1) { run_range(f, i0, i1); });
+}
+
 // Anchors per parallel task: enough rows for about 32K entries.
 int64_t grain(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(m, 1)); }
 
@@ -193,7 +199,7 @@ template <typename T, typename Scratch, typename Row>
 Mined mine_rows(const GramBlock& g, Row&& row) {
   const int64_t n = g.gram.size(0), m = g.gram.size(1);
   std::vector<std::vector<Found<T>>> found(static_cast<size_t>(n));
-  parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+  parallel_clones(0, n, grain(m), [&](int64_t i0, int64_t i1) {
     Rows<T> rows(g);
     std::vector<T> d(static_cast<size_t>(m));
     Scratch scratch;
@@ -307,7 +313,7 @@ template <typename T>
 void symmetrize_tiles(T* w, int64_t n) {
   constexpr int64_t kTile = 32;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  parallel_for(0, tiles * (tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+  parallel_clones(0, tiles * (tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
     T a[kTile][kTile], b[kTile][kTile];
     int64_t bi = 0, first = 0;  // the pair p is (bi, bj) in row-major order of the upper triangle
     while (first + (tiles - bi) <= p0) first += tiles - bi, ++bi;
@@ -338,7 +344,7 @@ void batch_all_gram(const GramBlock& g, double margin, Tensor& loss, Tensor& cou
     double* l = loss.mutable_data_ptr<double>();
     int64_t* c = counts.mutable_data_ptr<int64_t>();
     int64_t* nz = nonzero.mutable_data_ptr<int64_t>();
-    parallel_for(0, n, grain(m), [&](int64_t i0, int64_t i1) {
+    parallel_clones(0, n, grain(m), [&](int64_t i0, int64_t i1) {
       Rows<T> rows(g);
       std::vector<double> suffix;
       std::vector<int64_t> hist;
@@ -402,7 +408,7 @@ void mined_rows_backward(const T* c, const int64_t* pr, const T* px, const T* py
                          const std::vector<int64_t>& column_offsets, T* gx, T* gy) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 12) / std::max<int64_t>(d, 1));
   // dL/dx_i = sum_j w_ij y_j - [not dot] (sum_j w_ij) x_i over the anchor's entries (mining_math.h gram_grad).
-  parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+  parallel_clones(0, n, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* out = gx + i * d;
       for (int64_t k = 0; k < d; ++k) out[k] = T(0);
@@ -424,7 +430,7 @@ void mined_rows_backward(const T* c, const int64_t* pr, const T* px, const T* py
   });
   // dL/dy_j = sum_i w_ij x_i - [not dot] (sum_i w_ij) y_j over the column's entries, added to the anchors' part when
   // the references are the anchors themselves (gy == gx).
-  parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
+  parallel_clones(0, m, grain, [&](int64_t j0, int64_t j1) {
     std::vector<T> acc(static_cast<size_t>(d));
     for (int64_t j = j0; j < j1; ++j) {
       std::fill(acc.begin(), acc.end(), T(0));

@@ -13,12 +13,8 @@
 namespace tripletloss {
 namespace {
 
-// The row loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time by the CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TL_CPU_CLONES
-#endif
+// The row loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time by the CPU (stable.h
+// TL_CPU_CLONES).
 
 // Element loads and stores of the row loops. c10's 16-bit conversions do not vectorize (a NaN branch,
 // or a call); these give the same values (round to nearest even, NaN kept) and do.
