@@ -409,12 +409,22 @@ class Gram:
         self.cols, self.start, self.end = positives(labels, ref_labels)
         self.self_index, self.code = self_index, distances.OP_CODES[distances.op_name(distance)]
 
-    def block(self, i0, i1):
+    def block(self, i0, i1, out=None):
+        """out: a buffer of at least i1 - i0 rows to write the product into (blocks of one call reuse one buffer:
+        fresh pages of a new tensor each block would cost a page fault every 4 KiB)."""
         sq_x = None if self.sq_x is None else self.sq_x[i0:i1]
+        xb = self.x[i0:i1]
+        product = xb @ self.y.T if out is None else torch.mm(xb, self.y.T, out=out[: i1 - i0])
         return (
-            self.x[i0:i1] @ self.y.T, sq_x, self.sq_y, self.keys_x[i0:i1], self.keys_y, self.self_index[i0:i1],
+            product, sq_x, self.sq_y, self.keys_x[i0:i1], self.keys_y, self.self_index[i0:i1],
             self.cols, self.start[i0:i1], self.end[i0:i1], self.code,
         )  # fmt: skip
+
+    def buffer(self, blocks):
+        """One product buffer for these blocks (None for one block: its product is the block itself)."""
+        if len(blocks) < 2:
+            return None
+        return self.x.new_empty((max(i1 - i0 for i0, i1 in blocks), self.y.shape[0]))
 
 
 def gram_grad(w, xb, y, dot, need_y=True):
@@ -448,8 +458,9 @@ class FusedMiningFunction(torch.autograd.Function):
         op = getattr(torch.ops.tripletloss_cuda, GRAM_OPS[kind])
         blocks = _blocks(x.shape[0], chunk)
         totals, stats, pairs, coefs = [], [], [], []
+        buffer = gram.buffer(blocks)
         for i0, i1 in blocks:
-            block = gram.block(i0, i1)
+            block = gram.block(i0, i1, buffer)
             out = op(*block, *args)
             totals.append(out[0])
             stats.append(out[1])
@@ -513,8 +524,10 @@ def _batch_all_grad(x, y, labels, ref_labels, self_index, distance, chunk, saved
     gram = Gram(x, refs, labels, ref_labels, self_index, distance)
     gx = torch.empty_like(x)
     gy = torch.zeros_like(refs) if (need_y or y is None) else None
-    for i0, i1 in _blocks(x.shape[0], chunk):
-        block = gram.block(i0, i1)
+    blocks = _blocks(x.shape[0], chunk)
+    buffer = gram.buffer(blocks)
+    for i0, i1 in blocks:
+        block = gram.block(i0, i1, buffer)
         torch.ops.tripletloss_cuda.batch_all_gram_(*block, *args)
         gxb, gyb = gram_grad(block[0], x[i0:i1], refs, dot, gy is not None)
         gx[i0:i1] = gxb
