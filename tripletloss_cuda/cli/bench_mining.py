@@ -160,10 +160,14 @@ def measure_row(spec):
     torch.autograd.grad(fn(small_x, small_y), small_x)
     m = measure(call, device, spec["repeats"], spec["budget_s"])
     chunk = spec.get("chunk_size")
-    if spec["impl"] == "tl" and chunk is None:
+    if spec["impl"] == "tl" and chunk is None:  # the anchors per block the call used by default
         from tripletloss_cuda.mining import ops
 
-        chunk = ops.default_chunk(spec.get("m") or spec["n"], torch.float32)
+        refs = spec.get("m") or spec["n"]
+        if ops.use_fused(spec["loss"], x):
+            chunk = ops.fused_chunk(spec["loss"], spec["n"], refs, torch.float32, None)[0]
+        else:
+            chunk = ops.default_chunk(refs, torch.float32)
     keys = ("median_s", "p20_s", "p80_s", "min_s", "first_s", "repeats", "peak_bytes", "memory_measure")
     chunk = spec["n"] if chunk == "whole" or (chunk or 0) >= spec["n"] else chunk
     return {"chunk": chunk, **{k: m[k] for k in keys}, "loss_value": m["value"].item()}
