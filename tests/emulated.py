@@ -205,3 +205,12 @@ def launch_group(record):
     sizes = {m.bit_count() for m in record["masks"]}
     assert len(sizes) == 1, record
     return sizes.pop()
+
+
+@pytest.fixture
+def fresh_emulator():
+    """A fake device of 4 SMs, seed 0 and an empty launch log (the emulated test modules use it for every test)."""
+    require()
+    emu.set_device(*DEVICES["4sm"])
+    emu.set_seed(0)
+    emu.clear_launches()

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from emulated import (
+from emulated import (  # fresh_emulator: the fixture every test uses (pytestmark)
     DEVICES,
     MINING_RESOURCES,
     REGISTERS,
@@ -22,10 +22,10 @@ from emulated import (
     blocks_per_sm,
     emu,
     expected_launch,
+    fresh_emulator,  # noqa: F401
     launch_group,
     mining_blocks_per_sm,
     mining_threads,
-    require,
     set_device,
     set_mining_occupancy,
 )
@@ -33,7 +33,7 @@ from helpers import FLOAT_DTYPES, KINK_GUARD, ids, make_triplet, seed_of, upstre
 
 import tripletloss_cuda as tl
 
-pytestmark = pytest.mark.emulated_cuda
+pytestmark = [pytest.mark.emulated_cuda, pytest.mark.usefixtures("fresh_emulator")]
 
 # |emulated - CPU op| and |emulated - float64 reference| bounds, relative to the conditioning (value_scale)
 # for values and to the largest gradient element for gradients: both round once from float32 (float64)
@@ -41,15 +41,6 @@ pytestmark = pytest.mark.emulated_cuda
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 P_SWAP = [(2.0, False), (2.0, True), (1.0, False), (1.0, True), (3.0, True), (0.5, False)]
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-@pytest.fixture(autouse=True)
-def fresh_emulator():
-    """A fake device of 4 SMs, seed 0 and an empty launch log for every test."""
-    require()
-    emu.set_device(*DEVICES["4sm"])
-    emu.set_seed(0)
-    emu.clear_launches()
 
 
 def run(ns, inputs, p=2.0, swap=False, reduction="mean", margin=1.0, eps=1e-6, distance=0):

@@ -15,24 +15,15 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from emulated import DEVICES, EPILOGUE_REGISTERS, EPILOGUE_THREADS, emu, require, set_device
+from emulated import DEVICES, EPILOGUE_REGISTERS, EPILOGUE_THREADS, emu, fresh_emulator, require, set_device  # noqa: F401
 from helpers import ids, seed_of
 
 import tripletloss_cuda as tl
 from tripletloss_cuda import distances
 
-pytestmark = pytest.mark.emulated_cuda
+pytestmark = [pytest.mark.emulated_cuda, pytest.mark.usefixtures("fresh_emulator")]
 
 DTYPES = (torch.float32, torch.float64)
-
-
-@pytest.fixture(autouse=True)
-def fresh_emulator():
-    """A fake device of 4 SMs, seed 0 and an empty launch log for every test."""
-    require()
-    emu.set_device(*DEVICES["4sm"])
-    emu.set_seed(0)
-    emu.clear_launches()
 
 
 def case(b, m, distance, dtype, seed, d=6, copies=True):
