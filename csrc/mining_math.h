@@ -14,6 +14,9 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
 
 #include "triplet_math.h"  // TL_HD
 
@@ -92,7 +95,8 @@ TL_HD int64_t count_below_short(const T* s, int64_t n, T v) {
 
 // Counting a row's thresholds by table (the CPU's fused mining places every negative among its anchor's few positives:
 // the inner loop of batch-all and semi-hard): q cells split [s[0], s[n-1]] of an ascending, finite s; cell(x) is
-// monotone in x, so the thresholds below x's cell all come before x and those above it after: count(x, pred) for a
+// monotone in x, so the thresholds below x's cell all come before x and those above it after: count_in(cell(x), s,
+// pred) for a
 // predicate true on a prefix of s (x < s[t]'s negation, s[t] < x) is the number of thresholds in lower cells plus a
 // scan of x's own cell (usually empty). base: scratch of q + 3 counts. x may be infinite but not NaN; rows with a NaN
 // (in s or among the values placed) or an infinite threshold take the searches above instead (usable()).
@@ -127,10 +131,6 @@ struct Cells {
     for (int64_t k = 0; k < m; ++k) c[k] = cell(x[k]);
   }
   template <typename Pred>
-  TL_HD int64_t count(const T* s, T x, Pred&& pred) const {
-    return count_in(cell(x), s, pred);
-  }
-  template <typename Pred>
   TL_HD int64_t count_in(int32_t c, const T* s, Pred&& pred) const {
     int64_t t = base[c];
     const int64_t end = base[c + 1];
@@ -138,6 +138,18 @@ struct Cells {
     return t;
   }
 };
+
+// Bits of v that order as v does (no NaN; -0 as +0, which compares equal to it): the CUDA semi-hard kernel's
+// integer atomicMin key, and the CPU's integer sort keys of a row's positives.
+template <typename T>
+TL_HD unsigned long long ordered_bits(T v) {
+  v = v + T(0);
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, unsigned long long>;
+  U u;
+  memcpy(&u, &v, sizeof(T));
+  constexpr U sign = U(1) << (8 * sizeof(T) - 1);
+  return (u & sign) ? ~u : (u | sign);
+}
 
 // Total orders on (distance, column), so that a scan in any order or a tree of partial results picks the same
 // element (NaN, which compares false with everything, is ordered explicitly: it wins, so that it is not skipped).
@@ -441,6 +453,20 @@ TL_HD T gram_distance(T g, T sq_i, T sq_j, bool same, int distance) {
   d2 = d2 < T(0) ? T(0) : d2;
   const T d = distance == kDot ? T(1) - g : distance == kEuclidean ? tl_sqrt(d2) : d2;
   return same ? T(0) : d;
+}
+
+// gram_distance over a row of the block (host loops: the CPU's epilogue op and fused mining): d[k] from g[k] (d may be
+// g itself), keys of any integer type (equal keys: identical rows); sq unused for dot (any readable row then: no null
+// check in the loop, which vectorizes). Returns whether d holds a NaN.
+template <int Distance, typename T, typename Key>
+inline bool gram_distance_row(const T* g, T sq_i, const T* sq, Key key, const Key* keys, int64_t m, T* d) {
+  int nan = 0;
+#pragma omp simd reduction(| : nan)
+  for (int64_t k = 0; k < m; ++k) {
+    d[k] = gram_distance(g[k], sq_i, sq[k], key == keys[k], Distance);
+    nan |= d[k] != d[k];
+  }
+  return nan;
 }
 
 // dL/dg of an entry from its dL/dd = c: 0 for identical rows (their distance is the constant 0) and at a euclidean

@@ -1,10 +1,7 @@
-// CPU launcher of the distance epilogue (epilogue.h): gram_distance over each row of the block, in parallel over rows
-// with parallel_for; the distance code is a template argument, so that the row loop vectorizes. Every entry is
-// written from its own inputs alone: the result does not depend on the number of threads.
-//
-// Built for the baseline x86-64 target only (no target_clones as in triplet_kernel.cpp): the host compiler may
-// contract g * -2 + sq into an FMA where the target has one (GCC's default -ffp-contract=fast for C++), which would
-// differ from torch's separate mul_/add_ passes where g * -2 overflows.
+// CPU launcher of the distance epilogue (epilogue.h): mining_math.h gram_distance_row over each row of the block, in
+// parallel over rows with parallel_for; the distance code is a template argument, so that the row loop vectorizes.
+// Every entry is written from its own inputs alone: the result does not depend on the number of threads. (It serves
+// the tests and opcheck: distances.block keeps torch's passes on the CPU.)
 #include <algorithm>
 
 #include "../epilogue.h"
@@ -22,11 +19,7 @@ void rows(T* gram, const T* sq_x, const T* sq_y, const int64_t* keys_x, const in
   parallel_for(0, b, grain(m), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* row = gram + i * m;
-      const T sq_i = sq_x ? sq_x[i] : T(0);
-      const T* sq = sq_y ? sq_y : row;  // read but unused for dot (no null check in the loop: it vectorizes)
-      const int64_t key = keys_x[i];
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) row[j] = mining::gram_distance(row[j], sq_i, sq[j], key == keys_y[j], Distance);
+      mining::gram_distance_row<Distance>(row, sq_x ? sq_x[i] : T(0), sq_y ? sq_y : row, keys_x[i], keys_y, m, row);
     }
   });
 }

@@ -1,13 +1,12 @@
 // CPU row launchers of the fused mining on a Gram block (mining.h GramBlock; issue 18): each anchor's row of the
-// matrix product x_b y^T is read once, turned into distances (mining_math.h gram_distance: distances.block's entries
-// bitwise) and mined with the row functions of mining_math.h, in parallel over anchors. The positives of a row come
-// from the references sorted by label (pos_cols), so no label is compared per entry: a per-task mask of M roles
-// holds the row's positives and excluded column, and is cleared after the row. Each anchor writes only its own
-// outputs, in anchor order: results do not depend on the number of threads.
+// matrix product x_b y^T is read once, turned into distances (mining_math.h gram_distance) and mined with the row
+// functions of mining_math.h, in parallel over anchors. The positives of a row come from the references sorted by label
+// (pos_cols), so no label is compared per entry: a per-task mask of M roles holds the row's positives and excluded
+// column, and is cleared after the row. Each anchor writes only its own outputs, in anchor order: results do not depend
+// on the number of threads.
 #include <math.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -74,16 +73,7 @@ struct Rows {
   // Returns whether the row holds a NaN.
   template <int Distance>
   bool distances_into(int64_t i, const T* row, T* d) const {
-    const T sq_i = sq_x ? sq_x[i] : T(0);
-    const int32_t key = keys_x[i];
-    const T* sq = sq_y ? sq_y : d;  // read but unused for dot (no null check in the loop: it vectorizes)
-    int nan = 0;
-#pragma omp simd reduction(| : nan)
-    for (int64_t k = 0; k < m; ++k) {
-      d[k] = gram_distance(row[k], sq_i, sq[k], key == keys_y[k], Distance);
-      nan |= d[k] != d[k];
-    }
-    return nan;
+    return gram_distance_row<Distance>(row, sq_x ? sq_x[i] : T(0), sq_y ? sq_y : row, keys_x[i], keys_y, m, d);
   }
   bool distances(int64_t i, const T* row, T* d) const {
     switch (g.distance) {
@@ -121,11 +111,7 @@ struct Rows {
       packed.clear();
       for (const auto& [v, j] : pairs) {
         if (v != v) return false;
-        uint32_t u;
-        const float key = v + 0.0f;
-        std::memcpy(&u, &key, sizeof u);
-        u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;
-        packed.push_back(uint64_t(u) << 32 | uint64_t(j));
+        packed.push_back(uint64_t(ordered_bits(v)) << 32 | uint64_t(j));
       }
       std::sort(packed.begin(), packed.end());
       for (size_t t = 0; t < packed.size(); ++t) {

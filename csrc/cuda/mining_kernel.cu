@@ -348,17 +348,6 @@ struct Nearest {
 
 __device__ bool nearer(const Nearest& x, const Nearest& y) { return x.key != y.key ? x.key < y.key : x.k < y.k; }
 
-// Bits of v that order as v does (no NaN; -0 as +0, which compares equal to it).
-template <typename T>
-__device__ unsigned long long ordered_bits(T v) {
-  v = v + T(0);
-  using U = std::conditional_t<sizeof(T) == 4, uint32_t, unsigned long long>;
-  U u;
-  memcpy(&u, &v, sizeof(T));
-  constexpr U sign = U(1) << (8 * sizeof(T) - 1);
-  return (u & sign) ? ~u : (u | sign);
-}
-
 template <typename T>
 struct SemiHardShared {
   T tv[kTile];

@@ -345,8 +345,8 @@ class ChunkedMiningFunction(torch.autograd.Function):
 
 # The ops of the fused mining: each block of the matrix product is read once (distances, mining and batch-all's
 # gradient in one pass, csrc/mining_gram.cpp); batch-hard and semi-hard send their gradients from the mined triplets
-# straight to the rows (the loss over index triplets' backward op), batch-all through matrix products of its
-# gradient with respect to the block.
+# straight to the rows (mined_gram_backward), batch-all through matrix products of its gradient with respect to the
+# block (or mined_gram_backward on its few nonzero entries).
 FUSED_OPS = ("batch_hard_gram", "semi_hard_gram", "batch_all_gram_", "symmetrize_", "mined_gram_backward")
 FUSED_DEVICES = _library.kernel_devices(FUSED_OPS) & {"cpu"}
 GRAM_OPS = {"batch_hard": "batch_hard_gram", "semi_hard": "semi_hard_gram", "batch_all": "batch_all_gram_"}
@@ -400,7 +400,7 @@ def key_numbers(x, y):
 
 class Gram:
     """The op arguments of a fused mining loss but for its Gram block: block(i0, i1) -> the arguments of anchors
-    [i0, i1), with the block x[i0:i1] @ y.T first (a new tensor: batch-all's op overwrites it)."""
+    [i0, i1), with the block x[i0:i1] @ y.T first (batch-all's op overwrites it)."""
 
     def __init__(self, x, y, labels, ref_labels, self_index, distance):
         self.x, self.y = x, y
@@ -443,13 +443,14 @@ class FusedMiningFunction(torch.autograd.Function):
     """loss, stats = FusedMiningFunction.apply(kind, x, y, labels, ref_labels, self_index, distance, chunk, den,
     *args): a mining loss of anchors x (N, D) against references y (M, D) (None: x against itself; rows of
     distances.rows) on the fused CPU ops, ``chunk`` anchors at a time (chunk >= N: one block). Each block of
-    x @ y.T is read once. Batch-hard and semi-hard keep only their mined triplets (a few per anchor) and their
-    distances; the backward sends each triplet's gradient to its rows with the loss over index triplets' backward
-    op (destination rows grouped by an integer sort, each row summing its contributions in a fixed order; no float
-    atomics). Batch-all keeps its gradient with respect to the whole block, dL/dgram (N, M), when one block covers
-    every anchor (the backward is then one matrix product per input), else recomputes it a block at a time in the
-    backward, so that nothing of size N x M is held. Values and gradients equal the dense path's up to accumulation
-    order, the stats exactly."""
+    x @ y.T is read once. Batch-hard and semi-hard keep only the entries of dL/dgram their mined triplets make (two a
+    triplet); the backward sends them to the rows with mined_gram_backward (entries grouped by row and by column with
+    a stable counting sort, each row summing its own in a fixed order; no float atomics). Batch-all keeps its
+    gradient with respect to the whole block, dL/dgram (N, M), when one block covers every anchor (_batch_all_saved:
+    its nonzero entries when few, else the matrix, symmetrized for the batch against itself), else recomputes it a
+    block at a time in the backward, so that nothing of size N x M is held. Values and gradients equal the dense
+    path's up to accumulation order (and the last bit of each euclidean distance: mining_math.h gram_distance), the
+    stats the same."""
 
     @staticmethod
     def forward(ctx, kind, x, y, labels, ref_labels, self_index, distance, chunk, den, *args):
@@ -470,9 +471,12 @@ class FusedMiningFunction(torch.autograd.Function):
                 coefs.append(out[3])
         total = torch.stack(totals).sum() if totals else x.new_zeros((), dtype=torch.float64)
         stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
-        saved = [torch.cat(pairs), torch.cat(coefs)] if pairs else [labels.new_zeros((0, 2)), x.new_zeros(0)]
-        if kind == "batch_all":
-            saved = _batch_all_saved(block[0], int(out[2]), y is None) if len(blocks) == 1 else []
+        if kind != "batch_all":
+            saved = [torch.cat(pairs), torch.cat(coefs)] if pairs else [labels.new_zeros((0, 2)), x.new_zeros(0)]
+        elif len(blocks) == 1:  # the CPU op's count of nonzero entries (no device to synchronize with)
+            saved = _batch_all_saved(block[0], int(out[2]), y is None)
+        else:
+            saved = []
         ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, *saved)
         ctx.kind, ctx.distance, ctx.chunk, ctx.den, ctx.args = kind, distance, chunk, den, args
         ctx.mark_non_differentiable(stats)
@@ -602,22 +606,21 @@ class SparseHardFunction(torch.autograd.Function):
         stats = torch.stack(stats).sum(0) if stats else labels.new_zeros((len(reference.STATS_FIELDS),))
         mined = torch.cat(mined) if mined else labels.new_zeros((0, 2))
         pairs = torch.cat(pairs) if pairs else x.new_zeros((0, 2))
-        ctx.save_for_backward(x, y, stats, mined, pairs)
+        ctx.save_for_backward(x, y, labels, ref_labels, self_index, stats, mined, pairs)
         ctx.distance, ctx.den, ctx.margin, ctx.soft = distance, den, margin, soft
-        ctx.labels = (labels, ref_labels, self_index)
         ctx.mark_non_differentiable(stats)
         return divide(total, stats, den).to(x.dtype), stats
 
     @staticmethod
     def backward(ctx, grad, _grad_stats):
-        x, y, stats, mined, pairs = ctx.saved_tensors
+        x, y, labels, ref_labels, self_index, stats, mined, pairs = ctx.saved_tensors
         nones = (None,) * 8
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_y):
             return (None, None, *nones)
         if torch.is_grad_enabled():
-            args = (ctx.margin, ctx.soft)
-            return *reference_grad("batch_hard", x, y, *ctx.labels, ctx.distance, ctx.den, args, grad), *nones
+            args, refs = (ctx.margin, ctx.soft), (labels, ref_labels, self_index)
+            return *reference_grad("batch_hard", x, y, *refs, ctx.distance, ctx.den, args, grad), *nones
         scale = divide(grad.to(torch.float64), stats, ctx.den).to(pairs.dtype)
         valid = mined[:, 0] >= 0
         w = torch.where(valid, hard_weight(pairs[:, 0] - pairs[:, 1], ctx.margin, ctx.soft), 0) * scale
